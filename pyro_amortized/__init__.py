@@ -1,0 +1,19 @@
+r"""Amortized variational inference for Pyro.
+
+Encoder guides that find a model's per-datapoint latents by themselves, and an
+importance-weighted bound with the IWAE, STL and DReG gradient estimators.
+"""
+
+from .encoders import MLPEncoder
+from .guides import AutoAmortizedGuide, AutoAmortizedNormal
+from .objectives import ESTIMATORS, Trace_IWELBO
+
+__all__ = [
+    "ESTIMATORS",
+    "AutoAmortizedGuide",
+    "AutoAmortizedNormal",
+    "MLPEncoder",
+    "Trace_IWELBO",
+]
+
+__version__ = "0.1.0"
