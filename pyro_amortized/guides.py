@@ -86,7 +86,9 @@ class AutoAmortizedGuide(AutoGuide):
         create_plates: Callable | None = None,
     ):
         if not isinstance(local_plate, str) or not local_plate:
-            raise ValueError(f"local_plate must be a plate name (a non-empty str), got {local_plate!r}")
+            raise ValueError(
+                f"local_plate must be a plate name (a non-empty str), got {local_plate!r}"
+            )
         if not (context is None or isinstance(context, (int, str)) or callable(context)):
             raise ValueError(
                 "context must be None (the model's first tensor argument), an argument "
@@ -402,7 +404,9 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
         create_plates: Callable | None = None,
     ):
         if encoder is not None and not isinstance(encoder, nn.Module):
-            raise ValueError(f"encoder must be an nn.Module returning (loc, scale), got {encoder!r}")
+            raise ValueError(
+                f"encoder must be an nn.Module returning (loc, scale), got {encoder!r}"
+            )
         hidden_dims = tuple(hidden_dims)
         if not all(isinstance(h, int) and h > 0 for h in hidden_dims):
             raise ValueError(f"hidden_dims must be positive ints, got {hidden_dims}")

@@ -10,11 +10,11 @@ import torch
 from pyro import poutine
 from pyro.distributions import Delta
 from pyro.infer import ELBO
+from pyro.infer.util import torch_item
 from pyro.poutine.broadcast_messenger import BroadcastMessenger
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
-from pyro.infer.util import torch_item
 from torch import Tensor, nn
 from torch.distributions import Distribution
 from torch.distributions.transforms import Transform, _InverseTransform
@@ -194,7 +194,11 @@ class Trace_IWELBO(ELBO):
         local_plate: str | None = None,
         retain_graph: bool | None = None,
     ):
-        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+        if (
+            isinstance(num_particles, bool)
+            or not isinstance(num_particles, int)
+            or num_particles < 1
+        ):
             raise ValueError(
                 f"Trace_IWELBO: num_particles must be an int >= 1, got {num_particles!r}"
             )
@@ -326,7 +330,9 @@ class Trace_IWELBO(ELBO):
                 frame = next((f for f in site["cond_indep_stack"] if f.name == local), None)
                 log_p = _log_prob(site)
                 if frame is None:
-                    total = (log_p * site["scale"]).sum() if site["scale"] is not None else log_p.sum()
+                    total = (
+                        (log_p * site["scale"]).sum() if site["scale"] is not None else log_p.sum()
+                    )
                     if is_model:
                         model_global = model_global + total
                     else:
@@ -371,7 +377,11 @@ class Trace_IWELBO(ELBO):
         )
 
     def _collect(self, model, guide, args, kwargs, stopped: bool) -> _Terms:
-        if self._setup_for is None or self._setup_for[0] is not model or self._setup_for[1] is not guide:
+        if (
+            self._setup_for is None
+            or self._setup_for[0] is not model
+            or self._setup_for[1] is not guide
+        ):
             self._setup(model, guide, args, kwargs)
         if self.vectorize_particles or self.num_particles == 1:
             model_trace, guide_trace = self._traces(model, guide, args, kwargs)
