@@ -289,7 +289,7 @@ class Trace_IWELBO(ELBO):
 
     def _traces(self, model, guide, args, kwargs):
         K = self.num_particles
-        if K > 1:
+        if K > 1 and self.vectorize_particles:
             plate = _LocalParticlePlate(self._local_name, K, self._particle_dim())
             model, guide = plate(model), plate(guide)
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -408,8 +408,8 @@ class Trace_IWELBO(ELBO):
                 *args, **kwargs
             )
             terms = self._terms(model_trace, guide_trace, stopped)
-            model_local.append(terms.model_local.expand_as(first.model_local))
-            guide_local.append(terms.guide_local.expand_as(first.guide_local))
+            model_local.append(terms.model_local)
+            guide_local.append(terms.guide_local)
             values += [v[:3] + (k,) for v in terms.local_values]
         return first._replace(
             model_local=torch.cat(model_local),

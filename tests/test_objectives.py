@@ -1,0 +1,324 @@
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from linear_gaussian import LinearGaussian, encoder_grad, exact_encoder
+from pyro.infer import SVI, Trace_ELBO
+from pyro.nn import PyroModule
+from torch import nn
+
+from pyro_amortized import ESTIMATORS, AutoAmortizedNormal, Trace_IWELBO
+
+
+@pytest.fixture
+def float64():
+    torch.set_default_dtype(torch.float64)
+
+
+def _setup(n=6, perturb=0.0, subsample_size=None):
+    model = LinearGaussian(subsample_size=subsample_size)
+    x = model.sample(n)
+    guide = AutoAmortizedNormal(model, encoder=exact_encoder(model, perturb))
+    guide(x)
+    return model, guide, x
+
+
+# ------------------------------------------------------------------ exact identities
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("K", [1, 5])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_exact_posterior_gives_log_evidence(float64, estimator, K, vectorize):
+    model, guide, x = _setup()
+    elbo = Trace_IWELBO(K, estimator=estimator, vectorize_particles=vectorize)
+    expected = -model.log_evidence(x).sum().item()
+    losses = [elbo.loss(model, guide, x) for _ in range(4)]
+    losses += [elbo.differentiable_loss(model, guide, x).item() for _ in range(4)]
+    for loss in losses:
+        assert loss == pytest.approx(expected, abs=1e-6)
+    assert torch.tensor(losses).std().item() < 1e-9
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_exact_posterior_with_subsample_argument(float64, estimator):
+    model = LinearGaussian()
+    x = model.sample(10)
+    guide = AutoAmortizedNormal(model, encoder=exact_encoder(model))
+    idx = torch.tensor([7, 2, 4])
+    guide(x, idx)
+    elbo = Trace_IWELBO(4, estimator=estimator)
+    expected = -(10 / 3) * model.log_evidence(x[idx]).sum().item()
+    assert elbo.loss(model, guide, x, idx) == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_exact_posterior_with_subsample_size(float64, estimator):
+    model, guide, x = _setup(n=12, subsample_size=4)
+    elbo = Trace_IWELBO(3, estimator=estimator)
+    for _ in range(3):
+        loss = elbo.loss(model, guide, x)
+        idx = model.seen_indices[-1]
+        assert len(idx) == 4
+        expected = -(12 / 4) * model.log_evidence(x[idx]).sum().item()
+        assert loss == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("K", [1, 5])
+def test_stl_and_dreg_guide_gradients_vanish_at_exact_posterior(float64, K):
+    model, guide, x = _setup()
+    for estimator in ("stl", "dreg"):
+        elbo = Trace_IWELBO(K, estimator=estimator)
+        for _ in range(3):
+            grad = encoder_grad(elbo.differentiable_loss(model, guide, x), guide.encoder)
+            assert grad.abs().max().item() <= 1e-8
+    elbo = Trace_IWELBO(K, estimator="iwae")
+    grad = encoder_grad(elbo.differentiable_loss(model, guide, x), guide.encoder)
+    assert grad.abs().max().item() > 1e-3
+
+
+# --------------------------------------------------------------- agreement with Pyro
+def test_k1_iwae_equals_trace_elbo_at_same_seed(float64):
+    model, guide, x = _setup(perturb=0.3)
+    params = list(guide.encoder.parameters()) + [model.b]
+    results = []
+    for elbo in (Trace_IWELBO(1), Trace_ELBO()):
+        elbo.differentiable_loss(model, guide, x)  # any one-time setup draws
+        pyro.set_rng_seed(123)
+        loss = elbo.differentiable_loss(model, guide, x)
+        grads = torch.autograd.grad(loss, params)
+        results.append((loss, torch.cat([g.reshape(-1) for g in grads])))
+    (ours, ours_grad), (pyros, pyros_grad) = results
+    assert ours.item() == pytest.approx(pyros.item(), rel=1e-12)
+    assert torch.allclose(ours_grad, pyros_grad, rtol=1e-10, atol=1e-12)
+
+
+def _gradient_draws(elbo, model, guide, x, num_draws):
+    return torch.stack(
+        [
+            encoder_grad(elbo.differentiable_loss(model, guide, x), guide.encoder)
+            for _ in range(num_draws)
+        ]
+    )
+
+
+def _assert_same_mean(a, b, num_se=5.0):
+    se = (a.var(0) / a.shape[0] + b.var(0) / b.shape[0]).sqrt()
+    diff = (a.mean(0) - b.mean(0)).abs()
+    assert (diff <= num_se * se + 1e-12).all(), (diff / se).max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["stl", "dreg"])
+def test_k1_estimators_agree_with_trace_elbo_in_expectation(float64, estimator):
+    model, guide, x = _setup(perturb=0.3)
+    ours = Trace_IWELBO(1, estimator=estimator)
+    ours.loss(model, guide, x)  # one-time setup draws
+    pyro.set_rng_seed(5)
+    loss_ours = ours.loss(model, guide, x)
+    pyro.set_rng_seed(5)
+    assert loss_ours == pytest.approx(Trace_ELBO().loss(model, guide, x), rel=1e-12)
+    grads_ours = _gradient_draws(ours, model, guide, x, 400)
+    grads_pyro = _gradient_draws(Trace_ELBO(), model, guide, x, 400)
+    _assert_same_mean(grads_ours, grads_pyro)
+
+
+@pytest.mark.slow
+def test_dreg_is_unbiased_for_iwae_with_lower_variance(float64):
+    model, guide, x = _setup(perturb=0.3)
+    draws = {
+        est: _gradient_draws(Trace_IWELBO(5, estimator=est), model, guide, x, 400)
+        for est in ("iwae", "dreg")
+    }
+    _assert_same_mean(draws["dreg"], draws["iwae"])
+    assert draws["dreg"].var(0).sum() < 0.5 * draws["iwae"].var(0).sum()
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_model_gradients_identical_across_estimators(float64, vectorize):
+    model, guide, x = _setup(perturb=0.3)
+    grads = []
+    for estimator in ESTIMATORS:
+        elbo = Trace_IWELBO(5, estimator=estimator, vectorize_particles=vectorize)
+        elbo.loss(model, guide, x)
+        pyro.set_rng_seed(7)
+        (grad,) = torch.autograd.grad(elbo.differentiable_loss(model, guide, x), [model.b])
+        grads.append(grad)
+    for grad in grads[1:]:
+        assert torch.allclose(grad, grads[0], rtol=1e-10, atol=1e-12)
+    assert grads[0].abs().max() > 1e-3
+
+
+def test_vectorized_and_looped_particles_agree_in_value(float64):
+    model, guide, x = _setup()
+    looped = Trace_IWELBO(4, vectorize_particles=False).loss(model, guide, x)
+    vectorized = Trace_IWELBO(4).loss(model, guide, x)
+    assert looped == pytest.approx(vectorized, abs=1e-6)
+
+
+# ---------------------------------------------------------------- global latents
+def _global_local_model(tau=2.0, a=1.0, sigma=0.5):
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, tau))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(mu + a * z, sigma), obs=x)
+
+    def exact(x):
+        n = x.shape[0]
+        v = a**2 + sigma**2
+        cov = tau**2 * torch.ones(n, n) + v * torch.eye(n)
+        log_evidence = dist.MultivariateNormal(torch.zeros(n), cov).log_prob(x).item()
+        post_var = 1.0 / (n / v + 1.0 / tau**2)
+        return log_evidence, post_var * x.sum().item() / v, math.sqrt(post_var)
+
+    return model, exact
+
+
+@pytest.mark.slow
+def test_global_latent_bound_and_posterior_mean(float64):
+    model, exact = _global_local_model()
+    x = 1.3 + 1.1 * torch.randn(60)
+    log_evidence, post_mean, post_sd = exact(x)
+    guide = AutoAmortizedNormal(model, hidden_dims=(16,))
+    elbo = Trace_IWELBO(5, estimator="dreg")
+    optim = pyro.optim.ClippedAdam({"lr": 0.02, "lrd": 0.999})
+    svi = SVI(model, guide, optim, elbo)
+    for _ in range(2500):
+        svi.step(x)
+    bounds = torch.tensor([-elbo.loss(model, guide, x) for _ in range(200)])
+    se = bounds.std() / math.sqrt(len(bounds))
+    assert bounds.mean() <= log_evidence + 5 * se
+    assert bounds.mean() >= log_evidence - 3.0  # training got close to the evidence
+    mu = guide.median(x)["mu"].item()
+    assert abs(mu - post_mean) < 0.25 * post_sd
+
+
+def test_global_sites_are_shared_by_all_particles(float64):
+    model, _ = _global_local_model()
+    x = torch.randn(7)
+    guide = AutoAmortizedNormal(model, hidden_dims=(4,))
+    guide(x)
+    elbo = Trace_IWELBO(6)
+    elbo.loss(model, guide, x)
+    model_trace, guide_trace = elbo._get_trace(model, guide, (x,), {})
+    assert guide_trace.nodes["mu"]["value"].shape == ()
+    assert guide_trace.nodes["z"]["value"].shape == (6, 7)
+    assert model_trace.nodes["x"]["fn"].batch_shape == (6, 7)
+
+
+# ------------------------------------------------------------- constrained locals
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_positive_local_latent_trains_with_finite_losses(estimator):
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            s = pyro.sample("s", dist.Gamma(2.0, 2.0))
+            pyro.sample("x", dist.Normal(0.0, s), obs=x)
+
+    x = torch.randn(40) * torch.rand(40) * 2
+    guide = AutoAmortizedNormal(model, hidden_dims=(8,))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_IWELBO(4, estimator=estimator))
+    losses = [svi.step(x) for _ in range(60)]
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-10:]) < sum(losses[:10])
+
+
+# ------------------------------------------------------------------ ELBOModule path
+def test_elbo_module_trains_with_torch_optim(float64):
+    class Model(PyroModule):
+        def __init__(self):
+            super().__init__()
+            self.decoder = nn.Linear(2, 3)
+
+        def forward(self, x):
+            with pyro.plate("data", x.shape[0]):
+                z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+                pyro.sample("x", dist.Normal(self.decoder(z), 0.5).to_event(1), obs=x)
+
+    model = Model()
+    x = LinearGaussian().sample(64)
+    guide = AutoAmortizedNormal(model, hidden_dims=(16,))
+    elbo = Trace_IWELBO(3, estimator="dreg")(model, guide)
+    elbo(x)  # creates the guide's parameters
+    params = list(elbo.parameters())
+    assert any(p is model.decoder.weight for p in params)
+    assert any(p is guide.encoder.head.weight for p in params)
+    optim = torch.optim.Adam(params, lr=0.02)
+    losses = []
+    for _ in range(150):
+        optim.zero_grad()
+        loss = elbo(x)
+        loss.backward()
+        optim.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-10:]) < sum(losses[:10]) - 10
+
+
+def test_entropy_weight_is_a_settable_attribute(float64):
+    model, guide, x = _setup()
+    elbo = Trace_IWELBO(1)
+    pyro.set_rng_seed(3)
+    full = elbo.loss(model, guide, x)
+    elbo.entropy_weight = 0.0
+    pyro.set_rng_seed(3)
+    trace = pyro.poutine.trace(guide).get_trace(x)
+    pyro.set_rng_seed(3)
+    no_entropy = elbo.loss(model, guide, x)
+    log_q = trace.log_prob_sum().item()
+    assert no_entropy == pytest.approx(full - log_q, abs=1e-9)
+
+
+# ------------------------------------------------------------------------ errors
+@pytest.mark.parametrize("num_particles", [0, -1, 1.5, True])
+def test_num_particles_must_be_positive_int(num_particles):
+    with pytest.raises(ValueError, match="num_particles must be an int >= 1"):
+        Trace_IWELBO(num_particles)
+
+
+def test_unknown_estimator():
+    with pytest.raises(ValueError, match="unknown estimator 'reinforce'.*'iwae', 'stl', 'dreg'"):
+        Trace_IWELBO(2, estimator="reinforce")
+
+
+def test_entropy_weight_must_be_nonnegative():
+    with pytest.raises(ValueError, match="entropy_weight"):
+        Trace_IWELBO(2, entropy_weight=-1.0)
+
+
+def test_non_reparameterizable_guide_site():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("c", dist.Bernoulli(0.5))
+            pyro.sample("x", dist.Normal(c, 1.0), obs=x)
+
+    def guide(x):
+        p = pyro.param("p", torch.tensor(0.5))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("c", dist.Bernoulli(p))
+
+    with pytest.raises(
+        ValueError, match="guide site 'c' \\(Bernoulli\\) cannot be reparameterized"
+    ):
+        Trace_IWELBO(2).loss(model, guide, torch.randn(3))
+
+
+def test_missing_local_plate_lists_plates():
+    model, guide, x = _setup()
+    with pytest.raises(ValueError, match="no plate named 'items' \\(plates found: 'data'\\)"):
+        Trace_IWELBO(2, local_plate="items").loss(model, guide, x)
+
+
+def test_ambiguous_local_plate_asks_for_it():
+    def model(x):
+        with pyro.plate("a", 2, dim=-2), pyro.plate("b", 3, dim=-1):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("a", 2, dim=-2), pyro.plate("b", 3, dim=-1):
+            pyro.sample("z", dist.Normal(pyro.param("m", torch.zeros(2, 3)), 1.0))
+
+    with pytest.raises(ValueError, match="candidates.*'a', 'b'.*pass local_plate="):
+        Trace_IWELBO(2).loss(model, guide, torch.zeros(2, 3))
+    assert math.isfinite(Trace_IWELBO(2, local_plate="b").loss(model, guide, torch.zeros(2, 3)))
