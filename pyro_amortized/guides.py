@@ -540,5 +540,6 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
         if guide is None:
             return {}
         if isinstance(guide, AutoGuide) and guide.prototype_trace is None:
-            guide(*args, **kwargs)  # create its parameters
+            with poutine.block():
+                self(*args, **kwargs)  # creates the global guide's plates and parameters
         return dict(getattr(guide, method)(*args, **kwargs))
