@@ -165,7 +165,9 @@ class AutoAmortizedGuide(AutoGuide):
 
         self._locate_subsample(frame, args, kwargs)
         self._locate_context(args, kwargs)
-        self._setup_encoder(self._get_context(None, args, kwargs))
+        context = self._raw_context(args, kwargs)
+        self._check_rows(context.shape[0], frame)
+        self._setup_encoder(self._select_rows(context, None, args, kwargs))
 
         global_guide = self._global_guide_arg
         has_globals = any(
@@ -266,6 +268,16 @@ class AutoAmortizedGuide(AutoGuide):
             )
         self._context_location = ("kwarg", spec) if spec in kwargs else ("arg", position)
 
+    def _check_rows(self, rows: int, frame: CondIndepStackFrame) -> None:
+        full_size = frame.full_size or frame.size
+        if rows not in (full_size, frame.size):
+            raise ValueError(
+                f"{type(self).__name__}: the context has {rows} rows but plate "
+                f"'{self.local_plate}' has size {full_size} (minibatch {frame.size}); the "
+                "context needs one row per datapoint, or per minibatch datapoint. Pass "
+                "context= to pick or compute it."
+            )
+
     def _setup_encoder(self, context: Tensor) -> None:
         """Subclasses build or check their encoder for the given context here."""
 
@@ -278,35 +290,13 @@ class AutoAmortizedGuide(AutoGuide):
     # ------------------------------------------------------------- per call
     @staticmethod
     def _fetch(location: tuple[str, int | str], args, kwargs):
+        """The argument at ``location``, or None when this call does not pass it."""
         kind, key = location
         if kind == "arg":
-            return args[key]
-        return kwargs[key]
+            return args[key] if -len(args) <= key < len(args) else None
+        return kwargs.get(key)
 
-    def _create_plates(self, *args, **kwargs) -> dict:
-        if self.master is not None:
-            return super()._create_plates(*args, **kwargs)
-        if self.create_plates is not None:
-            plates = self.create_plates(*args, **kwargs)
-            plates = [plates] if isinstance(plates, pyro.plate) else list(plates)
-            self.plates = {p.name: p for p in plates}
-        else:
-            self.plates = {}
-        for name, frame in sorted(self._prototype_frames.items()):
-            if name in self.plates:
-                continue
-            full_size = frame.full_size or frame.size
-            if name == self.local_plate and self._subsample_location is not None:
-                indices = self._fetch(self._subsample_location, args, kwargs)
-                self.plates[name] = pyro.plate(name, full_size, dim=frame.dim, subsample=indices)
-            else:
-                self.plates[name] = pyro.plate(
-                    name, full_size, dim=frame.dim, subsample_size=frame.size
-                )
-        return self.plates
-
-    def _get_context(self, plate: pyro.plate | None, args, kwargs) -> Tensor:
-        """The context rows of the datapoints in ``plate`` (all rows when ``plate`` is None)."""
+    def _raw_context(self, args, kwargs) -> Tensor:
         spec = self._context_spec
         if callable(spec):
             context = spec(*args, **kwargs)
@@ -317,24 +307,68 @@ class AutoAmortizedGuide(AutoGuide):
                 f"{type(self).__name__}: the context must be a tensor with one row per "
                 f"datapoint of plate '{self.local_plate}', got {type(context).__name__}"
             )
+        return context
+
+    def _local_plate_args(self, rows: int, args, kwargs) -> dict:
+        """Size and subsampling of the local plate for a context with ``rows`` rows.
+
+        Data sets change size between calls (a training set, then a test set), so the
+        plate is sized from this call's context, not from the first call's.
+        """
+        frame = self._local_frame
+        first_size = frame.full_size or frame.size
+        if self._subsample_location is not None:
+            indices = self._fetch(self._subsample_location, args, kwargs)
+            if indices is None:
+                return {"size": rows}
+            already_minibatch = rows == len(indices) and rows != first_size
+            return {"size": first_size if already_minibatch else rows, "subsample": indices}
+        if frame.size == first_size:
+            return {"size": rows}
+        return {"size": rows, "subsample_size": min(frame.size, rows)}
+
+    def _create_plates(self, *args, **kwargs) -> dict:
+        if self.master is not None:
+            return super()._create_plates(*args, **kwargs)
+        return self._make_plates(self._raw_context(args, kwargs).shape[0], args, kwargs)
+
+    def _make_plates(self, rows: int, args, kwargs) -> dict:
+        if self.create_plates is not None:
+            plates = self.create_plates(*args, **kwargs)
+            plates = [plates] if isinstance(plates, pyro.plate) else list(plates)
+            self.plates = {p.name: p for p in plates}
+        else:
+            self.plates = {}
+        for name, frame in sorted(self._prototype_frames.items()):
+            if name in self.plates:
+                continue
+            if name == self.local_plate:
+                plate_args = self._local_plate_args(rows, args, kwargs)
+            else:
+                plate_args = {"size": frame.full_size or frame.size, "subsample_size": frame.size}
+            self.plates[name] = pyro.plate(name, dim=frame.dim, **plate_args)
+        return self.plates
+
+    def _select_rows(self, context: Tensor, plate: pyro.plate | None, args, kwargs) -> Tensor:
+        """The context rows of the datapoints in ``plate`` (of the call's indices if None)."""
         rows = context.shape[0]
         if plate is None:
             if self._subsample_location is not None:
                 indices = self._fetch(self._subsample_location, args, kwargs)
-                full_size = self._local_frame.full_size or self._local_frame.size
-                if rows == full_size and len(indices) != full_size:
+                if indices is not None and rows != len(indices):
                     context = context.index_select(0, indices)
             return context
         if plate.subsample_size < plate.size and rows == plate.size:
             return context.index_select(0, plate.indices)
         if rows != plate.subsample_size:
-            raise ValueError(
-                f"{type(self).__name__}: the context has {rows} rows but plate "
-                f"'{self.local_plate}' has size {plate.size} (minibatch {plate.subsample_size}); "
-                "the context needs one row per datapoint, or per minibatch datapoint. Pass "
-                "context= to pick or compute it."
+            self._check_rows(
+                rows,
+                CondIndepStackFrame(plate.name, plate.dim, plate.subsample_size, 0, plate.size),
             )
         return context
+
+    def _get_context(self, plate: pyro.plate | None, args, kwargs) -> Tensor:
+        return self._select_rows(self._raw_context(args, kwargs), plate, args, kwargs)
 
     def _global_sample(self, *args, **kwargs) -> dict:
         if self.global_guide is not None:
@@ -483,10 +517,11 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
     def forward(self, *args, **kwargs) -> dict[str, Tensor]:
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        plates = self._create_plates(*args, **kwargs)
+        context = self._raw_context(args, kwargs)
+        plates = self._make_plates(context.shape[0], args, kwargs)
         result = self._global_sample(*args, **kwargs)
         plate = plates[self.local_plate]
-        loc, scale = self._encode(self._get_context(plate, args, kwargs))
+        loc, scale = self._encode(self._select_rows(context, plate, args, kwargs))
         for site in self._local_sites:
             with ExitStack() as stack:
                 for frame in site.frames:

@@ -322,3 +322,26 @@ def test_ambiguous_local_plate_asks_for_it():
     with pytest.raises(ValueError, match="candidates.*'a', 'b'.*pass local_plate="):
         Trace_IWELBO(2).loss(model, guide, torch.zeros(2, 3))
     assert math.isfinite(Trace_IWELBO(2, local_plate="b").loss(model, guide, torch.zeros(2, 3)))
+
+
+def test_train_then_evaluate_on_a_data_set_of_another_size(float64):
+    model = LinearGaussian()
+    train, test = model.sample(12), model.sample(5)
+    guide = AutoAmortizedNormal(model, encoder=exact_encoder(model))
+    elbo = Trace_IWELBO(3)
+    assert math.isfinite(elbo.loss(model, guide, train, torch.tensor([1, 4, 9])))
+    assert guide(test)["z"].shape == (5, 2)
+    expected = -model.log_evidence(test).sum().item()
+    assert elbo.loss(model, guide, test) == pytest.approx(expected, abs=1e-6)
+
+
+def test_context_rows_disagreeing_with_the_model_plate(float64):
+    model = LinearGaussian()
+    x = model.sample(20)
+    rows = {"n": 20}
+    guide = AutoAmortizedNormal(model, context=lambda x, idx=None: x[: rows["n"]], hidden_dims=(4,))
+    elbo = Trace_IWELBO(2)
+    elbo.loss(model, guide, x)
+    rows["n"] = 7
+    with pytest.raises(ValueError, match="plate 'data' has size 7 .* in the guide but 20"):
+        elbo.loss(model, guide, x)

@@ -1,0 +1,1 @@
+"""Example models written the way a user writes them; run each as ``python -m models.NAME``."""
