@@ -38,6 +38,7 @@ import cProfile
 import gzip
 import itertools
 import math
+import os
 import pstats
 import statistics
 import sys
@@ -332,9 +333,15 @@ def target_report(results: dict[int, list[Contestant]]) -> list[str]:
             ratio = statistics.median(c.ratios)
             verdict = "ok" if ratio <= limit else "MISSED"
             lines.append(
-                f"target ours-svi {c.estimator} K={k}: {ratio:.2f}x <= {limit:.2f}x {verdict}"
+                f"target ours-svi {c.estimator} K={k}: {ratio:.3f}x <= {limit:.2f}x {verdict}"
             )
     return lines
+
+
+def load_average() -> str:
+    """The machine's load, to tell timings taken on a busy machine."""
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
 
 
 # ---------------------------------------------------------------------------- profile
@@ -376,7 +383,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats",
         type=int_list,
-        default=[200, 100, 20],
+        default=[2000, 800, 160],
         help="timed rounds: one number for every K, or one per K of --ks",
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per contestant")
@@ -416,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{torch.get_num_threads()} threads, pyro validation "
         f"{'enabled' if is_validation_enabled() else 'disabled'}"
     )
+    print(load_average())
     data = load_data(args.data, args.num_rows, args.seed)
     if args.profile:
         profile(args, data)
@@ -430,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     for line in target_report(results):
         print(line)
-    print(f"\ntotal {time.perf_counter() - start:.1f} s")
+    print(f"\ntotal {time.perf_counter() - start:.1f} s, {load_average()}")
 
 
 if __name__ == "__main__":
