@@ -7,11 +7,13 @@ importance-weighted bound with the IWAE, STL and DReG gradient estimators.
 from .encoders import MLPEncoder
 from .guides import AutoAmortizedGuide, AutoAmortizedNormal
 from .objectives import ESTIMATORS, Trace_IWELBO
+from .optim import JointOptim
 
 __all__ = [
     "ESTIMATORS",
     "AutoAmortizedGuide",
     "AutoAmortizedNormal",
+    "JointOptim",
     "MLPEncoder",
     "Trace_IWELBO",
 ]
