@@ -16,8 +16,10 @@ from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor, nn
-from torch.distributions import Distribution
+from torch.distributions import Bernoulli, Distribution, Independent
 from torch.distributions.transforms import Transform, _InverseTransform
+from torch.distributions.utils import _sum_rightmost, broadcast_all
+from torch.nn import functional as F
 
 __all__ = ["ESTIMATORS", "Trace_IWELBO"]
 
@@ -96,8 +98,34 @@ def _stop_distribution(fn: Distribution, site: str) -> Distribution:
     return new
 
 
+def _independent_bernoulli_log_prob(fn: Independent, value: Tensor) -> Tensor:
+    """``fn.log_prob(value)``, negating after the event sum instead of before.
+
+    Torch negates the elementwise loss over the full ``[K, B, pixels]`` tensor, the largest
+    one in a binary-image VAE, forwards and backwards. Negation is exact in floating point,
+    so summing first gives the bitwise identical result with two passes fewer.
+    """
+    base = fn.base_dist
+    if base._validate_args:
+        base._validate_sample(value)
+    logits, value = broadcast_all(base.logits, value)
+    loss = F.binary_cross_entropy_with_logits(logits, value, reduction="none")
+    return -_sum_rightmost(loss, fn.reinterpreted_batch_ndims)
+
+
 def _log_prob(site) -> Tensor:
-    log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    fn = site["fn"]
+    if (
+        isinstance(fn, Independent)
+        and type(fn).log_prob is Independent.log_prob
+        and isinstance(fn.base_dist, Bernoulli)
+        and type(fn.base_dist).log_prob is Bernoulli.log_prob
+        and not site["args"]
+        and not site["kwargs"]
+    ):
+        log_p = _independent_bernoulli_log_prob(fn, site["value"])
+    else:
+        log_p = fn.log_prob(site["value"], *site["args"], **site["kwargs"])
     mask = site["mask"]
     if mask is None or mask is True:
         return log_p

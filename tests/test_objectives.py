@@ -345,3 +345,29 @@ def test_context_rows_disagreeing_with_the_model_plate(float64):
     rows["n"] = 7
     with pytest.raises(ValueError, match="plate 'data' has size 7 .* in the guide but 20"):
         elbo.loss(model, guide, x)
+
+
+@pytest.mark.parametrize("event_dims", [1, 2])
+@pytest.mark.parametrize("param", ["logits", "probs"])
+def test_bernoulli_likelihood_shortcut_is_bitwise_exact(event_dims, param):
+    from pyro_amortized.objectives import _log_prob
+
+    raw = torch.randn(5, 4, 3, 6, requires_grad=True)
+    fn = dist.Bernoulli(**{param: raw if param == "logits" else raw.sigmoid()})
+    fn = fn.to_event(event_dims)
+    value = torch.bernoulli(torch.full((4, 3, 6), 0.4))  # broadcast against the batch
+    site = {"fn": fn, "value": value, "args": (), "kwargs": {}, "mask": None}
+    ours, torchs = _log_prob(site), fn.log_prob(value)
+    assert torch.equal(ours, torchs)
+    (grad_ours,) = torch.autograd.grad(ours.sum(), raw, retain_graph=True)
+    (grad_torch,) = torch.autograd.grad(torchs.sum(), raw)
+    assert torch.equal(grad_ours, grad_torch)
+
+
+def test_bernoulli_likelihood_shortcut_keeps_validation():
+    from pyro_amortized.objectives import _log_prob
+
+    fn = dist.Bernoulli(logits=torch.zeros(3, 4), validate_args=True).to_event(1)
+    site = {"fn": fn, "value": torch.full((3, 4), 0.5), "args": (), "kwargs": {}, "mask": None}
+    with pytest.raises(ValueError, match="support"):
+        _log_prob(site)
