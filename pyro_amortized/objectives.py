@@ -134,6 +134,10 @@ def _log_prob(site) -> Tensor:
     return torch.where(mask, log_p, log_p.new_zeros(()))
 
 
+def _is_one(scale) -> bool:
+    return isinstance(scale, (int, float)) and scale == 1.0
+
+
 def _per_datapoint(log_p: Tensor, particle_dim: int, data_dim: int) -> Tensor:
     """Sums a site's log-density over every batch dim but (particle, datapoint): ``[K, B]``."""
     if not isinstance(log_p, Tensor):
@@ -338,7 +342,7 @@ class Trace_IWELBO(ELBO):
         particle_dim = self._particle_dim()
         data_dim = None
         local_scales = []
-        local_sites = []  # (site, log_p, is_model)
+        local_sites = []  # (log_p, is_model)
         model_global = guide_global = 0.0
         local_values = []
         frames = {}
@@ -359,9 +363,8 @@ class Trace_IWELBO(ELBO):
                 frame = next((f for f in site["cond_indep_stack"] if f.name == local), None)
                 log_p = _log_prob(site)
                 if frame is None:
-                    total = (
-                        (log_p * site["scale"]).sum() if site["scale"] is not None else log_p.sum()
-                    )
+                    scale = site["scale"]
+                    total = log_p.sum() if _is_one(scale) else (log_p * scale).sum()
                     if is_model:
                         model_global = model_global + total
                     else:
@@ -370,7 +373,7 @@ class Trace_IWELBO(ELBO):
                 data_dim = frame.dim
                 frames[is_model] = frame
                 local_scales.append(site["scale"])
-                local_sites.append((log_p, is_model, site["scale"]))
+                local_sites.append((log_p, is_model))
                 if not is_model and not isinstance(site["fn"], Delta):
                     local_values.append((site["value"], frame.dim, site["fn"].event_dim, None))
         if data_dim is None:
@@ -392,12 +395,13 @@ class Trace_IWELBO(ELBO):
             outer = first
             inner = [None] * len(local_sites)
         else:
+            frame = frames.get(True) or frames[False]
             subsample = frame.full_size / frame.size if frame.full_size else 1.0
             outer = subsample
             inner = [s / subsample for s in local_scales]
 
         model_local = guide_local = 0.0
-        for (log_p, is_model, _), inner_scale in zip(local_sites, inner, strict=True):
+        for (log_p, is_model), inner_scale in zip(local_sites, inner, strict=True):
             if inner_scale is not None:
                 log_p = log_p * inner_scale
             log_p = _per_datapoint(log_p, particle_dim, data_dim)

@@ -39,7 +39,8 @@ class JointOptim(PyroOptim):
     one of PyroOptim.
 
     As in PyroOptim only the parameters passed to a call are stepped: the others keep their
-    value and optimizer state. Saved states are keyed by param-store name in PyroOptim's
+    value and optimizer state. After a step the stepped parameters' gradients are ``None``
+    (PyroOptim leaves zeros), as after torch's ``zero_grad()``. Saved states are keyed by param-store name in PyroOptim's
     format, so the two load each other's states; state for a parameter is applied when a
     tensor of that name first appears (as in PyroOptim, not to a tensor already held).
 
@@ -128,6 +129,10 @@ class JointOptim(PyroOptim):
         finally:
             for p, grad in hidden:
                 p.grad = grad
+        # As torch's zero_grad(set_to_none=True): SVI then skips refilling every gradient
+        # with zeros, and the next backward writes the gradients instead of adding to them.
+        for p in current.values():
+            p.grad = None
 
     def _add(self, p: Tensor) -> None:
         # Build the optimizer PyroOptim would build for this tensor alone: its param group

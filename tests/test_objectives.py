@@ -4,6 +4,8 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from linear_gaussian import LinearGaussian, encoder_grad, exact_encoder
 from pyro.infer import SVI, Trace_ELBO
 from pyro.nn import PyroModule
@@ -371,3 +373,53 @@ def test_bernoulli_likelihood_shortcut_keeps_validation():
     site = {"fn": fn, "value": torch.full((3, 4), 0.5), "args": (), "kwargs": {}, "mask": None}
     with pytest.raises(ValueError, match="support"):
         _log_prob(site)
+
+
+def test_site_specific_scale_stays_inside_and_subsample_scale_outside(float64):
+    """Scales differing between model and guide sites, with subsampling: K = 1 equals Trace_ELBO."""
+    model, guide, x = _setup(n=12, perturb=0.3, subsample_size=4)
+    unit_scaled = pyro.poutine.scale(model, scale=1.0)
+
+    def half_model(x):
+        with pyro.poutine.scale(scale=0.5):
+            return model(x)
+
+    for target in (unit_scaled, half_model):
+        ours, theirs = Trace_IWELBO(1), Trace_ELBO()
+        ours.loss(target, guide, x)
+        pyro.set_rng_seed(11)
+        value = ours.loss(target, guide, x)
+        pyro.set_rng_seed(11)
+        assert value == pytest.approx(theirs.loss(target, guide, x), rel=1e-12)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    shape=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+    family=st.sampled_from(["normal", "lognormal", "gamma", "beta", "transformed"]),
+    seed=st.integers(0, 2**16),
+)
+def test_stopped_distribution_has_same_density_and_only_the_value_path(shape, family, seed):
+    from pyro_amortized.objectives import _stop_distribution
+
+    g = torch.Generator().manual_seed(seed)
+    a = (torch.rand(shape, generator=g) + 0.5).requires_grad_()
+    b = (torch.rand(shape, generator=g) + 0.5).requires_grad_()
+    fn = {
+        "normal": lambda: dist.Normal(a, b),
+        "lognormal": lambda: dist.LogNormal(a, b),
+        "gamma": lambda: dist.Gamma(a, b),
+        "beta": lambda: dist.Beta(a, b),
+        "transformed": lambda: dist.TransformedDistribution(
+            dist.Normal(a, b),
+            [dist.transforms.AffineTransform(a, b), dist.transforms.ExpTransform()],
+        ),
+    }[family]().to_event(1)
+    value = fn.sample().requires_grad_()
+    stopped = _stop_distribution(fn, "z")
+    assert torch.equal(stopped.log_prob(value), fn.log_prob(value))
+    grads = torch.autograd.grad(stopped.log_prob(value).sum(), [a, b, value], allow_unused=True)
+    assert grads[0] is None and grads[1] is None
+    assert grads[2] is not None and torch.isfinite(grads[2]).all()
