@@ -186,14 +186,21 @@ def test_global_latent_bound_and_posterior_mean(float64):
     elbo = Trace_IWELBO(5, estimator="dreg")
     optim = pyro.optim.ClippedAdam({"lr": 0.02, "lrd": 0.999})
     svi = SVI(model, guide, optim, elbo)
-    for _ in range(2500):
+    iterates = []
+    for step in range(3000):
         svi.step(x)
+        if step >= 2000:
+            iterates.append(guide.median(x)["mu"].item())
     bounds = torch.tensor([-elbo.loss(model, guide, x) for _ in range(200)])
     se = bounds.std() / math.sqrt(len(bounds))
     assert bounds.mean() <= log_evidence + 5 * se
-    assert bounds.mean() >= log_evidence - 3.0  # training got close to the evidence
-    mu = guide.median(x)["mu"].item()
-    assert abs(mu - post_mean) < 0.25 * post_sd
+    # the mean-field gap of this model is ~0.3 nats (measured on three seeds)
+    assert bounds.mean() >= log_evidence - 1.0
+    # Mean-field Gaussians recover the posterior mean of a linear-Gaussian model; what is
+    # left is Adam's jitter, averaged out over the last 1000 iterates (Polyak-Ruppert):
+    # measured at most 0.05 posterior sd on three seeds, so 0.15 sd leaves a 3x margin.
+    mu = sum(iterates) / len(iterates)
+    assert abs(mu - post_mean) < 0.15 * post_sd
 
 
 def test_global_sites_are_shared_by_all_particles(float64):
