@@ -66,11 +66,12 @@ def test_exact_posterior_with_subsample_size(float64, estimator):
         assert loss == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.parametrize("vectorize", [True, False])
 @pytest.mark.parametrize("K", [1, 5])
-def test_stl_and_dreg_guide_gradients_vanish_at_exact_posterior(float64, K):
+def test_stl_and_dreg_guide_gradients_vanish_at_exact_posterior(float64, K, vectorize):
     model, guide, x = _setup()
     for estimator in ("stl", "dreg"):
-        elbo = Trace_IWELBO(K, estimator=estimator)
+        elbo = Trace_IWELBO(K, estimator=estimator, vectorize_particles=vectorize)
         for _ in range(3):
             grad = encoder_grad(elbo.differentiable_loss(model, guide, x), guide.encoder)
             assert grad.abs().max().item() <= 1e-8
