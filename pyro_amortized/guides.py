@@ -106,6 +106,7 @@ class AutoAmortizedGuide(AutoGuide):
         self._subsample_location: tuple[str, int | str] | None = None
         self._global_guide_arg = global_guide
         self.global_guide: Callable | None = None
+        self._global_guide_fn: tuple[Callable] | None = None
         self._local_sites: list[_LocalSite] = []
         self._latent_dim = 0
 
@@ -373,13 +374,15 @@ class AutoAmortizedGuide(AutoGuide):
     def _global_sample(self, *args, **kwargs) -> dict:
         if self.global_guide is not None:
             return self.global_guide(*args, **kwargs)
-        if hasattr(self, "_global_guide_fn"):
+        if self._global_guide_fn is not None:
             return self._global_guide_fn[0](*args, **kwargs) or {}
         return {}
 
     def _split(self, flat: Tensor, site: _LocalSite) -> Tensor:
         """One site's block of a ``[batch, latent_dim]`` tensor, in the site's own layout."""
-        block = flat[..., site.start : site.stop]
+        block = (
+            flat if site.stop - site.start == flat.shape[-1] else flat[..., site.start : site.stop]
+        )
         if len(site.shape) != 1:
             block = block.reshape(block.shape[:-1] + site.shape)
         if site.position != 0:

@@ -151,8 +151,8 @@ def _per_datapoint(log_p: Tensor, particle_dim: int, data_dim: int) -> Tensor:
 class _Terms(NamedTuple):
     model_local: Tensor  # [K, B] log p(x_i, z_ik | beta), unscaled
     guide_local: Tensor  # [K, B] log q(z_ik | x_i), unscaled
-    model_global: Tensor  # scalar, scaled
-    guide_global: Tensor  # scalar, scaled
+    model_global: Tensor | float  # scalar, scaled; 0.0 without global sites
+    guide_global: Tensor | float  # scalar, scaled; 0.0 without global sites
     outer_scale: float | Tensor  # subsample scale (and any scale common to all local sites)
     # guide samples that carry DReG's per-particle weights: (value, data dim, event dim,
     # particle index for looped particles or None when the value has a particle dim)
@@ -409,12 +409,11 @@ class Trace_IWELBO(ELBO):
                 model_local = model_local + log_p
             else:
                 guide_local = guide_local + log_p
-        as_tensor = torch.as_tensor
         return _Terms(
-            as_tensor(model_local),
-            as_tensor(guide_local),
-            as_tensor(model_global),
-            as_tensor(guide_global),
+            torch.as_tensor(model_local),
+            torch.as_tensor(guide_local),
+            model_global,
+            guide_global,
             outer,
             local_values,
         )
@@ -462,11 +461,19 @@ class Trace_IWELBO(ELBO):
 
     def _bound(self, terms: _Terms) -> tuple[Tensor, Tensor]:
         """The bound and the per-(particle, datapoint) log-weights."""
+        # Scalar ops on autograd tensors cost microseconds each; skip the ones that do nothing.
         lam = self.entropy_weight
-        log_w = terms.model_local - lam * terms.guide_local
+        guide_local = terms.guide_local if lam == 1.0 else lam * terms.guide_local
+        log_w = terms.model_local - guide_local
         K = self.num_particles
         local = torch.logsumexp(log_w, 0) - math.log(K) if K > 1 else log_w[0]
-        bound = terms.outer_scale * local.sum() + terms.model_global - lam * terms.guide_global
+        bound = local.sum()
+        if not _is_one(terms.outer_scale):
+            bound = bound * terms.outer_scale
+        if isinstance(terms.model_global, Tensor):
+            bound = bound + terms.model_global
+        if isinstance(terms.guide_global, Tensor):
+            bound = bound - lam * terms.guide_global
         return bound, log_w
 
     def _add_dreg_hooks(self, terms: _Terms, log_w: Tensor) -> None:

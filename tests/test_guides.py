@@ -302,3 +302,15 @@ def test_subsample_indices_made_inside_the_model(x):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AutoAmortizedNormal(hierarchical, **kwargs)
+
+
+def test_plain_function_as_global_guide(x):
+    def mu_guide(x, *args, **kwargs):
+        loc = pyro.param("mu_loc", torch.tensor(0.5))
+        return {"mu": pyro.sample("mu", dist.Normal(loc, 0.1))}
+
+    guide = AutoAmortizedNormal(hierarchical, global_guide=mu_guide, hidden_dims=(8,))
+    trace = pyro.poutine.trace(guide).get_trace(x)
+    assert trace.nodes["mu"]["fn"].loc.item() == 0.5
+    assert guide.global_guide is None
+    assert math.isfinite(Trace_IWELBO(3).loss(hierarchical, guide, x))
