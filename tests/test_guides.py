@@ -314,3 +314,17 @@ def test_plain_function_as_global_guide(x):
     assert trace.nodes["mu"]["fn"].loc.item() == 0.5
     assert guide.global_guide is None
     assert math.isfinite(Trace_IWELBO(3).loss(hierarchical, guide, x))
+
+
+def test_create_plates_is_honoured(x):
+    encoder = Recorder(3, 3)
+    idx = torch.tensor([5, 6, 7])
+    guide = AutoAmortizedNormal(
+        hierarchical,
+        encoder=encoder,
+        create_plates=lambda x, idx: pyro.plate("data", 20, subsample=idx),
+    )
+    trace = pyro.poutine.trace(guide).get_trace(x, idx)
+    assert trace.nodes["data"]["value"] is idx
+    assert torch.equal(encoder.seen, x[idx])
+    assert guide._subsample_location is None  # create_plates takes precedence
