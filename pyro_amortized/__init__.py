@@ -8,14 +8,17 @@ from .encoders import MLPEncoder
 from .guides import AutoAmortizedGuide, AutoAmortizedNormal
 from .objectives import ESTIMATORS, Trace_IWELBO
 from .optim import JointOptim
+from .training import History, fit
 
 __all__ = [
     "ESTIMATORS",
     "AutoAmortizedGuide",
     "AutoAmortizedNormal",
+    "History",
     "JointOptim",
     "MLPEncoder",
     "Trace_IWELBO",
+    "fit",
 ]
 
 __version__ = "0.1.0"

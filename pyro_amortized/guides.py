@@ -103,7 +103,7 @@ class AutoAmortizedGuide(AutoGuide):
         self.init_scale = float(init_scale)
         self._context_spec = context
         self._context_location: tuple[str, int | str] | None = None
-        self._subsample_location: tuple[str, int | str] | None = None
+        self._subsample_location: tuple[str, object] | None = None
         self._global_guide_arg = global_guide
         self.global_guide: Callable | None = None
         self._global_guide_fn: tuple[Callable] | None = None
@@ -212,7 +212,13 @@ class AutoAmortizedGuide(AutoGuide):
         """Recognize a model plate that takes ``subsample=`` from one of the model's arguments."""
         site = self._local_subsample_site
         full_size = frame.full_size or frame.size
-        if self.create_plates is not None or site is None or frame.size == full_size:
+        if self.create_plates is not None or site is None:
+            return
+        if frame.size == full_size:
+            # This call ran the whole plate, but an argument left at None may carry the
+            # indices later, as in model(x, idx=None); find it now, or later minibatches
+            # would silently run on every row (the model replays the guide's plate).
+            self._subsample_location = self._probe_subsample_argument(args, kwargs)
             return
         if site["fn"].subsample_size is not None:
             return  # the plate draws its own indices: subsample_size=
@@ -231,6 +237,38 @@ class AutoAmortizedGuide(AutoGuide):
             f"create_plates=lambda *args, **kwargs: pyro.plate('{self.local_plate}', size, "
             "subsample=...)."
         )
+
+    def _probe_subsample_argument(self, args, kwargs) -> tuple[str, object] | None:
+        """The model argument, None in this call, that the local plate takes as ``subsample=``."""
+        signature = _model_signature(self.model)
+        if signature is None:
+            return None
+        device = next((a.device for a in args if isinstance(a, Tensor)), None)
+        probe = torch.arange(1, device=device)
+        named = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        for i, param in enumerate(signature.parameters.values()):
+            if param.kind in named:
+                continue
+            positional = i < len(args) and param.kind != inspect.Parameter.KEYWORD_ONLY
+            value = args[i] if positional else kwargs.get(param.name, param.default)
+            if value is not None:
+                continue
+            trial_args, trial_kwargs = list(args), dict(kwargs)
+            if positional:
+                trial_args[i] = probe
+            else:
+                trial_kwargs[param.name] = probe
+            try:
+                with poutine.block():
+                    trace = poutine.trace(self.model).get_trace(*trial_args, **trial_kwargs)
+            except Exception:  # the argument is something else; the model may reject it
+                continue
+            node = trace.nodes.get(self.local_plate)
+            if node is not None and node["value"] is probe:
+                if param.kind == inspect.Parameter.KEYWORD_ONLY:
+                    return ("kwarg", param.name)
+                return ("param", (i, param.name))
+        return None
 
     def _locate_context(self, args, kwargs) -> None:
         spec = self._context_spec
@@ -290,11 +328,14 @@ class AutoAmortizedGuide(AutoGuide):
 
     # ------------------------------------------------------------- per call
     @staticmethod
-    def _fetch(location: tuple[str, int | str], args, kwargs):
+    def _fetch(location: tuple[str, object], args, kwargs):
         """The argument at ``location``, or None when this call does not pass it."""
         kind, key = location
         if kind == "arg":
             return args[key] if -len(args) <= key < len(args) else None
+        if kind == "param":  # a parameter that may come by position or by name
+            position, name = key
+            return args[position] if position < len(args) else kwargs.get(name)
         return kwargs.get(key)
 
     def _raw_context(self, args, kwargs) -> Tensor:

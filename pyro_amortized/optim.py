@@ -167,6 +167,19 @@ class JointOptim(PyroOptim):
         if clip is not None:
             self._clips[id(p)] = clip
 
+    def clear(self) -> None:
+        """Forget every tensor and its optimizer state.
+
+        PyroOptim applies a state given to :meth:`set_state` only to tensors it has not
+        seen; after ``clear()`` the next step treats every tensor as new, so a loaded
+        checkpoint's state takes effect.
+        """
+        self.optim_objs.clear()
+        self.grad_clip.clear()
+        self.optimizer = None
+        self._params.clear()
+        self._clips.clear()
+
     def get_state(self) -> dict:
         """Return ``{param name: state}``, each state as a one-tensor optimizer's ``state_dict()``.
 

@@ -328,3 +328,19 @@ def test_create_plates_is_honoured(x):
     assert trace.nodes["data"]["value"] is idx
     assert torch.equal(encoder.seen, x[idx])
     assert guide._subsample_location is None  # create_plates takes precedence
+
+
+@pytest.mark.parametrize("how", ["positional", "keyword"])
+def test_subsample_argument_found_after_a_full_first_call(x, how):
+    def model(x, idx=None):
+        hierarchical(x, idx)
+
+    encoder = Recorder(3, 3)
+    guide = AutoAmortizedNormal(model, encoder=encoder)
+    guide(x)  # the first call runs the whole plate
+    assert encoder.seen.shape[0] == 20
+    idx = torch.tensor([2, 9, 4])
+    args, kwargs = ((x, idx), {}) if how == "positional" else ((x,), {"idx": idx})
+    trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
+    assert trace.nodes["data"]["value"] is idx
+    assert torch.equal(encoder.seen, x[idx])

@@ -1,0 +1,596 @@
+"""fit(): minibatch SVI with progress bar, validation, early stopping and resumable checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import ELBO, SVI
+from pyro.optim import PyroOptim
+from pyro.poutine.subsample_messenger import _Subsample
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .optim import JointOptim
+
+__all__ = ["History", "fit"]
+
+CHECKPOINT_FORMAT = 1
+
+Schedule = Callable[[int, int, ELBO], None]
+
+
+@dataclass
+class History:
+    """What :func:`fit` recorded, one entry per epoch unless said otherwise.
+
+    Epochs and steps are counted from 0, so ``valid_bound[best_epoch]`` is the best bound.
+
+    Attributes:
+        train_loss: Mean training loss per datapoint of each epoch (nats; the negative
+            bound of the training objective), each step's loss weighted by its batch size.
+        valid_bound: Validation bound per datapoint after each epoch (nats; higher is
+            better), ``None`` for epochs run without a validation set.
+        epoch_time: Seconds each epoch took (training and validation, not the checkpoint).
+        step_losses: Loss per datapoint of every step, in order.
+        best_epoch: Epoch of the highest validation bound, ``None`` without validation.
+        steps: Number of optimization steps taken so far.
+        stopped_early: Whether training stopped because the validation bound had not
+            improved for ``patience`` epochs.
+    """
+
+    train_loss: list[float] = field(default_factory=list)
+    valid_bound: list[float | None] = field(default_factory=list)
+    epoch_time: list[float] = field(default_factory=list)
+    step_losses: list[float] = field(default_factory=list)
+    best_epoch: int | None = None
+    steps: int = 0
+    stopped_early: bool = False
+
+    @property
+    def epochs(self) -> int:
+        """Number of completed epochs."""
+        return len(self.train_loss)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The history as a dict of plain Python values (lists, floats, ints, None)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> History:
+        """The inverse of :meth:`to_dict`."""
+        return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
+
+
+def fit(
+    model: Callable,
+    guide: Callable,
+    loss: ELBO,
+    train: Tensor,
+    *,
+    valid: Tensor | None = None,
+    epochs: int,
+    batch_size: int,
+    optimizer: PyroOptim,
+    valid_batch_size: int | None = None,
+    valid_loss: ELBO | None = None,
+    patience: int | None = None,
+    schedule: Schedule | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = True,
+    seed: int = 0,
+    progress: bool = True,
+) -> History:
+    r"""Train ``model`` and ``guide`` by minibatch SVI, with validation and checkpoints.
+
+    **The model convention.** The model (and the guide) is called as
+    ``model(train, idx)`` with ``idx`` a ``LongTensor`` of the minibatch's row indices,
+    so the model is written as
+
+    .. code-block:: python
+
+        def model(x, idx=None):
+            with pyro.plate("data", x.shape[0], subsample=idx) as ind:
+                ...
+                pyro.sample("x", ..., obs=x[ind])
+
+    :class:`~pyro_amortized.AutoAmortizedNormal` recognizes ``subsample=`` taken from the
+    model's arguments by itself and encodes only the minibatch's rows. Pyro scales the
+    minibatch's log-densities by ``N / B``, so every step's loss estimates the loss of
+    the whole training set; ``History`` reports it divided by ``N``, per datapoint. When
+    ``batch_size >= len(train)`` every step is full-batch and ``idx`` is ``None``.
+
+    Epochs and steps are counted from 0 (in ``History``, ``schedule`` and error messages).
+    **Each epoch** draws a permutation of the rows from a ``torch.Generator`` seeded with
+    ``seed`` (owned by ``fit``, so shuffling does not touch the global RNG), calls
+    ``schedule(epoch, step, loss)`` before each step (``step`` is the global step count,
+    from 0), takes ``svi.step(train, idx)`` on each minibatch (the last one may be smaller),
+    then computes the validation bound per datapoint, ``-valid_loss.loss(model, guide,
+    valid, idx) / len(valid)`` under ``torch.no_grad()``, in chunks of ``valid_batch_size``
+    rows averaged with weights chunk size / ``len(valid)`` (each chunk's loss is already
+    scaled up to the whole set). Sampling inside Pyro uses torch's global RNG: seed it with
+    ``pyro.set_rng_seed`` before calling ``fit``.
+
+    **Checkpoints.** With ``checkpoint=PATH`` a checkpoint is written at the end of every
+    epoch, atomically (to ``PATH.tmp``, then renamed), so a crash never leaves a broken
+    file. It holds the values of every Pyro parameter the model and guide use, the
+    optimizer's state, the model's and guide's ``state_dict()`` (when they are
+    ``nn.Module``\ s: buffers are not in Pyro's parameter store), the history, the global
+    RNG states (torch, Python, NumPy, CUDA) and the shuffling generator's state. When
+    ``PATH`` exists and ``resume`` is true, ``fit`` first calls the guide and the loss once
+    to create the lazily built parameters (an autoguide's encoder), then loads the
+    checkpoint into them (in place) with the optimizer's and RNGs' states, and goes on with
+    the next epoch: the run continues exactly as it would have without the interruption,
+    step losses included, given the same arguments. The optimizer's state held before the
+    call is discarded in favor of the checkpoint's. If the checkpoint already holds
+    ``epochs`` epochs (or training had stopped early and still would), the state is loaded
+    and nothing is trained. The file is read with ``torch.load(weights_only=True)``, which
+    runs no code from it.
+
+    Arguments:
+        model: A Pyro model following the convention above: an ``nn.Module`` (e.g. a
+            ``PyroModule``) or a function registering its networks with ``pyro.module``.
+        guide: A Pyro guide, typically :class:`~pyro_amortized.AutoAmortizedNormal`.
+        loss: The training objective, a :class:`pyro.infer.ELBO` such as
+            :class:`~pyro_amortized.Trace_IWELBO`.
+        train: Training data, a tensor with one row per datapoint.
+        valid: Validation data with the same row shape, or ``None``.
+        epochs: Total number of epochs, counting those of a resumed checkpoint.
+        batch_size: Rows per training step.
+        optimizer: A :class:`pyro.optim.PyroOptim`, e.g. ``pyro_amortized.optim.Adam``.
+        valid_batch_size: Rows per validation chunk; defaults to ``batch_size``.
+        valid_loss: Objective for the validation bound; defaults to ``loss``. Pass an
+            unannealed one (e.g. a second ``Trace_IWELBO``) when ``schedule`` anneals
+            ``loss``, so the validation bound is the bound.
+        patience: Stop after this many epochs without a higher validation bound (needs
+            ``valid``); ``None`` trains all ``epochs``.
+        schedule: Called as ``schedule(epoch, step, loss)`` before every step, e.g. to
+            set ``loss.entropy_weight``. It must depend on its arguments only: nothing
+            about it is checkpointed.
+        checkpoint: Path of the checkpoint file, or ``None`` for no checkpoints. Its
+            directory is created if needed.
+        resume: Resume from ``checkpoint`` when the file exists; with ``False`` an
+            existing file is overwritten at the end of the first epoch.
+        seed: Seed of the shuffling generator.
+        progress: Show a ``tqdm`` progress bar (on stderr) with the epoch's running loss
+            per datapoint and the last validation bound. ``False`` prints nothing.
+
+    Returns:
+        The :class:`History` of the whole run, resumed epochs included.
+
+    Raises:
+        ValueError: An argument is invalid; the checkpoint was written for different
+            data, batch size, seed, model or guide; or the guide's data plate does not
+            take the minibatch indices (an ``AutoAmortizedNormal`` first called without
+            them), which would make every step silently full-batch.
+        FloatingPointError: A step's loss (or a validation bound) is NaN or infinite.
+            The message names the epoch and step; the checkpoint file keeps the last
+            epoch completed before it. Parameters in memory are those after the failed
+            step and should not be used.
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> from pyro_amortized import AutoAmortizedNormal, Trace_IWELBO
+        >>> from pyro_amortized.optim import Adam
+        >>> def model(x, idx=None):
+        ...     with pyro.plate("data", x.shape[0], subsample=idx) as ind:
+        ...         z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        ...         pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x[ind])
+        >>> guide = AutoAmortizedNormal(model, hidden_dims=(8,))
+        >>> history = fit(model, guide, Trace_IWELBO(2), torch.randn(20, 2), epochs=2,
+        ...               batch_size=8, optimizer=Adam({"lr": 0.01}), progress=False)
+        >>> history.epochs, history.steps
+        (2, 6)
+    """
+    _check_arguments(
+        model,
+        guide,
+        loss,
+        train,
+        valid,
+        epochs,
+        batch_size,
+        optimizer,
+        valid_batch_size,
+        valid_loss,
+        patience,
+        schedule,
+        checkpoint,
+        resume,
+        seed,
+        progress,
+    )
+    valid_loss = loss if valid_loss is None else valid_loss
+    num_data = train.shape[0]
+    if valid_batch_size is None:
+        valid_batch_size = batch_size
+    path = None if checkpoint is None else Path(checkpoint)
+    config = {"num_data": num_data, "batch_size": batch_size, "seed": seed}
+
+    state = None
+    if path is not None and resume and path.exists():
+        state = _read_checkpoint(path, config)
+    names = _warm_up(model, guide, loss, valid_loss, train, batch_size)
+    generator = torch.Generator().manual_seed(seed)
+    history = History()
+    if state is not None:
+        _restore(state, model, guide, optimizer, names, path)
+        generator.set_state(state["generator"])
+        history = History.from_dict(state["history"])
+        written = path  # the last good checkpoint, should this run fail
+    else:
+        written = None
+
+    svi = SVI(model, guide, optimizer, loss)
+    num_batches = 1 if batch_size >= num_data else math.ceil(num_data / batch_size)
+    if patience is not None and _since_best(history) >= patience:
+        history.stopped_early = True
+        return history
+    history.stopped_early = False
+    start = history.epochs
+    with tqdm(
+        total=epochs * num_batches,
+        initial=min(start, epochs) * num_batches,
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
+        for epoch in range(start, epochs):
+            bar.set_description(f"epoch {epoch + 1}/{epochs}")
+            began = time.perf_counter()
+            epoch_loss = 0.0  # sum over steps of (per-datapoint loss) * (batch rows)
+            rows_seen = 0
+            for step, idx in enumerate(_minibatches(num_data, batch_size, generator, train)):
+                if schedule is not None:
+                    schedule(epoch, history.steps, loss)
+                value = svi.step(train, idx)
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"loss became {value} at epoch {epoch}, step {step} (global step "
+                        f"{history.steps}); {_last_good(path, written)}"
+                    )
+                value /= num_data
+                rows = num_data if idx is None else len(idx)
+                history.step_losses.append(value)
+                history.steps += 1
+                epoch_loss += value * rows
+                rows_seen += rows
+                bar.update()
+                bar.set_postfix(_postfix(epoch_loss / rows_seen, history), refresh=False)
+
+            bound = None
+            if valid is not None:
+                bound = _valid_bound(model, guide, valid_loss, valid, valid_batch_size, num_data)
+                if not math.isfinite(bound):
+                    raise FloatingPointError(
+                        f"the validation bound became {bound} at epoch {epoch} (global step "
+                        f"{history.steps}); {_last_good(path, written)}"
+                    )
+            history.train_loss.append(epoch_loss / num_data)
+            history.valid_bound.append(bound)
+            history.epoch_time.append(time.perf_counter() - began)
+            if bound is not None and (
+                history.best_epoch is None or bound > history.valid_bound[history.best_epoch]
+            ):
+                history.best_epoch = epoch
+            if patience is not None and _since_best(history) >= patience:
+                history.stopped_early = True
+            bar.set_postfix(_postfix(history.train_loss[-1], history))
+
+            if path is not None:
+                _write_checkpoint(path, model, guide, optimizer, names, history, generator, config)
+                written = path
+            if history.stopped_early:
+                break
+    return history
+
+
+# ------------------------------------------------------------------ arguments
+def _check_arguments(
+    model,
+    guide,
+    loss,
+    train,
+    valid,
+    epochs,
+    batch_size,
+    optimizer,
+    valid_batch_size,
+    valid_loss,
+    patience,
+    schedule,
+    checkpoint,
+    resume,
+    seed,
+    progress,
+) -> None:
+    def positive_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+    if not callable(model):
+        raise ValueError(f"fit: model must be a callable Pyro model, got {model!r}")
+    if not callable(guide):
+        raise ValueError(f"fit: guide must be a callable Pyro guide, got {guide!r}")
+    if not isinstance(loss, ELBO):
+        raise ValueError(f"fit: loss must be a pyro.infer.ELBO, got {type(loss).__name__}")
+    if not isinstance(train, Tensor) or train.dim() == 0 or train.shape[0] < 1:
+        raise ValueError(
+            "fit: train must be a tensor with at least one row (one row per datapoint), got "
+            + (f"shape {tuple(train.shape)}" if isinstance(train, Tensor) else type(train).__name__)
+        )
+    if valid is not None:
+        if not isinstance(valid, Tensor) or valid.dim() == 0 or valid.shape[0] < 1:
+            raise ValueError("fit: valid must be None or a tensor with at least one row")
+        if valid.shape[1:] != train.shape[1:]:
+            raise ValueError(
+                f"fit: valid rows have shape {tuple(valid.shape[1:])} but train rows have "
+                f"shape {tuple(train.shape[1:])}"
+            )
+    if not positive_int(epochs):
+        raise ValueError(f"fit: epochs must be an int >= 1, got {epochs!r}")
+    if not positive_int(batch_size):
+        raise ValueError(f"fit: batch_size must be an int >= 1, got {batch_size!r}")
+    if not isinstance(optimizer, PyroOptim):
+        raise ValueError(
+            "fit: optimizer must be a pyro.optim.PyroOptim (e.g. pyro_amortized.optim.Adam or "
+            f"pyro.optim.Adam), got {type(optimizer).__name__}"
+        )
+    if valid_batch_size is not None and not positive_int(valid_batch_size):
+        raise ValueError(
+            f"fit: valid_batch_size must be None or an int >= 1, got {valid_batch_size!r}"
+        )
+    if valid_loss is not None and not isinstance(valid_loss, ELBO):
+        raise ValueError(
+            f"fit: valid_loss must be None or a pyro.infer.ELBO, got {type(valid_loss).__name__}"
+        )
+    if patience is not None:
+        if not positive_int(patience):
+            raise ValueError(f"fit: patience must be None or an int >= 1, got {patience!r}")
+        if valid is None:
+            raise ValueError("fit: patience needs a validation set; pass valid=")
+    if schedule is not None and not callable(schedule):
+        raise ValueError(
+            f"fit: schedule must be None or a callable (epoch, step, loss), got {schedule!r}"
+        )
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise ValueError(f"fit: checkpoint must be None or a path, got {checkpoint!r}")
+    if not isinstance(resume, bool):
+        raise ValueError(f"fit: resume must be a bool, got {resume!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"fit: seed must be an int, got {seed!r}")
+    if not isinstance(progress, bool):
+        raise ValueError(f"fit: progress must be a bool, got {progress!r}")
+
+
+# ----------------------------------------------------------------- the loop
+def _minibatches(num_data: int, batch_size: int, generator: torch.Generator, train: Tensor):
+    if batch_size >= num_data:
+        # Full batch: no subsampling, hence no scaling and no permutation to draw.
+        yield None
+        return
+    order = torch.randperm(num_data, generator=generator).to(train.device)
+    yield from order.split(batch_size)
+
+
+def _since_best(history: History) -> int:
+    """Epochs run since the best validation bound (0 when there is none yet)."""
+    if history.best_epoch is None:
+        return 0
+    return history.epochs - 1 - history.best_epoch
+
+
+def _postfix(loss: float, history: History) -> dict[str, str]:
+    postfix = {"loss": f"{loss:.4g}"}
+    bounds = [b for b in history.valid_bound if b is not None]
+    if bounds:
+        postfix["valid"] = f"{bounds[-1]:.4g}"
+    return postfix
+
+
+def _last_good(path: Path | None, written: Path | None) -> str:
+    if path is None:
+        return "no checkpoint was requested"
+    if written is None:
+        return f"no checkpoint was written yet (checkpoint={str(path)!r})"
+    return f"the last good checkpoint is {written}"
+
+
+@torch.no_grad()
+def _valid_bound(
+    model: Callable, guide: Callable, loss: ELBO, valid: Tensor, chunk: int, num_train: int
+) -> float:
+    size = valid.shape[0]
+    if chunk >= size or num_train == 1:
+        # One call on the whole set: idx=None, so the plate is not subsampled. (With a
+        # single training row the guide never saw subsample indices and could not follow
+        # them.)
+        return -loss.loss(model, guide, valid, None) / size
+    total = 0.0
+    for idx in torch.arange(size, device=valid.device).split(chunk):
+        # Each chunk's loss is scaled by size / len(idx) to the whole set: divided by
+        # size it is a per-datapoint loss, and the chunks weigh by their share of rows.
+        total += loss.loss(model, guide, valid, idx) / size * (len(idx) / size)
+    return -total
+
+
+# -------------------------------------------------------------- checkpoints
+def _warm_up(
+    model: Callable, guide: Callable, loss: ELBO, valid_loss: ELBO, train: Tensor, batch_size: int
+) -> list[str]:
+    """Build everything that is built lazily, and name the parameters the model and guide use.
+
+    Autoguides create their parameters (the encoder) on their first call, and ELBOs run
+    the model and guide once on theirs (to guess plate nesting), which draws random
+    numbers. Doing both here, before any checkpoint is loaded, makes a resumed run draw
+    exactly the numbers of an uninterrupted one. The warm-up passes proper subsample
+    indices whenever it can, so an amortized guide learns where they are even when
+    training is full-batch and only the validation is chunked.
+    """
+    num_data = train.shape[0]
+    idx = None
+    if num_data > 1:
+        idx = torch.arange(min(batch_size, num_data - 1), device=train.device)
+    with poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(train, idx)
+    if idx is not None:
+        _check_guide_follows_indices(guide_trace, num_data, len(idx))
+    with poutine.trace(param_only=True) as capture, torch.no_grad():
+        loss.loss(model, guide, train, idx)
+        if valid_loss is not loss:
+            valid_loss.loss(model, guide, train, idx)
+    return sorted(capture.trace.nodes)
+
+
+def _check_guide_follows_indices(guide_trace, num_data: int, batch: int) -> None:
+    # Pyro replays the guide's plates into the model, so a guide plate that ignores the
+    # indices would make the model see every row at every step: full-batch training
+    # that still looks like minibatch training. An AutoAmortizedNormal first called
+    # without indices (before fit) does exactly that.
+    for name, site in guide_trace.nodes.items():
+        if (
+            site["type"] == "sample"
+            and isinstance(site["fn"], _Subsample)
+            and site["fn"].size == num_data
+            and len(site["value"]) != batch
+        ):
+            raise ValueError(
+                f"fit: called with {batch} minibatch indices, the guide's plate '{name}' "
+                f"still holds {len(site['value'])} of the {num_data} rows, and Pyro replays it "
+                "into the model, so training would not be by minibatches. The guide must take "
+                "the model's subsample indices: an AutoAmortizedNormal learns where they are "
+                "on its first call, so build it anew (or let fit call it first)."
+            )
+
+
+def _rng_state() -> dict[str, Any]:
+    # NumPy's key array becomes a list so the file loads with torch.load(weights_only=True).
+    kind, key, position, has_gauss, cached = np.random.get_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+        "random": random.getstate(),
+        "numpy": (kind, key.tolist(), int(position), int(has_gauss), float(cached)),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["random"])
+    kind, key, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), position, has_gauss, cached))
+
+
+def _write_checkpoint(
+    path: Path,
+    model: Callable,
+    guide: Callable,
+    optimizer: PyroOptim,
+    names: list[str],
+    history: History,
+    generator: torch.Generator,
+    config: dict[str, int],
+) -> None:
+    store = dict(pyro.get_param_store().named_parameters())
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "config": config,
+        "completed_epochs": history.epochs,
+        # Unconstrained values, which are what the optimizer steps; the constraints are
+        # rebuilt by the warm-up call (and would not load with weights_only=True).
+        "params": {name: store[name].detach() for name in names},
+        "optimizer": optimizer.get_state(),
+        "model": model.state_dict() if isinstance(model, nn.Module) else None,
+        "guide": guide.state_dict() if isinstance(guide, nn.Module) else None,
+        "history": history.to_dict(),
+        "rng": _rng_state(),
+        "generator": generator.get_state(),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(path.suffix + ".tmp")
+    try:
+        with open(temporary, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())  # on disk before the rename makes it the checkpoint
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _read_checkpoint(path: Path, config: dict[str, int]) -> dict[str, Any]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(
+            f"fit: {path} is not a fit() checkpoint of format {CHECKPOINT_FORMAT} (found "
+            f"{found!r}); pass resume=False to overwrite it"
+        )
+    for key, value in config.items():
+        if state["config"][key] != value:
+            raise ValueError(
+                f"fit: the checkpoint {path} was written with {key}={state['config'][key]} "
+                f"but this call has {key}={value}; a resumed run needs the same data, "
+                "batch_size and seed (or pass resume=False to start over)"
+            )
+    return state
+
+
+def _restore(
+    state: dict[str, Any],
+    model: Callable,
+    guide: Callable,
+    optimizer: PyroOptim,
+    names: list[str],
+    path: Path,
+) -> None:
+    if sorted(state["params"]) != names:
+        missing = sorted(set(state["params"]) ^ set(names))
+        raise ValueError(
+            f"fit: the checkpoint {path} does not match this model and guide: parameters "
+            f"{missing} are in only one of them"
+        )
+    for name, module in (("model", model), ("guide", guide)):
+        saved = state[name]
+        if saved is not None and isinstance(module, nn.Module):
+            try:
+                module.load_state_dict(saved)
+            except RuntimeError as error:
+                raise ValueError(
+                    f"fit: the checkpoint {path} does not fit the {name}: {error}"
+                ) from error
+    # In place: modules, the parameter store and the optimizer all hold these tensors.
+    store = dict(pyro.get_param_store().named_parameters())
+    with torch.no_grad():
+        for name, value in state["params"].items():
+            store[name].copy_(value)
+    _forget_optimizer_state(optimizer)
+    optimizer.set_state(state["optimizer"])
+    _set_rng_state(state["rng"])
+
+
+def _forget_optimizer_state(optimizer: PyroOptim) -> None:
+    """Drop the per-tensor optimizers so the checkpoint's state is loaded into new ones.
+
+    PyroOptim applies a state set with ``set_state`` only to tensors it has not seen yet,
+    so an optimizer that already stepped these tensors (``fit`` called again in the same
+    process after an interruption) would keep its newer state.
+    """
+    if isinstance(optimizer, JointOptim):
+        optimizer.clear()
+    else:
+        optimizer.optim_objs.clear()
+        optimizer.grad_clip.clear()

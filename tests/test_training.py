@@ -1,0 +1,354 @@
+import math
+import random
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from linear_gaussian import LinearGaussian, exact_encoder
+from pyro.nn import PyroModule
+from torch import nn
+
+from pyro_amortized import AutoAmortizedNormal, Trace_IWELBO
+from pyro_amortized.optim import Adam
+from pyro_amortized.training import History, fit
+
+
+class TinyVAE(PyroModule):
+    """12-d binary data, a 2-d local latent per row and a global 12-d logit offset."""
+
+    def __init__(self):
+        super().__init__()
+        self.decoder = nn.Linear(2, 12)
+
+    def forward(self, x, idx=None):
+        offset = pyro.sample("offset", dist.Normal(x.new_zeros(12), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0], subsample=idx) as ind:
+            z = pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+            logits = self.decoder(z) + offset
+            pyro.sample("x", dist.Bernoulli(logits=logits).to_event(1), obs=x.index_select(0, ind))
+
+
+@pytest.fixture
+def data():
+    g = torch.Generator().manual_seed(0)
+    train = torch.bernoulli(torch.full((60, 12), 0.3), generator=g)
+    valid = torch.bernoulli(torch.full((20, 12), 0.3), generator=g)
+    return train, valid
+
+
+def build(optim=Adam, lr=0.01):
+    """Fresh model, guide, objective and optimizer, as a new process would build them."""
+    model = TinyVAE()
+    guide = AutoAmortizedNormal(model, hidden_dims=(8,))
+    return model, guide, Trace_IWELBO(3), optim({"lr": lr})
+
+
+def run(data, epochs, **kwargs):
+    train, valid = data
+    model, guide, loss, optimizer = build(**kwargs.pop("build", {}))
+    options = {"valid": valid, "batch_size": 16, "progress": False, **kwargs}
+    history = fit(model, guide, loss, train, epochs=epochs, optimizer=optimizer, **options)
+    return history, model, guide
+
+
+def params():
+    return {k: v.detach().clone() for k, v in pyro.get_param_store().named_parameters()}
+
+
+def new_process():
+    """What a restarted process has: an empty param store and unrelated RNG states."""
+    pyro.clear_param_store()
+    torch.manual_seed(12345)
+    random.seed(12345)
+    np.random.seed(12345)
+
+
+def assert_same_params(expected, actual):
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+
+
+@pytest.mark.parametrize("optim", [Adam, pyro.optim.Adam], ids=["joint", "pyro"])
+def test_resume_continues_exactly(data, tmp_path, optim):
+    pyro.set_rng_seed(1)
+    full, *_ = run(data, 4, checkpoint=tmp_path / "a.pt", build={"optim": optim})
+    expected = params()
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(1)
+    first, *_ = run(data, 2, checkpoint=tmp_path / "b.pt", build={"optim": optim})
+    assert first.step_losses == full.step_losses[:8]
+    new_process()
+    resumed, *_ = run(data, 4, checkpoint=tmp_path / "b.pt", build={"optim": optim})
+
+    assert len(resumed.step_losses) == 16 and resumed.steps == 16
+    assert resumed.step_losses[8:] == full.step_losses[8:]  # bit for bit
+    assert resumed.train_loss == full.train_loss
+    assert resumed.valid_bound == full.valid_bound
+    assert resumed.best_epoch == full.best_epoch
+    assert_same_params(expected, params())
+
+
+def test_resume_in_the_same_process_after_an_interruption(data, tmp_path):
+    # The optimizer has stepped past the checkpoint when the run is interrupted; calling
+    # fit again with the same objects must go back to the checkpoint's state exactly.
+    pyro.set_rng_seed(1)
+    full, *_ = run(data, 4)
+    expected = params()
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(1)
+    train, valid = data
+    model, guide, loss, optimizer = build()
+
+    def interrupt(epoch, step, loss):
+        if step == 10:  # epoch 2, after the checkpoint of epochs 0 and 1
+            raise KeyboardInterrupt
+
+    options = {"valid": valid, "batch_size": 16, "progress": False, "optimizer": optimizer}
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            model,
+            guide,
+            loss,
+            train,
+            epochs=4,
+            schedule=interrupt,
+            checkpoint=tmp_path / "c.pt",
+            **options,
+        )
+    resumed = fit(model, guide, loss, train, epochs=4, checkpoint=tmp_path / "c.pt", **options)
+    assert resumed.step_losses == full.step_losses
+    assert_same_params(expected, params())
+
+
+def test_checkpoint_write_is_atomic(data, tmp_path, monkeypatch):
+    path = tmp_path / "run.pt"
+    pyro.set_rng_seed(1)
+    full, *_ = run(data, 4)
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(1)
+    run(data, 2, checkpoint=path)
+
+    def crash(obj, file, *args, **kwargs):
+        file.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    new_process()
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        run(data, 4, checkpoint=path)
+    monkeypatch.undo()
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.pt"]  # the .tmp is gone
+    state = torch.load(path, weights_only=True)
+    assert state["completed_epochs"] == 2
+    new_process()
+    resumed, *_ = run(data, 4, checkpoint=path)
+    assert resumed.step_losses == full.step_losses
+
+
+@pytest.mark.parametrize(
+    "bad_step, checkpoint, message",
+    [
+        (5, True, r"epoch 1, step 1 \(global step 5\); the last good checkpoint is .*run\.pt"),
+        (2, True, r"epoch 0, step 2 \(global step 2\); no checkpoint was written yet"),
+        (6, False, r"epoch 1, step 2 \(global step 6\); no checkpoint was requested"),
+    ],
+)
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    data, tmp_path, bad_step, checkpoint, message
+):
+    path = tmp_path / "run.pt"
+
+    def poison(epoch, step, loss):
+        if step == bad_step:
+            loss.entropy_weight = math.nan
+
+    kwargs = {"checkpoint": path} if checkpoint else {}
+    with pytest.raises(FloatingPointError, match="loss became nan at " + message):
+        run(data, 4, schedule=poison, **kwargs)
+    if not checkpoint or bad_step < 4:
+        assert not path.exists()
+        return
+    state = torch.load(path, weights_only=True)
+    assert state["completed_epochs"] == 1
+    assert len(state["history"]["step_losses"]) == 4
+    assert all(math.isfinite(v) for v in state["params"]["decoder$$$weight"].flatten().tolist())
+    new_process()
+    resumed, *_ = run(data, 3, checkpoint=path)
+    assert resumed.epochs == 3 and all(math.isfinite(v) for v in resumed.step_losses)
+
+
+def test_early_stopping_on_the_validation_bound(data, tmp_path):
+    # No learning (lr 0) and a schedule that pushes every logit up by 0.5 a step: with
+    # 30% ones in the data the validation bound falls every epoch, by far more than its
+    # Monte Carlo noise, so the first epoch is the best one.
+    model_holder = {}
+
+    def worsen(epoch, step, loss):
+        with torch.no_grad():
+            model_holder["model"].decoder.bias.add_(0.5)
+
+    train, valid = data
+    model, guide, loss, optimizer = build(optim=pyro.optim.SGD, lr=0.0)
+    model_holder["model"] = model
+    path = tmp_path / "run.pt"
+    options = {"valid": valid, "batch_size": 16, "optimizer": optimizer, "progress": False}
+    history = fit(
+        model,
+        guide,
+        loss,
+        train,
+        epochs=20,
+        patience=2,
+        schedule=worsen,
+        checkpoint=path,
+        **options,
+    )
+    assert history.epochs == 3 and history.steps == 12
+    assert history.stopped_early and history.best_epoch == 0
+    assert history.valid_bound[0] > history.valid_bound[1] > history.valid_bound[2]
+    assert torch.load(path, weights_only=True)["history"]["stopped_early"]
+
+    # Resuming with the same patience trains nothing; more patience trains on.
+    again = fit(model, guide, loss, train, epochs=20, patience=2, checkpoint=path, **options)
+    assert again.stopped_early and again.steps == 12
+    more = fit(
+        model,
+        guide,
+        loss,
+        train,
+        epochs=20,
+        patience=3,
+        schedule=worsen,
+        checkpoint=path,
+        **options,
+    )
+    assert more.epochs == 4 and more.stopped_early and more.best_epoch == 0
+
+
+@pytest.mark.parametrize("batch_size", [16, 100], ids=["minibatch", "full-batch"])
+def test_validation_bound_is_the_bound_per_datapoint(batch_size):
+    # With the exact posterior as the guide every sample of the bound is log p(x), so the
+    # chunked and unchunked validation bounds can be compared to each other and to the
+    # evidence at float precision.
+    model = LinearGaussian()
+    train, valid = model.sample(40), model.sample(25)
+    guide = AutoAmortizedNormal(model, encoder=exact_encoder(model))
+    loss = Trace_IWELBO(3)
+    bounds = {}
+    for chunk in (7, 16, 25):
+        model.seen_indices.clear()
+        history = fit(
+            model,
+            guide,
+            loss,
+            train,
+            valid=valid,
+            epochs=1,
+            batch_size=batch_size,
+            valid_batch_size=chunk,
+            optimizer=pyro.optim.SGD({"lr": 0.0}),
+            progress=False,
+        )
+        bounds[chunk] = history.valid_bound[0]
+        # The guide's plate, replayed into the model, decides which rows the model sees:
+        # the minibatches and chunks must get there (the warm-up shows the guide the
+        # indices even when training is full-batch).
+        seen = {len(ind) for ind in model.seen_indices}
+        if batch_size == 16:
+            assert {16, 8} <= seen  # the minibatches of 40 rows
+        if chunk < 25:
+            assert {chunk, 25 % chunk} <= seen and 25 not in seen
+    direct = -loss.loss(model, guide, valid) / len(valid)
+    evidence = model.log_evidence(valid).mean().item()
+    assert bounds[25] == pytest.approx(direct, rel=1e-6)
+    assert bounds[7] == pytest.approx(bounds[25], rel=1e-6)
+    assert bounds[16] == pytest.approx(bounds[25], rel=1e-6)
+    assert bounds[25] == pytest.approx(evidence, rel=1e-5)
+
+
+def test_history_and_step_counts(data):
+    history, *_ = run(data, 2, valid=None)
+    assert history.steps == 8 and len(history.step_losses) == 8  # 16 + 16 + 16 + 12 rows
+    assert history.valid_bound == [None, None] and history.best_epoch is None
+    assert len(history.epoch_time) == 2 and all(t > 0 for t in history.epoch_time)
+    # The epoch's loss is its steps' losses weighted by their batch sizes.
+    weights = [16, 16, 16, 12]
+    expected = sum(w * v for w, v in zip(weights, history.step_losses[:4], strict=True)) / 60
+    assert history.train_loss[0] == pytest.approx(expected, rel=1e-12)
+    assert History.from_dict(history.to_dict()) == history
+
+
+def test_progress_false_prints_nothing(data, capsys):
+    run(data, 2, progress=False)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_progress_bar_shows_loss_and_bound(data, capsys):
+    run(data, 2, progress=True)
+    err = capsys.readouterr().err
+    assert "epoch 2/2" in err and "loss=" in err and "valid=" in err
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"epochs": 0}, "epochs must be an int >= 1"),
+        ({"epochs": 2.0}, "epochs must be an int >= 1"),
+        ({"batch_size": 0}, "batch_size must be an int >= 1"),
+        ({"train": torch.zeros(0, 12)}, "train must be a tensor with at least one row"),
+        ({"train": [[0.0] * 12]}, "train must be a tensor with at least one row"),
+        ({"valid": torch.zeros(5, 3)}, r"valid rows have shape \(3,\)"),
+        ({"loss": lambda model, guide: 0.0}, "loss must be a pyro.infer.ELBO"),
+        ({"optimizer": torch.optim.Adam}, "optimizer must be a pyro.optim.PyroOptim"),
+        ({"valid_batch_size": 0}, "valid_batch_size must be None or an int >= 1"),
+        ({"patience": 0}, "patience must be None or an int >= 1"),
+        ({"patience": 2, "valid": None}, "patience needs a validation set"),
+        ({"schedule": 3}, "schedule must be None or a callable"),
+        ({"checkpoint": 3}, "checkpoint must be None or a path"),
+        ({"seed": "0"}, "seed must be an int"),
+    ],
+)
+def test_bad_arguments(data, change, match):
+    train, valid = data
+    model, guide, loss, optimizer = build()
+    arguments = {"model": model, "guide": guide, "loss": loss, "train": train, "valid": valid}
+    options = {"epochs": 1, "batch_size": 16, "optimizer": optimizer, "progress": False}
+    arguments.update(options)
+    arguments.update(change)
+    with pytest.raises(ValueError, match=match):
+        fit(**arguments)
+
+
+def test_resume_rejects_another_configuration_or_file(data, tmp_path):
+    path = tmp_path / "run.pt"
+    run(data, 1, checkpoint=path)
+    new_process()
+    with pytest.raises(
+        ValueError, match="written with batch_size=16 but this call has batch_size=8"
+    ):
+        run(data, 2, checkpoint=path, batch_size=8)
+    new_process()
+    assert run(data, 1, checkpoint=path, batch_size=8, resume=False)[0].epochs == 1
+
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, other)
+    new_process()
+    with pytest.raises(ValueError, match=r"not a fit\(\) checkpoint"):
+        run(data, 2, checkpoint=other)
+
+
+def test_a_guide_that_ignores_the_minibatch_indices_is_rejected(data):
+    # Called first without indices, the guide builds a plate over all rows, which Pyro
+    # would replay into the model at every step.
+    train, valid = data
+    model, guide, loss, optimizer = build()
+    guide(train)
+    with pytest.raises(ValueError, match="the guide's plate 'data' still holds 60 of the 60 rows"):
+        fit(model, guide, loss, train, epochs=1, batch_size=16, optimizer=optimizer, progress=False)
