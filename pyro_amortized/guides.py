@@ -45,6 +45,9 @@ def _is_identity(transform: Transform) -> bool:
 
 
 def _model_signature(model: Callable) -> inspect.Signature | None:
+    # PyroModule.__call__ takes (*args, **kwargs); the model's own arguments are forward's.
+    if isinstance(model, nn.Module):
+        model = model.forward
     try:
         return inspect.signature(model)
     except (TypeError, ValueError):

@@ -345,10 +345,28 @@ def test_resume_rejects_another_configuration_or_file(data, tmp_path):
 
 
 def test_a_guide_that_ignores_the_minibatch_indices_is_rejected(data):
-    # Called first without indices, the guide builds a plate over all rows, which Pyro
-    # would replay into the model at every step.
-    train, valid = data
-    model, guide, loss, optimizer = build()
-    guide(train)
+    # A guide whose plate runs over all rows whatever idx says: Pyro would replay it into
+    # the model at every step, and every "minibatch" would silently be the whole set.
+    train, _ = data
+    model, _, loss, optimizer = build()
+
+    def guide(x, idx=None):
+        pyro.sample(
+            "offset", dist.Normal(pyro.param("offset_loc", torch.zeros(12)), 1.0).to_event(1)
+        )
+        loc = pyro.param("loc", torch.zeros(2))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(loc, 1.0).to_event(1))
+
     with pytest.raises(ValueError, match="the guide's plate 'data' still holds 60 of the 60 rows"):
         fit(model, guide, loss, train, epochs=1, batch_size=16, optimizer=optimizer, progress=False)
+
+
+def test_an_autoguide_first_called_on_all_rows_still_follows_the_minibatches(data):
+    train, _ = data
+    model, guide, loss, optimizer = build()
+    guide(train)  # the first call runs the whole plate; idx is found by probing
+    history = fit(
+        model, guide, loss, train, epochs=1, batch_size=16, optimizer=optimizer, progress=False
+    )
+    assert len(history.step_losses) == 4

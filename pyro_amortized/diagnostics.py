@@ -1,0 +1,118 @@
+r"""Diagnostics of amortized inference: per-datapoint log-likelihood and active units."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .guides import AutoAmortizedNormal
+from .objectives import Trace_IWELBO
+
+__all__ = ["ActiveUnits", "active_units", "log_marginal_likelihood"]
+
+
+@torch.no_grad()
+def log_marginal_likelihood(
+    model: Callable,
+    guide: Callable,
+    data: Tensor,
+    *,
+    num_samples: int = 5000,
+    particle_chunk: int = 500,
+    batch_size: int = 100,
+) -> Tensor:
+    r"""Importance-sampling estimate of :math:`\log p(x_i)` for every datapoint.
+
+    The IWAE bound with ``num_samples`` particles and the guide as proposal,
+    :math:`\log \frac{1}{S} \sum_s p(x_i, z_s) / q(z_s \mid x_i)`, which tends to
+    :math:`\log p(x_i)` from below as :math:`S` grows. Particles are drawn
+    ``particle_chunk`` at a time and datapoints ``batch_size`` at a time, so memory stays
+    bounded whatever ``num_samples``.
+
+    The model follows :func:`~pyro_amortized.training.fit`'s convention,
+    ``model(data, idx)`` with ``pyro.plate(..., subsample=idx)``, and must have no global
+    latent sites (with globals, :math:`\log p(x_i)` does not split over datapoints).
+
+    Arguments:
+        model: The model.
+        guide: The guide (the proposal).
+        data: ``[N, ...]`` datapoints.
+        num_samples: Importance samples :math:`S` per datapoint.
+        particle_chunk: Particles drawn per pass.
+        batch_size: Datapoints per pass.
+
+    Returns:
+        ``[N]`` estimates, in nats.
+
+    References:
+        Importance Weighted Autoencoders (Burda, Grosse and Salakhutdinov, 2016).
+    """
+    for name, value in (("num_samples", num_samples), ("particle_chunk", particle_chunk)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"log_marginal_likelihood: {name} must be an int >= 1, got {value!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(
+            f"log_marginal_likelihood: batch_size must be an int >= 1, got {batch_size!r}"
+        )
+    results = []
+    for start in range(0, len(data), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(data)), device=data.device)
+        total, drawn = None, 0
+        while drawn < num_samples:
+            k = min(particle_chunk, num_samples - drawn)
+            elbo = Trace_IWELBO(k)
+            terms = elbo._collect(model, guide, (data, idx), {}, stopped=False)
+            if isinstance(terms.model_global, Tensor) or isinstance(terms.guide_global, Tensor):
+                raise ValueError(
+                    "log_marginal_likelihood: the model has global latent sites; log p(x_i) "
+                    "does not split over datapoints then"
+                )
+            log_w = terms.model_local - terms.guide_local  # [k, B]
+            chunk = torch.logsumexp(log_w, 0)
+            total = chunk if total is None else torch.logaddexp(total, chunk)
+            drawn += k
+        results.append(total - math.log(num_samples))
+    return torch.cat(results)
+
+
+class ActiveUnits(NamedTuple):
+    """The number of active latent dimensions and every dimension's activity."""
+
+    count: int
+    activity: Tensor  # [D] variance over datapoints of the posterior mean
+
+
+@torch.no_grad()
+def active_units(
+    guide: AutoAmortizedNormal, *args, threshold: float = 0.01, **kwargs
+) -> ActiveUnits:
+    r"""Latent dimensions whose posterior mean varies across datapoints.
+
+    Activity of dimension :math:`u` is :math:`\mathrm{Cov}_x(\mathbb{E}_{q(z \mid x)}[z_u])`;
+    a unit is active when its activity exceeds ``threshold``. Means are taken in the
+    unconstrained space the guide works in, over all local sites (concatenated).
+
+    Arguments:
+        guide: An amortized guide with an ``encode`` method.
+        *args: The model's arguments (the datapoints).
+        threshold: Activity above which a unit counts as active.
+        **kwargs: The model's keyword arguments.
+
+    Returns:
+        The count and the per-dimension activity.
+
+    References:
+        Importance Weighted Autoencoders (Burda, Grosse and Salakhutdinov, 2016), Sec. 5.2.
+    """
+    posteriors = guide.encode(*args, **kwargs)
+    means = []
+    for q in posteriors.values():
+        base = q.base_dist if isinstance(q, torch.distributions.TransformedDistribution) else q
+        means.append(base.mean.reshape(base.mean.shape[0], -1))
+    means = torch.cat(means, dim=-1)
+    activity = means.var(0, unbiased=False)
+    return ActiveUnits(int((activity > threshold).sum()), activity)
