@@ -1,0 +1,45 @@
+import math
+
+import pyro
+import pytest
+import torch
+
+from models.vae import VAE, main
+from pyro_amortized import AutoAmortizedNormal, Trace_IWELBO
+
+
+def test_vae_cli_runs_one_epoch_on_digits(tmp_path, capsys):
+    results = main(
+        ["--epochs", "1", "--out", str(tmp_path), "--no-progress", "--eval-samples", "20"]
+        + ["--hidden", "16", "--latent", "2"]
+    )
+    assert all(math.isfinite(v) for v in results.values())
+    for name in ("curves", "data", "reconstructions", "samples", "posteriors"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000
+    assert (tmp_path / "checkpoint.pt").exists()
+    printed = capsys.readouterr().out
+    assert "test log p(x) (IWAE-20)" in printed and "time per epoch" in printed
+
+
+def test_output_bias_starts_at_the_logit_of_the_pixel_means():
+    mean = torch.tensor([0.1, 0.5, 0.9])
+    vae = VAE(3, latent_dim=2, hidden_dims=(4,), pixel_mean=mean)
+    assert torch.allclose(vae.decoder[-1].bias, mean.logit())
+
+
+def test_gaussian_likelihood_and_elu():
+    x = torch.randn(30, 5)
+    vae = VAE(5, latent_dim=2, hidden_dims=(8,), activation="elu", likelihood="normal")
+    guide = AutoAmortizedNormal(vae, hidden_dims=(8,))
+    svi = pyro.infer.SVI(vae, guide, pyro.optim.Adam({"lr": 0.01}), Trace_IWELBO(3))
+    losses = [svi.step(x, torch.arange(10)) for _ in range(20)]
+    assert all(math.isfinite(v) for v in losses)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(likelihood="poisson"), "likelihood"), (dict(activation="relu6"), "activation")],
+)
+def test_bad_vae_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VAE(4, **kwargs)
