@@ -165,7 +165,7 @@ def plot_posterior_contours(
     site: str = "z",
     num_points: int = 4,
     grid_size: int = 60,
-    limits: tuple[float, float] = (-3.0, 3.0),
+    limits: tuple[float, float] | None = None,
     local_plate: str = "data",
 ) -> Path:
     r"""Contours of the true posterior against the guide's, for 2-D local latents.
@@ -183,7 +183,8 @@ def plot_posterior_contours(
         site: The 2-D local latent site.
         num_points: Number of panels.
         grid_size: Grid points per axis.
-        limits: Range of both axes.
+        limits: Range of both axes; by default each panel spans q's mean +- 5 q standard
+            deviations (its largest one), where both posteriors live.
         local_plate: Name of the plate over datapoints.
 
     Returns:
@@ -201,19 +202,32 @@ def plot_posterior_contours(
             f"plot_posterior_contours: site '{site}' has event shape {tuple(q.event_shape)}; "
             "contours need a 2-D latent"
         )
-    axis = torch.linspace(*limits, grid_size, dtype=x.dtype)
-    zz = torch.cartesian_prod(axis, axis)  # [G*G, 2], first coordinate major
-    with torch.no_grad():
-        log_joint = log_joint_on_grid(model, site, zz, x, local_plate=local_plate)  # [G*G, B]
-        log_q = q.log_prob(zz[:, None, :])  # [G*G, B]
     figure = Figure(figsize=(3 * len(x), 3))
+    mean, std = q.mean.detach(), q.variance.detach().sqrt()
     for i in range(len(x)):
+        if limits is None:
+            half = 5 * std[i].max()
+            axes_limits = [(mean[i, d] - half, mean[i, d] + half) for d in range(2)]
+        else:
+            axes_limits = [limits, limits]
+        grid_x, grid_y = (
+            torch.linspace(lo, hi, grid_size, dtype=x.dtype) for lo, hi in axes_limits
+        )
+        zz = torch.cartesian_prod(grid_x, grid_y)  # [G*G, 2], first coordinate major
+        with torch.no_grad():
+            log_joint = log_joint_on_grid(model, site, zz, x, local_plate=local_plate)[:, i]
+            log_q = q.log_prob(zz[:, None, :])[:, i]
         axes = figure.add_subplot(1, len(x), i + 1)
-        true = log_joint[:, i].reshape(grid_size, grid_size)
-        approx = log_q[:, i].reshape(grid_size, grid_size)
-        for density, color in ((true, "tab:blue"), (approx, "tab:red")):
-            density = (density - density.logsumexp((0, 1))).exp().T.cpu().numpy()
-            axes.contour(axis.numpy(), axis.numpy(), density, levels=5, colors=color)
+        for density, color in ((log_joint, "tab:blue"), (log_q, "tab:red")):
+            # levels at fixed fractions of each density's peak: comparable shapes
+            density = (density - density.max()).exp().reshape(grid_size, grid_size).T
+            axes.contour(
+                grid_x.numpy(),
+                grid_y.numpy(),
+                density.cpu().numpy(),
+                levels=[0.05, 0.2, 0.4, 0.6, 0.8],
+                colors=color,
+            )
         axes.set_title(f"datapoint {i}")
         axes.set_xlabel(f"{site}[0]")
         axes.set_ylabel(f"{site}[1]")
