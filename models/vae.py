@@ -138,9 +138,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     data = load_dataset(args.dataset, root=args.root, download=args.download)
     train, valid, test = data.train, data.valid, data.test
-    if data.dynamic_binarization:
-        # fit() takes a fixed training tensor: binarize the grey levels once per run
-        train = torch.bernoulli(train, generator=torch.Generator().manual_seed(args.seed))
     print(data.description)
 
     model = VAE(
@@ -166,7 +163,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         checkpoint=out / "checkpoint.pt",
         seed=args.seed,
         progress=not args.no_progress,
+        resample=_binarize if data.dynamic_binarization else None,
     )
+    if data.dynamic_binarization:  # evaluate on one fixed binarization of the grey levels
+        train = _binarize(train, torch.Generator().manual_seed(args.seed))
 
     K = args.num_particles
     results = {
@@ -183,6 +183,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"figures and checkpoint in {out}/")
     results["active units"] = units.count
     return results
+
+
+def _binarize(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Dynamic binarization: every epoch sees a new Bernoulli draw of the grey levels."""
+    return torch.bernoulli(x, generator=generator)
 
 
 def _mean_bound(model: VAE, guide: AutoAmortizedNormal, data: Tensor, num_samples: int) -> float:

@@ -91,6 +91,7 @@ def fit(
     resume: bool = True,
     seed: int = 0,
     progress: bool = True,
+    resample: Callable[[Tensor, torch.Generator], Tensor] | None = None,
 ) -> History:
     r"""Train ``model`` and ``guide`` by minibatch SVI, with validation and checkpoints.
 
@@ -165,6 +166,10 @@ def fit(
         seed: Seed of the shuffling generator.
         progress: Show a ``tqdm`` progress bar (on stderr) with the epoch's running loss
             per datapoint and the last validation bound. ``False`` prints nothing.
+        resample: ``resample(train, generator)`` gives the data each epoch trains on,
+            drawn with fit's generator so that a resumed run draws the same; e.g. dynamic
+            binarization of grey-level images,
+            ``lambda x, g: torch.bernoulli(x, generator=g)``.
 
     Returns:
         The :class:`History` of the whole run, resumed epochs included.
@@ -211,6 +216,8 @@ def fit(
         seed,
         progress,
     )
+    if resample is not None and not callable(resample):
+        raise ValueError(f"fit: resample must be None or a callable, got {resample!r}")
     valid_loss = loss if valid_loss is None else valid_loss
     num_data = train.shape[0]
     if valid_batch_size is None:
@@ -221,7 +228,9 @@ def fit(
     state = None
     if path is not None and resume and path.exists():
         state = _read_checkpoint(path, config)
-    names = _warm_up(model, guide, loss, valid_loss, train, batch_size)
+    # the warm-up sees data like an epoch's, from a generator of its own (fit's stays put)
+    warm = train if resample is None else resample(train, torch.Generator().manual_seed(seed))
+    names = _warm_up(model, guide, loss, valid_loss, warm, batch_size)
     generator = torch.Generator().manual_seed(seed)
     history = History()
     if state is not None:
@@ -250,10 +259,12 @@ def fit(
             began = time.perf_counter()
             epoch_loss = 0.0  # sum over steps of (per-datapoint loss) * (batch rows)
             rows_seen = 0
+            # drawn from fit's generator, so a resumed run redraws exactly the same data
+            data = train if resample is None else resample(train, generator)
             for step, idx in enumerate(_minibatches(num_data, batch_size, generator, train)):
                 if schedule is not None:
                     schedule(epoch, history.steps, loss)
-                value = svi.step(train, idx)
+                value = svi.step(data, idx)
                 if not math.isfinite(value):
                     raise FloatingPointError(
                         f"loss became {value} at epoch {epoch}, step {step} (global step "

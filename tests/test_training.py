@@ -370,3 +370,43 @@ def test_an_autoguide_first_called_on_all_rows_still_follows_the_minibatches(dat
         model, guide, loss, train, epochs=1, batch_size=16, optimizer=optimizer, progress=False
     )
     assert len(history.step_losses) == 4
+
+
+def test_resample_draws_each_epoch_from_fits_generator_and_resumes_exactly(data, tmp_path):
+    grey = torch.rand(60, 12, generator=torch.Generator().manual_seed(3))
+    seen = []
+
+    def binarize(x, generator):
+        sample = torch.bernoulli(x, generator=generator)
+        seen.append(sample)
+        return sample
+
+    def train_for(epochs, checkpoint):
+        pyro.clear_param_store()
+        model, guide, loss, optimizer = build()
+        return fit(
+            model,
+            guide,
+            loss,
+            grey,
+            epochs=epochs,
+            batch_size=16,
+            optimizer=optimizer,
+            checkpoint=checkpoint,
+            progress=False,
+            resample=binarize,
+        )
+
+    pyro.set_rng_seed(0)
+    whole = train_for(3, tmp_path / "a.pt")
+    draws = seen[1:]  # seen[0] is the warm-up's draw, from a generator of its own
+    assert len(draws) == 3 and not torch.equal(draws[0], draws[1])
+    assert all(set(s.unique().tolist()) <= {0.0, 1.0} for s in seen)
+    pyro.set_rng_seed(0)
+    train_for(1, tmp_path / "b.pt")
+    torch.manual_seed(12345)  # scramble: resume must restore everything
+    resumed = train_for(3, tmp_path / "b.pt")
+    assert resumed.step_losses == whole.step_losses
+    assert torch.equal(seen[-1], draws[-1])
+    with pytest.raises(ValueError, match="resample must be None or a callable"):
+        fit(*build()[:3], grey, epochs=1, batch_size=16, optimizer=build()[3], resample=3)
