@@ -465,8 +465,8 @@ def _warm_up(
 def _check_guide_follows_indices(guide_trace, num_data: int, batch: int) -> None:
     # Pyro replays the guide's plates into the model, so a guide plate that ignores the
     # indices would make the model see every row at every step: full-batch training
-    # that still looks like minibatch training. An AutoAmortizedNormal first called
-    # without indices (before fit) does exactly that.
+    # that still looks like minibatch training (a hand-written guide whose plate has no
+    # subsample=, say).
     for name, site in guide_trace.nodes.items():
         if (
             site["type"] == "sample"
@@ -477,9 +477,8 @@ def _check_guide_follows_indices(guide_trace, num_data: int, batch: int) -> None
             raise ValueError(
                 f"fit: called with {batch} minibatch indices, the guide's plate '{name}' "
                 f"still holds {len(site['value'])} of the {num_data} rows, and Pyro replays it "
-                "into the model, so training would not be by minibatches. The guide must take "
-                "the model's subsample indices: an AutoAmortizedNormal learns where they are "
-                "on its first call, so build it anew (or let fit call it first)."
+                "into the model, so training would not be by minibatches. The guide's plate "
+                "must take the same indices as the model's: pyro.plate(..., subsample=idx)."
             )
 
 
