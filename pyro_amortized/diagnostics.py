@@ -58,13 +58,15 @@ def log_marginal_likelihood(
         raise ValueError(
             f"log_marginal_likelihood: batch_size must be an int >= 1, got {batch_size!r}"
         )
+    # One objective per chunk size, built once: each runs model and guide once on first use.
+    objectives: dict[int, Trace_IWELBO] = {}
     results = []
     for start in range(0, len(data), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(data)), device=data.device)
         total, drawn = None, 0
         while drawn < num_samples:
             k = min(particle_chunk, num_samples - drawn)
-            elbo = Trace_IWELBO(k)
+            elbo = objectives.setdefault(k, Trace_IWELBO(k))
             terms = elbo._collect(model, guide, (data, idx), {}, stopped=False)
             if isinstance(terms.model_global, Tensor) or isinstance(terms.guide_global, Tensor):
                 raise ValueError(

@@ -170,7 +170,7 @@ class AutoAmortizedGuide(AutoGuide):
         self._locate_subsample(frame, args, kwargs)
         self._locate_context(args, kwargs)
         context = self._raw_context(args, kwargs)
-        self._check_rows(context.shape[0], frame)
+        self._check_rows(context.shape[0], frame.full_size or frame.size, frame.size)
         self._setup_encoder(self._select_rows(context, None, args, kwargs))
 
         global_guide = self._global_guide_arg
@@ -310,12 +310,11 @@ class AutoAmortizedGuide(AutoGuide):
             )
         self._context_location = ("kwarg", spec) if spec in kwargs else ("arg", position)
 
-    def _check_rows(self, rows: int, frame: CondIndepStackFrame) -> None:
-        full_size = frame.full_size or frame.size
-        if rows not in (full_size, frame.size):
+    def _check_rows(self, rows: int, size: int, minibatch: int) -> None:
+        if rows not in (size, minibatch):
             raise ValueError(
                 f"{type(self).__name__}: the context has {rows} rows but plate "
-                f"'{self.local_plate}' has size {full_size} (minibatch {frame.size}); the "
+                f"'{self.local_plate}' has size {size} (minibatch {minibatch}); the "
                 "context needs one row per datapoint, or per minibatch datapoint. Pass "
                 "context= to pick or compute it."
             )
@@ -406,10 +405,7 @@ class AutoAmortizedGuide(AutoGuide):
         if plate.subsample_size < plate.size and rows == plate.size:
             return context.index_select(0, plate.indices)
         if rows != plate.subsample_size:
-            self._check_rows(
-                rows,
-                CondIndepStackFrame(plate.name, plate.dim, plate.subsample_size, 0, plate.size),
-            )
+            self._check_rows(rows, plate.size, plate.subsample_size)
         return context
 
     def _get_context(self, plate: pyro.plate | None, args, kwargs) -> Tensor:

@@ -319,11 +319,14 @@ class Trace_IWELBO(ELBO):
     def _particle_dim(self) -> int:
         return -int(self._plate_nesting) - 1
 
-    def _traces(self, model, guide, args, kwargs):
+    def _traces(self, model, guide, args, kwargs, shared=None):
+        """Guide then model traces; ``shared`` sites (globals, minibatch) are replayed."""
         K = self.num_particles
         if K > 1 and self.vectorize_particles:
             plate = _LocalParticlePlate(self._local_name, K, self._particle_dim())
             model, guide = plate(model), plate(guide)
+        if shared is not None:
+            guide = poutine.replay(guide, trace=shared)
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
@@ -443,12 +446,7 @@ class Trace_IWELBO(ELBO):
         model_local, guide_local = [first.model_local], [first.guide_local]
         values = [v[:3] + (0,) for v in first.local_values]
         for k in range(1, self.num_particles):
-            guide_trace = poutine.trace(poutine.replay(guide, trace=shared)).get_trace(
-                *args, **kwargs
-            )
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *args, **kwargs
-            )
+            model_trace, guide_trace = self._traces(model, guide, args, kwargs, shared)
             terms = self._terms(model_trace, guide_trace, stopped)
             model_local.append(terms.model_local)
             guide_local.append(terms.guide_local)

@@ -215,9 +215,8 @@ def fit(
         resume,
         seed,
         progress,
+        resample,
     )
-    if resample is not None and not callable(resample):
-        raise ValueError(f"fit: resample must be None or a callable, got {resample!r}")
     valid_loss = loss if valid_loss is None else valid_loss
     num_data = train.shape[0]
     if valid_batch_size is None:
@@ -324,6 +323,7 @@ def _check_arguments(
     resume,
     seed,
     progress,
+    resample,
 ) -> None:
     def positive_int(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and value >= 1
@@ -381,6 +381,8 @@ def _check_arguments(
         raise ValueError(f"fit: seed must be an int, got {seed!r}")
     if not isinstance(progress, bool):
         raise ValueError(f"fit: progress must be a bool, got {progress!r}")
+    if resample is not None and not callable(resample):
+        raise ValueError(f"fit: resample must be None or a callable, got {resample!r}")
 
 
 # ----------------------------------------------------------------- the loop
