@@ -24,8 +24,15 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 import pyro_amortized.optim
-from models.datasets import DATASET_NAMES, load_dataset
-from pyro_amortized import ESTIMATORS, AutoAmortizedNormal, Trace_IWELBO, fit
+from models.datasets import DATASET_NAMES, Dataset, load_dataset
+from pyro_amortized import (
+    ESTIMATORS,
+    AutoAmortizedNormal,
+    History,
+    MLPEncoder,
+    Trace_IWELBO,
+    fit,
+)
 from pyro_amortized.diagnostics import active_units, log_marginal_likelihood
 from pyro_amortized.plotting import (
     plot_image_grid,
@@ -34,6 +41,9 @@ from pyro_amortized.plotting import (
 )
 
 ACTIVATIONS = {"tanh": nn.Tanh, "elu": nn.ELU}
+# Rows per validation chunk: few chunks, so little per-call overhead, and K x 1000 x D
+# floats of memory.
+VALID_BATCH_SIZE = 1000
 
 
 class VAE(PyroModule):
@@ -121,8 +131,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--activation", default="tanh", choices=sorted(ACTIVATIONS))
     parser.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "normal"])
     parser.add_argument("--eval-samples", type=int, default=1000, help="S of the test log p(x)")
-    parser.add_argument("--patience", type=int, default=20, help="early stopping (epochs)")
+    parser.add_argument(
+        "--patience",
+        type=int,
+        default=20,
+        help="stop after this many epochs without a better validation bound (0: never)",
+    )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="Pyro's validation of every distribution's arguments and values at every step "
+        "(off by default, as in Pyro's own VAE example: it costs about 7%% of an epoch)",
+    )
     parser.add_argument("--out", default=None, help="output directory (default runs/<time>)")
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
@@ -137,9 +158,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     pyro.clear_param_store()
 
     data = load_dataset(args.dataset, root=args.root, download=args.download)
-    train, valid, test = data.train, data.valid, data.test
     print(data.description)
+    model, guide, loss = build(args, data.train)
+    history = train(args, model, guide, loss, data, out / "checkpoint.pt")
+    results = evaluate(args, model, guide, data)
+    units = active_units(guide, data.test)
+    print_table(results, units, args.latent, history, args)
+    write_figures(out, model, guide, data.test, history, data.image_shape)
+    print(f"figures and checkpoint in {out}/")
+    results["active units"] = units.count
+    return results
 
+
+def build(args: argparse.Namespace, train: Tensor) -> tuple[VAE, AutoAmortizedNormal, Trace_IWELBO]:
+    """The model, the guide (an MLP encoder mirroring the decoder) and the training objective."""
     model = VAE(
         train.shape[1],
         latent_dim=args.latent,
@@ -148,40 +180,75 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         likelihood=args.likelihood,
         pixel_mean=train.mean(0),
     )
-    guide = AutoAmortizedNormal(model, hidden_dims=args.hidden)
-    loss = Trace_IWELBO(args.num_particles, estimator=args.estimator)
-    history = fit(
-        model,
-        guide,
-        loss,
-        train,
-        valid=valid,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=pyro_amortized.optim.Adam({"lr": args.lr}),
-        patience=args.patience,
-        checkpoint=out / "checkpoint.pt",
-        seed=args.seed,
-        progress=not args.no_progress,
-        resample=_binarize if data.dynamic_binarization else None,
+    encoder = MLPEncoder(
+        train.shape[1], args.latent, args.hidden, activation=ACTIVATIONS[args.activation]
     )
+    guide = AutoAmortizedNormal(model, encoder=encoder)
+    loss = Trace_IWELBO(args.num_particles, estimator=args.estimator)
+    return model, guide, loss
+
+
+def train(
+    args: argparse.Namespace,
+    model: VAE,
+    guide: AutoAmortizedNormal,
+    loss: Trace_IWELBO,
+    data: Dataset,
+    checkpoint: Path,
+    *,
+    epochs: int | None = None,
+) -> History:
+    """Trains with :func:`~pyro_amortized.fit` for ``epochs`` (default ``args.epochs``) in all.
+
+    With an existing ``checkpoint`` it resumes from it, as :func:`fit` does.
+    """
+    with pyro.validation_enabled(args.validate):
+        return fit(
+            model,
+            guide,
+            loss,
+            data.train,
+            valid=data.valid,
+            epochs=args.epochs if epochs is None else epochs,
+            batch_size=args.batch_size,
+            optimizer=pyro_amortized.optim.Adam(adam_options(args.lr)),
+            valid_batch_size=VALID_BATCH_SIZE,
+            patience=args.patience or None,
+            checkpoint=checkpoint,
+            seed=args.seed,
+            progress=not args.no_progress,
+            resample=_binarize if data.dynamic_binarization else None,
+        )
+
+
+def adam_options(lr: float) -> dict:
+    """Adam's options: torch's fused kernel where it runs on the CPU (torch >= 2.4).
+
+    The fused kernel updates each tensor in one pass instead of a dozen elementwise ops;
+    on the MNIST VAE that is 0.5 ms of a 7-8 ms step on 2 cores. The update is Adam's
+    all the same, up to float rounding.
+    """
+    return {"lr": lr, "fused": True} if torch.__version__ >= "2.4" else {"lr": lr}
+
+
+def evaluate(
+    args: argparse.Namespace, model: VAE, guide: AutoAmortizedNormal, data: Dataset
+) -> dict[str, float]:
+    """Mean bounds per datapoint: the training bound on every split, the test ELBO and log p(x)."""
+    train = data.train
     if data.dynamic_binarization:  # evaluate on one fixed binarization of the grey levels
         train = _binarize(train, torch.Generator().manual_seed(args.seed))
-
     K = args.num_particles
     results = {
         f"train bound (IWAE-{K})": _mean_bound(model, guide, train, K),
-        f"valid bound (IWAE-{K})": _mean_bound(model, guide, valid, K),
-        f"test bound (IWAE-{K})": _mean_bound(model, guide, test, K),
-        f"test log p(x) (IWAE-{args.eval_samples})": _mean_bound(
-            model, guide, test, args.eval_samples
-        ),
+        f"valid bound (IWAE-{K})": _mean_bound(model, guide, data.valid, K),
+        f"test bound (IWAE-{K})": _mean_bound(model, guide, data.test, K),
     }
-    units = active_units(guide, test)
-    print_table(results, units, args.latent, history, args)
-    write_figures(out, model, guide, test, history, data.image_shape)
-    print(f"figures and checkpoint in {out}/")
-    results["active units"] = units.count
+    if K > 1:
+        results["test ELBO"] = _mean_bound(model, guide, data.test, 1)
+    results[f"test log p(x) (IWAE-{args.eval_samples})"] = _mean_bound(
+        model, guide, data.test, args.eval_samples, progress=not args.no_progress
+    )
     return results
 
 
@@ -190,10 +257,18 @@ def _binarize(x: Tensor, generator: torch.Generator) -> Tensor:
     return torch.bernoulli(x, generator=generator)
 
 
-def _mean_bound(model: VAE, guide: AutoAmortizedNormal, data: Tensor, num_samples: int) -> float:
+def _mean_bound(
+    model: VAE, guide: AutoAmortizedNormal, data: Tensor, num_samples: int, progress: bool = False
+) -> float:
     chunk = min(num_samples, 500)
     estimates = log_marginal_likelihood(
-        model, guide, data, num_samples=num_samples, particle_chunk=chunk, batch_size=100
+        model,
+        guide,
+        data,
+        num_samples=num_samples,
+        particle_chunk=chunk,
+        batch_size=100,
+        progress=progress,
     )
     return estimates.mean().item()
 

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from .guides import AutoAmortizedNormal
 from .objectives import Trace_IWELBO
@@ -24,6 +25,7 @@ def log_marginal_likelihood(
     num_samples: int = 5000,
     particle_chunk: int = 500,
     batch_size: int = 100,
+    progress: bool = False,
 ) -> Tensor:
     r"""Importance-sampling estimate of :math:`\log p(x_i)` for every datapoint.
 
@@ -44,6 +46,7 @@ def log_marginal_likelihood(
         num_samples: Importance samples :math:`S` per datapoint.
         particle_chunk: Particles drawn per pass.
         batch_size: Datapoints per pass.
+        progress: Show a ``tqdm`` progress bar over the datapoints (on stderr).
 
     Returns:
         ``[N]`` estimates, in nats.
@@ -61,7 +64,10 @@ def log_marginal_likelihood(
     # One objective per chunk size, built once: each runs model and guide once on first use.
     objectives: dict[int, Trace_IWELBO] = {}
     results = []
-    for start in range(0, len(data), batch_size):
+    starts = range(0, len(data), batch_size)
+    for start in tqdm(
+        starts, desc=f"log p(x), S={num_samples}", unit="batch", disable=not progress
+    ):
         idx = torch.arange(start, min(start + batch_size, len(data)), device=data.device)
         total, drawn = None, 0
         while drawn < num_samples:

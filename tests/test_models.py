@@ -19,6 +19,16 @@ def test_vae_cli_runs_one_epoch_on_digits(tmp_path, capsys):
     assert (tmp_path / "checkpoint.pt").exists()
     printed = capsys.readouterr().out
     assert "test log p(x) (IWAE-20)" in printed and "time per epoch" in printed
+    assert "test ELBO" in printed  # K=5 by default: the ELBO is reported beside the bound
+
+
+def test_vae_cli_patience_zero_trains_every_epoch_and_validate_runs(tmp_path):
+    # fit itself takes patience=None for "never stop early" and rejects 0
+    common = ["--out", str(tmp_path), "--no-progress", "--eval-samples", "2", "--validate"]
+    common += ["--hidden", "8", "--latent", "2", "--epochs", "3"]
+    main(common + ["--patience", "0"])
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["completed_epochs"] == 3 and not state["history"]["stopped_early"]
 
 
 def test_output_bias_starts_at_the_logit_of_the_pixel_means():
