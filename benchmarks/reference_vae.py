@@ -71,6 +71,7 @@ from models.vae import (  # noqa: E402
     parse_args,
     train,
 )
+from pyro_amortized.diagnostics import active_units  # noqa: E402
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 DEFAULTS = [
@@ -235,6 +236,12 @@ class Reference:
         )
         return results
 
+    @torch.no_grad()
+    def active_units(self, data: Tensor, threshold: float = 0.01) -> int:
+        """Latent dimensions whose posterior mean varies over ``data`` by more than ``threshold``."""
+        loc, _ = self.encoder(data)
+        return int((loc.var(0, unbiased=False) > threshold).sum())
+
 
 # ------------------------------------------------------------------------------ checks
 def check_same_gradients(args: argparse.Namespace, x: Tensor) -> tuple[float, float]:
@@ -350,8 +357,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_eval:
         began = time.perf_counter()
         ours = evaluate(args, model, guide, data)
+        ours["active units"] = active_units(guide, data.test).count
         middle = time.perf_counter()
         theirs = reference.evaluate(args, data)
+        theirs["active units"] = reference.active_units(data.test)
         print(
             f"evaluation: ours {middle - began:.0f} s, reference "
             f"{time.perf_counter() - middle:.0f} s"
@@ -379,9 +388,11 @@ def print_table(args: argparse.Namespace, summary: dict) -> None:
     )
     print("|---|---|---|---|")
     for name in ours:
-        print(
-            f"| {name} | {ours[name]:.3f} | {theirs[name]:.3f} | {ours[name] - theirs[name]:+.3f} |"
-        )
+        a, b = ours[name], theirs[name]
+        if isinstance(a, int):
+            print(f"| {name} | {a} | {b} | {a - b:+d} |")
+        else:
+            print(f"| {name} | {a:.3f} | {b:.3f} | {a - b:+.3f} |")
     ours_time = statistics.median(summary["ours epoch time"])
     their_time = statistics.median(summary["reference epoch time"])
     print(

@@ -71,7 +71,13 @@ def assert_same_params(expected, actual):
         assert torch.equal(expected[name], actual[name]), name
 
 
-@pytest.mark.parametrize("optim", [Adam, pyro.optim.Adam], ids=["joint", "pyro"])
+def fused_adam(options):
+    return Adam({**options, "fused": True})  # its step count is a tensor in the state
+
+
+@pytest.mark.parametrize(
+    "optim", [Adam, fused_adam, pyro.optim.Adam], ids=["joint", "joint-fused", "pyro"]
+)
 def test_resume_continues_exactly(data, tmp_path, optim):
     pyro.set_rng_seed(1)
     full, *_ = run(data, 4, checkpoint=tmp_path / "a.pt", build={"optim": optim})
