@@ -73,7 +73,6 @@ from models.vae import (  # noqa: E402
 )
 from pyro_amortized.diagnostics import active_units  # noqa: E402
 
-HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 DEFAULTS = [
     "--dataset",
     "binarized-mnist",
