@@ -36,9 +36,12 @@ class MLPEncoder(nn.Module):
         activation: Activation module class placed after every hidden layer.
         init_scale: Initial posterior scale.
         observed_mask: Whether contexts may hold NaNs for missing entries.
+        context_dim: When positive, the last layer has ``context_dim`` more units, returned
+            as a third output ``h``: the context that conditions a flow guide's steps.
 
     Returns:
-        ``forward(context)`` returns ``(loc, scale)``, each of shape ``[batch, D]``.
+        ``forward(context)`` returns ``(loc, scale)``, each of shape ``[batch, D]``, and
+        with ``context_dim > 0`` also ``h`` of shape ``[batch, context_dim]``.
 
     Example:
         >>> encoder = MLPEncoder(784, 50, hidden_dims=(200, 200))
@@ -56,6 +59,7 @@ class MLPEncoder(nn.Module):
         activation: type[nn.Module] = nn.Tanh,
         init_scale: float = 0.1,
         observed_mask: bool = False,
+        context_dim: int = 0,
     ):
         super().__init__()
         if input_dim < 1 or output_dim < 1:
@@ -64,9 +68,12 @@ class MLPEncoder(nn.Module):
             )
         if not init_scale > 0:
             raise ValueError(f"MLPEncoder needs init_scale > 0, got {init_scale}")
+        if not isinstance(context_dim, int) or context_dim < 0:
+            raise ValueError(f"MLPEncoder needs an int context_dim >= 0, got {context_dim!r}")
         self.input_dim = input_dim
         self.output_dim = output_dim
         self.observed_mask = observed_mask
+        self.context_dim = context_dim
 
         layers: list[nn.Module] = []
         width = 2 * input_dim if observed_mask else input_dim
@@ -74,14 +81,18 @@ class MLPEncoder(nn.Module):
             layers += [nn.Linear(width, hidden), activation()]
             width = hidden
         self.hidden = nn.Sequential(*layers)
-        self.head = nn.Linear(width, 2 * output_dim)
+        self.head = nn.Linear(width, 2 * output_dim + context_dim)
         with torch.no_grad():
-            self.head.weight[output_dim:].zero_()
-            self.head.bias[output_dim:].fill_(_softplus_inverse(init_scale))
+            self.head.weight[output_dim : 2 * output_dim].zero_()
+            self.head.bias[output_dim : 2 * output_dim].fill_(_softplus_inverse(init_scale))
 
-    def forward(self, context: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, context: Tensor) -> tuple[Tensor, ...]:
         if self.observed_mask:
             observed = ~torch.isnan(context)
             context = torch.cat([context.nan_to_num(0.0), observed.to(context.dtype)], dim=-1)
-        loc, raw_scale = self.head(self.hidden(context)).chunk(2, dim=-1)
-        return loc, F.softplus(raw_scale)
+        out = self.head(self.hidden(context))
+        if not self.context_dim:
+            loc, raw_scale = out.chunk(2, dim=-1)
+            return loc, F.softplus(raw_scale)
+        D = self.output_dim
+        return out[..., :D], F.softplus(out[..., D : 2 * D]), out[..., 2 * D :]

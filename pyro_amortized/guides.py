@@ -429,6 +429,15 @@ class AutoAmortizedGuide(AutoGuide):
             block = block.movedim(flat.dim() - 2, flat.dim() - 2 + site.position)
         return block
 
+    def _global_call(self, method: str, *args, **kwargs) -> dict[str, Tensor]:
+        guide = self.global_guide
+        if guide is None:
+            return {}
+        if isinstance(guide, AutoGuide) and guide.prototype_trace is None:
+            with poutine.block():
+                self(*args, **kwargs)  # creates the global guide's plates and parameters
+        return dict(getattr(guide, method)(*args, **kwargs))
+
 
 class AutoAmortizedNormal(AutoAmortizedGuide):
     r"""Amortized mean-field Normal guide: an encoder maps each datapoint to a diagonal
@@ -612,12 +621,3 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
             values = dist.Normal(site_loc, site_scale).icdf(q_site)
             result[site.name] = values if site.transform is None else site.transform(values)
         return result
-
-    def _global_call(self, method: str, *args, **kwargs) -> dict[str, Tensor]:
-        guide = self.global_guide
-        if guide is None:
-            return {}
-        if isinstance(guide, AutoGuide) and guide.prototype_trace is None:
-            with poutine.block():
-                self(*args, **kwargs)  # creates the global guide's plates and parameters
-        return dict(getattr(guide, method)(*args, **kwargs))

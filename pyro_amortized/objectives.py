@@ -2,6 +2,7 @@ r"""Importance-weighted bounds with per-datapoint log-sum-exp and low-variance e
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -55,6 +56,8 @@ def _stop_transform(transform: Transform, site: str) -> Transform:
     """
     if isinstance(transform, _InverseTransform):
         return _stop_transform(transform._inv, site).inv
+    if isinstance(transform, nn.Module):  # a TransformModule: its parameters are the module's
+        _refuse_module(transform, site)
     new = object.__new__(type(transform))
     state = new.__dict__
     for key, value in vars(transform).items():
@@ -77,12 +80,20 @@ def _stop_value(value, site: str):
     if isinstance(value, (list, tuple)) and any(isinstance(v, Transform) for v in value):
         return type(value)(_stop_value(v, site) for v in value)
     if isinstance(value, nn.Module):
-        raise ValueError(
-            f"Trace_IWELBO: guide site '{site}' has a distribution holding an nn.Module "
-            f"({type(value).__name__}), whose parameters cannot be stopped; estimator='stl' "
-            "and 'dreg' need distributions built from tensors. Use estimator='iwae'."
-        )
+        _refuse_module(value, site)
+    if isinstance(value, functools.partial) and any(
+        isinstance(v, nn.Module) for v in (value.func, *value.args, *value.keywords.values())
+    ):
+        _refuse_module(value.func, site)  # e.g. a conditioned Pyro flow's network
     return value
+
+
+def _refuse_module(module, site: str) -> None:
+    raise ValueError(
+        f"Trace_IWELBO: guide site '{site}' has a distribution holding an nn.Module "
+        f"({type(module).__name__}), whose parameters cannot be stopped; estimator='stl' "
+        "and 'dreg' need distributions built from tensors. Use estimator='iwae'."
+    )
 
 
 def _stop_distribution(fn: Distribution, site: str) -> Distribution:

@@ -1,0 +1,219 @@
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+from torch import nn
+
+from pyro_amortized import AutoAmortizedIAF, AutoAmortizedNormal, MLPEncoder, Trace_IWELBO
+
+
+@pytest.fixture
+def float64():
+    torch.set_default_dtype(torch.float64)
+
+
+def gaussian_model(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+        pyro.sample("x", dist.Normal(z, 0.5).to_event(1), obs=x)
+
+
+def mixed_model(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, s.unsqueeze(-1)).to_event(1), obs=x)
+
+
+def conditioned_steps(guide, x):
+    """The guide's IAF steps conditioned on the context of ``x``, built afresh (no cache)."""
+    _, _, h = guide._encode(x)
+    return [step.condition(h) for step in guide.flow]
+
+
+def randomize(module: nn.Module, scale=0.5):
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, scale)
+
+
+# ------------------------------------------------------------------ the transforms
+@pytest.mark.parametrize("stable", [True, False])
+def test_inverse_of_forward_is_identity(float64, stable):
+    x = torch.randn(4, 3)
+    guide = AutoAmortizedIAF(gaussian_model, hidden_dims=(8,), num_transforms=3, stable=stable)
+    guide(x)
+    randomize(guide.flow)
+    u = torch.randn(4, 3)
+    for step in conditioned_steps(guide, x):
+        y = step(u)
+        back = step._inverse(y)  # the sequential inverse, not the cached value
+        assert torch.allclose(back, u, atol=1e-10)
+        assert not torch.allclose(y, u)
+        u = y
+
+
+@pytest.mark.parametrize("stable", [True, False])
+def test_log_det_equals_slogdet_of_the_jacobian_which_is_triangular(float64, stable):
+    x = torch.randn(1, 4)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([4]).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    guide = AutoAmortizedIAF(model, hidden_dims=(8,), num_transforms=2, stable=stable)
+    guide(x)
+    randomize(guide.flow)
+    _, _, h = guide._encode(x)
+    for step in guide.flow:
+        u = torch.randn(4)
+        # a fresh conditioning per call: the transform's cache would hand back old values
+        J = torch.autograd.functional.jacobian(lambda u, step=step: step.condition(h[0])(u), u)
+        conditioned = step.condition(h[0])
+        log_det = conditioned.log_abs_det_jacobian(u, conditioned(u))
+        assert torch.allclose(log_det, torch.linalg.slogdet(J).logabsdet, atol=1e-10)
+        order = step.nn.permutation
+        permuted = J[order][:, order]
+        assert torch.allclose(permuted.triu(1), torch.zeros(4, 4), atol=1e-12)
+        assert permuted.tril(-1).abs().sum() > 1e-3  # not merely diagonal
+
+
+def test_log_q_integrates_to_one_in_2d(float64):
+    x = torch.randn(1, 2)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    guide = AutoAmortizedIAF(model, hidden_dims=(8,), num_transforms=2, init_scale=0.8)
+    guide(x)
+    randomize(guide.flow, 1.0)
+    q = guide.get_posterior(x)
+    proposal = dist.Normal(torch.zeros(2), 3.0).to_event(1)
+    n = 200_000
+    u = proposal.sample((n,))
+    ratio = (q.log_prob(u.unsqueeze(1)).squeeze(1) - proposal.log_prob(u)).exp()
+    estimate, se = ratio.mean(), ratio.std() / math.sqrt(n)
+    assert abs(estimate - 1.0) < 5 * se, (estimate, se)
+    assert se < 0.02  # the check has teeth
+
+
+# ------------------------------------------------------------------ the guide
+def test_sample_shapes_with_particles_and_batch():
+    x = torch.randn(7, 2)
+    guide = AutoAmortizedIAF(mixed_model, hidden_dims=(8,), num_transforms=2)
+    guide(x)
+    with pyro.plate("particles", 5, dim=-2):
+        trace = poutine.trace(guide).get_trace(x)
+    assert trace.nodes["z"]["value"].shape == (5, 7, 2)
+    assert trace.nodes["s"]["value"].shape == (5, 7)
+    assert (trace.nodes["s"]["value"] > 0).all()
+    assert trace.nodes[guide._latent_name]["value"].shape == (5, 7, 3)
+    loss = Trace_IWELBO(5).loss(mixed_model, guide, x)
+    assert math.isfinite(loss)
+
+
+class WithZeroContext(nn.Module):
+    def __init__(self, encoder, context_dim):
+        super().__init__()
+        self.encoder = encoder
+        self.context_dim = context_dim
+
+    def forward(self, x):
+        loc, scale = self.encoder(x)
+        return loc, scale, loc.new_zeros(loc.shape[:-1] + (self.context_dim,))
+
+
+@pytest.mark.parametrize("K", [1, 5])
+def test_identity_flow_gives_the_normal_guides_bounds_exactly(float64, K):
+    x = torch.randn(6, 3)
+    encoder = MLPEncoder(3, 3, (8,), init_scale=0.5)
+    normal = AutoAmortizedNormal(gaussian_model, encoder=encoder)
+    iaf = AutoAmortizedIAF(
+        gaussian_model,
+        encoder=WithZeroContext(encoder, 4),
+        context_dim=4,
+        num_transforms=2,
+        hidden_dims=(8,),
+        stable=False,
+    )
+    iaf(x)
+    with torch.no_grad():
+        for step in iaf.flow:  # m = 0 and log s = 0: every step is the identity
+            step.nn.layers[-1].weight.zero_()
+            step.nn.layers[-1].bias.zero_()
+    values = []
+    for guide in (normal, iaf):
+        elbo = Trace_IWELBO(K)
+        elbo.loss(gaussian_model, guide, x)
+        pyro.set_rng_seed(4)
+        values.append(elbo.loss(gaussian_model, guide, x))
+    assert values[0] == pytest.approx(values[1], rel=1e-12, abs=1e-12)
+
+
+def test_positive_site_log_q_includes_the_support_jacobian(float64):
+    x = torch.randn(3, 2)
+    guide = AutoAmortizedIAF(mixed_model, hidden_dims=(8,), num_transforms=1)
+    trace = poutine.trace(guide).get_trace(x)
+    trace.compute_log_prob()
+    u = trace.nodes[guide._latent_name]["value"]
+    s = trace.nodes["s"]["value"]
+    assert torch.allclose(s, u[:, 2].exp())
+    # log q(s) picks up -log |ds/du| = -u for s = exp(u)
+    assert torch.allclose(trace.nodes["s"]["log_prob"], -u[:, 2])
+    assert torch.equal(trace.nodes["z"]["value"], u[:, :2])
+
+
+def test_save_and_load_give_the_same_log_q(float64, tmp_path):
+    x = torch.randn(5, 2)
+    guide = AutoAmortizedIAF(mixed_model, hidden_dims=(8,), num_transforms=2)
+    guide(x)
+    randomize(guide.flow)
+    u = torch.randn(5, 3)
+    before = guide.get_posterior(x).log_prob(u)
+    torch.save(guide.state_dict(), tmp_path / "guide.pt")
+
+    pyro.clear_param_store()
+    other = AutoAmortizedIAF(mixed_model, hidden_dims=(8,), num_transforms=2)
+    other(x)
+    assert not torch.allclose(other.get_posterior(x).log_prob(u), before)
+    other.load_state_dict(torch.load(tmp_path / "guide.pt", weights_only=True))
+    assert torch.equal(other.get_posterior(x).log_prob(u), before)
+
+
+def test_stl_and_dreg_refuse_the_flow_instead_of_a_wrong_gradient():
+    x = torch.randn(4, 3)
+    guide = AutoAmortizedIAF(gaussian_model, hidden_dims=(8,))
+    for estimator in ("stl", "dreg"):
+        with pytest.raises(ValueError, match="cannot be stopped"):
+            Trace_IWELBO(3, estimator=estimator).loss_and_grads(gaussian_model, guide, x)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_transforms=-1), "num_transforms"),
+        (dict(num_transforms=True), "num_transforms"),
+        (dict(flow_hidden_dims=()), "flow_hidden_dims"),
+        (dict(context_dim=0), "context_dim"),
+        (dict(stable="yes"), "stable"),
+        (dict(encoder="mlp"), "encoder"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AutoAmortizedIAF(gaussian_model, **kwargs)
+
+
+def test_user_encoder_with_wrong_outputs_is_named():
+    x = torch.randn(4, 3)
+    guide = AutoAmortizedIAF(gaussian_model, encoder=MLPEncoder(3, 3, (8,)), context_dim=2)
+    with pytest.raises(
+        ValueError, match=r"returned \(loc, scale, h\) of shapes \[\(4, 3\), \(4, 3\)\]"
+    ):
+        guide(x)
