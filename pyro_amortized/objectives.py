@@ -3,7 +3,9 @@ r"""Importance-weighted bounds with per-datapoint log-sum-exp and low-variance e
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+import types
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -56,12 +58,16 @@ def _stop_transform(transform: Transform, site: str) -> Transform:
     """
     if isinstance(transform, _InverseTransform):
         return _stop_transform(transform._inv, site).inv
-    if isinstance(transform, nn.Module):  # a TransformModule: its parameters are the module's
-        _refuse_module(transform, site)
+    if isinstance(transform, nn.Module) and next(transform.parameters(), None) is not None:
+        _refuse_module(transform, site)  # a TransformModule with parameters of its own
     new = object.__new__(type(transform))
     state = new.__dict__
     for key, value in vars(transform).items():
-        if key not in ("_inv", "_cached_x_y"):
+        if isinstance(value, types.MethodType) and value.__self__ is transform:
+            # a method chosen in __init__ (Pyro's stable IAF sets _call and _inverse so)
+            # must run on the copy, or it would use the original's unstopped network
+            state[key] = types.MethodType(value.__func__, new)
+        elif key not in ("_inv", "_cached_x_y"):
             state[key] = _stop_value(value, site)
     if "_cache_size" in state:
         state["_cache_size"] = 0
@@ -81,11 +87,35 @@ def _stop_value(value, site: str):
         return type(value)(_stop_value(v, site) for v in value)
     if isinstance(value, nn.Module):
         _refuse_module(value, site)
-    if isinstance(value, functools.partial) and any(
-        isinstance(v, nn.Module) for v in (value.func, *value.args, *value.keywords.values())
+    if isinstance(value, functools.partial) and (
+        isinstance(value.func, nn.Module)
+        or any(isinstance(v, nn.Module) for v in (*value.args, *value.keywords.values()))
     ):
-        _refuse_module(value.func, site)  # e.g. a conditioned Pyro flow's network
+        # A conditioned Pyro flow holds its network as partial(module, context=h).
+        stopped = functools.partial(
+            _StoppedCall(value.func, site),
+            *(_stop_value(v, site) for v in value.args),
+            **{k: _stop_value(v, site) for k, v in value.keywords.items()},
+        )
+        stopped.__dict__.update(value.__dict__)  # e.g. the permutation Pyro attaches
+        return stopped
     return value
+
+
+class _StoppedCall:
+    """Calls a module with its parameters and buffers detached (``torch.func``)."""
+
+    __slots__ = ("module", "state")
+
+    def __init__(self, module, site: str):
+        if not isinstance(module, nn.Module):
+            _refuse_module(module, site)
+        self.module = module
+        tensors = itertools.chain(module.named_parameters(), module.named_buffers())
+        self.state = {name: t.detach() for name, t in tensors}
+
+    def __call__(self, *args, **kwargs):
+        return torch.func.functional_call(self.module, self.state, args, kwargs)
 
 
 def _refuse_module(module, site: str) -> None:

@@ -4,10 +4,13 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from linear_gaussian import LinearGaussian, exact_encoder
 from pyro import poutine
+from pyro.distributions import transforms as T
 from torch import nn
 
 from pyro_amortized import AutoAmortizedIAF, AutoAmortizedNormal, MLPEncoder, Trace_IWELBO
+from pyro_amortized.objectives import _stop_distribution
 
 
 @pytest.fixture
@@ -186,12 +189,109 @@ def test_save_and_load_give_the_same_log_q(float64, tmp_path):
     assert torch.equal(other.get_posterior(x).log_prob(u), before)
 
 
-def test_stl_and_dreg_refuse_the_flow_instead_of_a_wrong_gradient():
-    x = torch.randn(4, 3)
-    guide = AutoAmortizedIAF(gaussian_model, hidden_dims=(8,))
+# ------------------------------------------------------------ STL and DReG through the flow
+def _identity_iaf_at_exact_posterior(K_context=3):
+    model = LinearGaussian()
+    x = model.sample(6)
+    guide = AutoAmortizedIAF(
+        model,
+        encoder=WithZeroContext(exact_encoder(model), K_context),
+        context_dim=K_context,
+        num_transforms=2,
+        hidden_dims=(8,),
+        stable=False,
+    )
+    guide(x)
+    with torch.no_grad():
+        for step in guide.flow:
+            step.nn.layers[-1].weight.zero_()
+            step.nn.layers[-1].bias.zero_()
+    return model, guide, x
+
+
+def _guide_grad(loss, guide):
+    params = list(guide.encoder.parameters()) + list(guide.flow.parameters())
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat(
+        [
+            (torch.zeros_like(p) if g is None else g).reshape(-1)
+            for g, p in zip(grads, params, strict=True)
+        ]
+    )
+
+
+@pytest.mark.parametrize("K", [1, 5])
+def test_stl_and_dreg_gradients_vanish_at_exact_posterior_through_the_flow(float64, K):
+    model, guide, x = _identity_iaf_at_exact_posterior()
     for estimator in ("stl", "dreg"):
-        with pytest.raises(ValueError, match="cannot be stopped"):
-            Trace_IWELBO(3, estimator=estimator).loss_and_grads(gaussian_model, guide, x)
+        elbo = Trace_IWELBO(K, estimator=estimator)
+        for _ in range(3):
+            grad = _guide_grad(elbo.differentiable_loss(model, guide, x), guide)
+            assert grad.abs().max().item() <= 1e-8
+    grad = _guide_grad(Trace_IWELBO(K).differentiable_loss(model, guide, x), guide)
+    assert grad.abs().max().item() > 1e-3
+
+
+def test_stopped_flow_density_keeps_the_value_and_only_the_path(float64):
+    x = torch.randn(4, 2)
+    guide = AutoAmortizedIAF(mixed_model, hidden_dims=(8,), num_transforms=2)
+    guide(x)
+    randomize(guide.flow)
+    q = guide.get_posterior(x)
+    u = q.rsample()
+    stopped = _stop_distribution(q, "u")
+    assert torch.allclose(stopped.log_prob(u), q.log_prob(u), atol=1e-10)
+    params = list(guide.encoder.parameters()) + list(guide.flow.parameters())
+    # Without the path through u, the stopped density depends on no parameter at all.
+    detached = stopped.log_prob(u.detach()).sum()
+    assert not detached.requires_grad
+    path = torch.autograd.grad(stopped.log_prob(u).sum(), params, allow_unused=True)
+    assert any(g is not None and g.abs().max() > 1e-6 for g in path)
+
+
+@pytest.mark.slow
+def test_dreg_expected_gradient_matches_iwae_through_the_flow(float64):
+    model = LinearGaussian()
+    x = model.sample(6)
+    guide = AutoAmortizedIAF(
+        model,
+        encoder=WithZeroContext(exact_encoder(model, 0.3), 3),
+        context_dim=3,
+        num_transforms=2,
+        hidden_dims=(8,),
+    )
+    guide(x)
+    randomize(guide.flow, 0.3)
+    draws = {}
+    for estimator in ("iwae", "dreg"):
+        elbo = Trace_IWELBO(5, estimator=estimator)
+        elbo.loss(model, guide, x)
+        pyro.set_rng_seed(11)
+        draws[estimator] = torch.stack(
+            [_guide_grad(elbo.differentiable_loss(model, guide, x), guide) for _ in range(400)]
+        )
+    se = (draws["iwae"].var(0) / 400 + draws["dreg"].var(0) / 400).sqrt()
+    diff = (draws["iwae"].mean(0) - draws["dreg"].mean(0)).abs()
+    assert (diff <= 5 * se + 1e-12).all(), (diff / se).max()
+    assert draws["dreg"].var(0).sum() < draws["iwae"].var(0).sum()
+
+
+def test_stl_refuses_a_transform_module_with_parameters_of_its_own():
+    flow = T.affine_autoregressive(2)
+
+    def guide(x):
+        pyro.module("flow", flow)
+        with pyro.plate("data", x.shape[0]):
+            base = dist.Normal(torch.zeros(x.shape[0], 2), 1.0).to_event(1)
+            pyro.sample("z", dist.TransformedDistribution(base, [flow]))
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    with pytest.raises(ValueError, match="cannot be stopped"):
+        Trace_IWELBO(3, estimator="stl").loss_and_grads(model, guide, torch.randn(4, 2))
 
 
 @pytest.mark.parametrize(
