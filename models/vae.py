@@ -30,6 +30,7 @@ import pyro_amortized.optim
 from models.datasets import DATASET_NAMES, Dataset, load_dataset
 from pyro_amortized import (
     ESTIMATORS,
+    AutoAmortizedIAF,
     AutoAmortizedNormal,
     History,
     MLPEncoder,
@@ -123,7 +124,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", default="digits", choices=DATASET_NAMES)
     parser.add_argument("--root", default=None, help="directory holding the data files")
     parser.add_argument("--download", action="store_true", help="fetch missing data files")
-    parser.add_argument("--guide", default="normal", choices=["normal"])
+    parser.add_argument(
+        "--guide",
+        default="normal",
+        choices=["normal", "iaf"],
+        help="normal: the encoder's diagonal Normal; iaf: followed by inverse autoregressive flow steps",
+    )
+    parser.add_argument("--num-transforms", type=int, default=2, help="flow steps of --guide iaf")
     parser.add_argument("--num-particles", type=int, default=5)
     parser.add_argument("--estimator", default="dreg", choices=list(ESTIMATORS))
     parser.add_argument("--epochs", type=int, default=200)
@@ -173,7 +180,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return results
 
 
-def build(args: argparse.Namespace, train: Tensor) -> tuple[VAE, AutoAmortizedNormal, Trace_IWELBO]:
+def build(
+    args: argparse.Namespace, train: Tensor
+) -> tuple[VAE, AutoAmortizedNormal | AutoAmortizedIAF, Trace_IWELBO]:
     """The model, the guide (an MLP encoder mirroring the decoder) and the training objective."""
     model = VAE(
         train.shape[1],
@@ -183,10 +192,25 @@ def build(args: argparse.Namespace, train: Tensor) -> tuple[VAE, AutoAmortizedNo
         likelihood=args.likelihood,
         pixel_mean=train.mean(0),
     )
+    # h(x), the context of the flow steps, has the latent's size (as in Kingma et al.)
+    context_dim = args.latent if args.guide == "iaf" else 0
     encoder = MLPEncoder(
-        train.shape[1], args.latent, args.hidden, activation=ACTIVATIONS[args.activation]
+        train.shape[1],
+        args.latent,
+        args.hidden,
+        activation=ACTIVATIONS[args.activation],
+        context_dim=context_dim,
     )
-    guide = AutoAmortizedNormal(model, encoder=encoder)
+    if args.guide == "iaf":
+        guide = AutoAmortizedIAF(
+            model,
+            encoder=encoder,
+            context_dim=context_dim,
+            num_transforms=args.num_transforms,
+            flow_hidden_dims=args.hidden,
+        )
+    else:
+        guide = AutoAmortizedNormal(model, encoder=encoder)
     loss = Trace_IWELBO(args.num_particles, estimator=args.estimator)
     return model, guide, loss
 
@@ -306,7 +330,13 @@ def write_figures(out: Path, model: VAE, guide, test: Tensor, history, image_sha
         model.mean_image(prior), out / "samples.png", image_shape=image_shape, title="samples"
     )
     if model.latent_dim == 2:
-        plot_posterior_contours(model, guide.encode, test, out / "posteriors.png")
+        posteriors = guide.encode if hasattr(guide, "encode") else _joint_posterior(guide)
+        plot_posterior_contours(model, posteriors, test, out / "posteriors.png")
+
+
+def _joint_posterior(guide: AutoAmortizedIAF):
+    # The VAE has one local site, z, so the flow's joint latent is z itself.
+    return lambda x: {"z": guide.get_posterior(x)}
 
 
 if __name__ == "__main__":

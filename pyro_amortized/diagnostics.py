@@ -10,7 +10,6 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .guides import AutoAmortizedNormal
 from .objectives import Trace_IWELBO
 
 __all__ = ["ActiveUnits", "active_units", "log_marginal_likelihood"]
@@ -96,18 +95,22 @@ class ActiveUnits(NamedTuple):
 
 @torch.no_grad()
 def active_units(
-    guide: AutoAmortizedNormal, *args, threshold: float = 0.01, **kwargs
+    guide: Callable, *args, threshold: float = 0.01, num_samples: int = 100, **kwargs
 ) -> ActiveUnits:
     r"""Latent dimensions whose posterior mean varies across datapoints.
 
     Activity of dimension :math:`u` is :math:`\mathrm{Cov}_x(\mathbb{E}_{q(z \mid x)}[z_u])`;
     a unit is active when its activity exceeds ``threshold``. Means are taken in the
-    unconstrained space the guide works in, over all local sites (concatenated).
+    unconstrained space the guide works in, over all local sites (concatenated): exactly
+    for a guide with an ``encode`` method (:class:`~pyro_amortized.AutoAmortizedNormal`),
+    and as the average of ``num_samples`` draws for a flow guide (one with
+    ``get_posterior``, such as :class:`~pyro_amortized.AutoAmortizedIAF`).
 
     Arguments:
-        guide: An amortized guide with an ``encode`` method.
+        guide: An amortized guide with an ``encode`` or a ``get_posterior`` method.
         *args: The model's arguments (the datapoints).
         threshold: Activity above which a unit counts as active.
+        num_samples: Draws per datapoint for the mean of a flow guide.
         **kwargs: The model's keyword arguments.
 
     Returns:
@@ -116,11 +119,20 @@ def active_units(
     References:
         Importance Weighted Autoencoders (Burda, Grosse and Salakhutdinov, 2016), Sec. 5.2.
     """
-    posteriors = guide.encode(*args, **kwargs)
-    means = []
-    for q in posteriors.values():
-        base = q.base_dist if isinstance(q, torch.distributions.TransformedDistribution) else q
-        means.append(base.mean.reshape(base.mean.shape[0], -1))
-    means = torch.cat(means, dim=-1)
+    if hasattr(guide, "encode"):
+        means = []
+        for q in guide.encode(*args, **kwargs).values():
+            base = q.base_dist if isinstance(q, torch.distributions.TransformedDistribution) else q
+            means.append(base.mean.reshape(base.mean.shape[0], -1))
+        means = torch.cat(means, dim=-1)
+    elif hasattr(guide, "get_posterior"):
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"active_units: num_samples must be an int >= 1, got {num_samples!r}")
+        means = guide.get_posterior(*args, **kwargs).sample((num_samples,)).mean(0)
+    else:
+        raise ValueError(
+            f"active_units: the guide ({type(guide).__name__}) has neither encode() nor "
+            "get_posterior(); pass an amortized guide"
+        )
     activity = means.var(0, unbiased=False)
     return ActiveUnits(int((activity > threshold).sum()), activity)

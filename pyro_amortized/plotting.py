@@ -203,7 +203,11 @@ def plot_posterior_contours(
             "contours need a 2-D latent"
         )
     figure = Figure(figsize=(3 * len(x), 3))
-    mean, std = q.mean.detach(), q.variance.detach().sqrt()
+    try:
+        mean, std = q.mean.detach(), q.variance.detach().sqrt()
+    except NotImplementedError:  # a flow: its moments from draws (they only set the axes)
+        draws = q.sample((2000,))
+        mean, std = draws.mean(0), draws.std(0)
     for i in range(len(x)):
         if limits is None:
             half = 5 * std[i].max()
@@ -216,7 +220,8 @@ def plot_posterior_contours(
         zz = torch.cartesian_prod(grid_x, grid_y)  # [G*G, 2], first coordinate major
         with torch.no_grad():
             log_joint = log_joint_on_grid(model, site, zz, x, local_plate=local_plate)[:, i]
-            log_q = q.log_prob(zz[:, None, :])[:, i]
+            # expanded, not broadcast: a flow's conditioning network needs full shapes
+            log_q = q.log_prob(zz[:, None, :].expand(-1, len(x), -1))[:, i]
         axes = figure.add_subplot(1, len(x), i + 1)
         for density, color in ((log_joint, "tab:blue"), (log_q, "tab:red")):
             # levels at fixed fractions of each density's peak: comparable shapes

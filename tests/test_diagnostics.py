@@ -4,7 +4,7 @@ import pytest
 import torch
 from linear_gaussian import LinearGaussian, exact_encoder
 
-from pyro_amortized import AutoAmortizedNormal
+from pyro_amortized import AutoAmortizedIAF, AutoAmortizedNormal
 from pyro_amortized.diagnostics import active_units, log_marginal_likelihood
 
 
@@ -64,3 +64,28 @@ def test_active_units_find_an_unused_latent(float64):
     W, _, _ = model.posterior()
     expected = (x @ W.T).var(0, unbiased=False)
     assert torch.allclose(units.activity, expected)
+
+
+class _WithContext(torch.nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x):
+        loc, scale = self.encoder(x)
+        return loc, scale, loc.new_zeros(loc.shape[:-1] + (1,))
+
+
+def test_active_units_of_a_flow_guide_average_draws(float64):
+    model = LinearGaussian(latent_dim=3)
+    model.A[:, 1] = 0.0
+    x = model.sample(200)
+    encoder = exact_encoder(model)
+    guide = AutoAmortizedIAF(model, encoder=_WithContext(encoder), context_dim=1, num_transforms=0)
+    units = active_units(guide, x, num_samples=400)
+    assert units.count == 2
+    # The mean of 400 draws has variance var_q / 400 per datapoint, which the activity adds.
+    _, _, var = model.posterior()
+    exact = AutoAmortizedNormal(model, encoder=encoder)
+    expected = active_units(exact, x).activity + var / 400
+    assert torch.allclose(units.activity, expected, rtol=0.2, atol=5 * (var / 400).max())

@@ -31,6 +31,15 @@ def test_vae_cli_patience_zero_trains_every_epoch_and_validate_runs(tmp_path):
     assert state["completed_epochs"] == 3 and not state["history"]["stopped_early"]
 
 
+def test_vae_cli_with_the_iaf_guide(tmp_path, capsys):
+    results = main(
+        ["--epochs", "1", "--out", str(tmp_path), "--no-progress", "--eval-samples", "20"]
+        + ["--hidden", "16", "--latent", "2", "--guide", "iaf", "--estimator", "iwae"]
+    )
+    assert all(math.isfinite(v) for v in results.values())
+    assert (tmp_path / "posteriors.png").stat().st_size > 1000
+
+
 def test_output_bias_starts_at_the_logit_of_the_pixel_means():
     mean = torch.tensor([0.1, 0.5, 0.9])
     vae = VAE(3, latent_dim=2, hidden_dims=(4,), pixel_mean=mean)
