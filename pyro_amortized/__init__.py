@@ -5,7 +5,7 @@ importance-weighted bound with the IWAE, STL and DReG gradient estimators.
 """
 
 from .encoders import MLPEncoder
-from .flows import AutoAmortizedIAF
+from .flows import AutoAmortizedFlow, AutoAmortizedIAF
 from .guides import AutoAmortizedGuide, AutoAmortizedNormal
 from .objectives import ESTIMATORS, Trace_IWELBO
 from .optim import JointOptim
@@ -13,6 +13,7 @@ from .training import History, fit
 
 __all__ = [
     "ESTIMATORS",
+    "AutoAmortizedFlow",
     "AutoAmortizedGuide",
     "AutoAmortizedIAF",
     "AutoAmortizedNormal",

@@ -128,7 +128,8 @@ def active_units(
     elif hasattr(guide, "get_posterior"):
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"active_units: num_samples must be an int >= 1, got {num_samples!r}")
-        means = guide.get_posterior(*args, **kwargs).sample((num_samples,)).mean(0)
+        draws = guide.get_posterior(*args, **kwargs).sample((num_samples,))
+        means = draws.mean(0)[..., : guide.latent_dim]  # not a flow's auxiliary columns
     else:
         raise ValueError(
             f"active_units: the guide ({type(guide).__name__}) has neither encode() nor "

@@ -113,6 +113,11 @@ class AutoAmortizedGuide(AutoGuide):
         self._local_sites: list[_LocalSite] = []
         self._latent_dim = 0
 
+    @property
+    def latent_dim(self) -> int:
+        """Total unconstrained size of the local sites per datapoint (0 before the first call)."""
+        return self._latent_dim
+
     # ----------------------------------------------------------------- setup
     def _setup_prototype(self, *args, **kwargs) -> None:
         super()._setup_prototype(*args, **kwargs)

@@ -9,7 +9,13 @@ from pyro import poutine
 from pyro.distributions import transforms as T
 from torch import nn
 
-from pyro_amortized import AutoAmortizedIAF, AutoAmortizedNormal, MLPEncoder, Trace_IWELBO
+from pyro_amortized import (
+    AutoAmortizedFlow,
+    AutoAmortizedIAF,
+    AutoAmortizedNormal,
+    MLPEncoder,
+    Trace_IWELBO,
+)
 from pyro_amortized.objectives import _stop_distribution
 
 
@@ -317,3 +323,124 @@ def test_user_encoder_with_wrong_outputs_is_named():
         ValueError, match=r"returned \(loc, scale, h\) of shapes \[\(4, 3\), \(4, 3\)\]"
     ):
         guide(x)
+
+
+# ------------------------------------------------------------------ AutoAmortizedFlow
+@pytest.mark.parametrize("auxiliary", [True, False])
+def test_coupling_steps_invert_and_their_log_det_is_the_jacobians(float64, auxiliary):
+    x = torch.randn(1, 3)
+    guide = AutoAmortizedFlow(gaussian_model, hidden_dims=(8,), num_flows=2, auxiliary=auxiliary)
+    guide(x)
+    randomize(guide)
+    loc, scale, h = guide._encode(x)
+    width = 6 if auxiliary else 3
+    u = torch.randn(width)
+    for transform in guide._posterior(loc[0], scale[0], h[0]).transforms:
+        y = transform(u)
+        assert torch.allclose(transform._inverse(y), u, atol=1e-10)
+        J = torch.autograd.functional.jacobian(lambda u, t=transform: t._call(u), u)
+        log_det = transform.log_abs_det_jacobian(u, y)
+        assert torch.allclose(log_det, torch.linalg.slogdet(J).logabsdet, atol=1e-10)
+        u = y
+
+
+def test_real_nvp_log_q_integrates_to_one_in_2d(float64):
+    x = torch.randn(1, 2)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    guide = AutoAmortizedFlow(model, hidden_dims=(8,), num_flows=3, auxiliary=False, init_scale=0.8)
+    guide(x)
+    randomize(guide.flow, 0.5)
+    q = guide.get_posterior(x)
+    proposal = dist.Normal(torch.zeros(2), 3.0).to_event(1)
+    n = 200_000
+    u = proposal.sample((n,))
+    ratio = (q.log_prob(u.unsqueeze(1)).squeeze(1) - proposal.log_prob(u)).exp()
+    estimate, se = ratio.mean(), ratio.std() / math.sqrt(n)
+    assert abs(estimate - 1.0) < 5 * se, (estimate, se)
+    assert se < 0.02
+
+
+@pytest.mark.parametrize("auxiliary", [True, False])
+def test_flow_sample_shapes_with_particles_and_batch(auxiliary):
+    x = torch.randn(7, 2)
+    guide = AutoAmortizedFlow(mixed_model, hidden_dims=(8,), auxiliary=auxiliary)
+    guide(x)
+    with pyro.plate("particles", 5, dim=-2):
+        trace = poutine.trace(guide).get_trace(x)
+    assert trace.nodes["z"]["value"].shape == (5, 7, 2)
+    assert trace.nodes["s"]["value"].shape == (5, 7)
+    width = 6 if auxiliary else 3
+    assert trace.nodes[guide._latent_name]["value"].shape == (5, 7, width)
+    for estimator in ("iwae", "stl", "dreg"):
+        assert math.isfinite(Trace_IWELBO(5, estimator=estimator).loss(mixed_model, guide, x))
+
+
+def _flow_at_exact_posterior(auxiliary):
+    model = LinearGaussian()
+    x = model.sample(6)
+    guide = AutoAmortizedFlow(
+        model,
+        encoder=WithZeroContext(exact_encoder(model), 3),
+        context_dim=3,
+        num_flows=2,
+        hidden_dims=(8,),
+        auxiliary=auxiliary,
+    )
+    guide(x)  # the couplings start as the identity
+    if auxiliary:
+        with torch.no_grad():  # r(v | x, z) = N(0, I) = q(v0 | x, z0)
+            guide.reverse.layers[-1].weight.zero_()
+            guide.reverse.layers[-1].bias.zero_()
+    return model, guide, x
+
+
+@pytest.mark.parametrize("auxiliary", [True, False])
+@pytest.mark.parametrize("estimator", ["iwae", "stl", "dreg"])
+def test_identity_flow_at_exact_posterior_gives_log_evidence(float64, auxiliary, estimator):
+    model, guide, x = _flow_at_exact_posterior(auxiliary)
+    expected = -model.log_evidence(x).sum().item()
+    elbo = Trace_IWELBO(5, estimator=estimator)
+    for _ in range(3):
+        assert elbo.loss(model, guide, x) == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("auxiliary", [True, False])
+def test_stl_and_dreg_gradients_vanish_at_exact_posterior_through_couplings(float64, auxiliary):
+    model, guide, x = _flow_at_exact_posterior(auxiliary)
+    params = list(guide.encoder.parameters()) + list(guide.flow.parameters())
+    if auxiliary:
+        params += list(guide.auxiliary_prior.parameters())
+    for estimator in ("stl", "dreg"):
+        elbo = Trace_IWELBO(5, estimator=estimator)
+        for _ in range(3):
+            loss = elbo.differentiable_loss(model, guide, x)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            assert max(0.0 if g is None else g.abs().max().item() for g in grads) <= 1e-8
+    loss = Trace_IWELBO(5).differentiable_loss(model, guide, x)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    assert max(0.0 if g is None else g.abs().max().item() for g in grads) > 1e-3
+
+
+def test_real_nvp_needs_two_dimensions():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    guide = AutoAmortizedFlow(model, auxiliary=False, hidden_dims=(4,))
+    with pytest.raises(ValueError, match="at least 2 unconstrained local latent dimensions"):
+        guide(torch.randn(3))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(num_flows=-1), "num_flows"), (dict(auxiliary=1), "auxiliary")],
+)
+def test_flow_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AutoAmortizedFlow(gaussian_model, **kwargs)
