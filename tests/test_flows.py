@@ -178,17 +178,26 @@ def test_positive_site_log_q_includes_the_support_jacobian(float64):
     assert torch.equal(trace.nodes["z"]["value"], u[:, :2])
 
 
-def test_save_and_load_give_the_same_log_q(float64, tmp_path):
+FLOW_GUIDES = {
+    "iaf": (lambda: AutoAmortizedIAF(mixed_model, hidden_dims=(8,), num_transforms=2), 3),
+    "real-nvp": (lambda: AutoAmortizedFlow(mixed_model, hidden_dims=(8,), auxiliary=False), 3),
+    "auxiliary": (lambda: AutoAmortizedFlow(mixed_model, hidden_dims=(8,)), 6),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FLOW_GUIDES))
+def test_save_and_load_give_the_same_log_q(float64, tmp_path, kind):
+    make, width = FLOW_GUIDES[kind]
     x = torch.randn(5, 2)
-    guide = AutoAmortizedIAF(mixed_model, hidden_dims=(8,), num_transforms=2)
+    guide = make()
     guide(x)
-    randomize(guide.flow)
-    u = torch.randn(5, 3)
+    randomize(guide)
+    u = torch.randn(5, width)
     before = guide.get_posterior(x).log_prob(u)
     torch.save(guide.state_dict(), tmp_path / "guide.pt")
 
     pyro.clear_param_store()
-    other = AutoAmortizedIAF(mixed_model, hidden_dims=(8,), num_transforms=2)
+    other = make()
     other(x)
     assert not torch.allclose(other.get_posterior(x).log_prob(u), before)
     other.load_state_dict(torch.load(tmp_path / "guide.pt", weights_only=True))
