@@ -103,8 +103,10 @@ def active_units(
     a unit is active when its activity exceeds ``threshold``. Means are taken in the
     unconstrained space the guide works in, over all local sites (concatenated): exactly
     for a guide with an ``encode`` method (:class:`~pyro_amortized.AutoAmortizedNormal`),
-    and as the average of ``num_samples`` draws for a flow guide (one with
-    ``get_posterior``, such as :class:`~pyro_amortized.AutoAmortizedIAF`).
+    and from ``num_samples`` draws per datapoint for a flow guide (one with
+    ``get_posterior``, such as :class:`~pyro_amortized.AutoAmortizedIAF`): the variance
+    over datapoints of the draws' averages, less the average variance of those averages,
+    an unbiased estimate that may come out slightly negative for an inactive unit.
 
     Arguments:
         guide: An amortized guide with an ``encode`` or a ``get_posterior`` method.
@@ -128,8 +130,16 @@ def active_units(
     elif hasattr(guide, "get_posterior"):
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"active_units: num_samples must be an int >= 1, got {num_samples!r}")
+        if num_samples < 2:
+            raise ValueError(f"active_units: num_samples must be >= 2, got {num_samples!r}")
         draws = guide.get_posterior(*args, **kwargs).sample((num_samples,))
-        means = draws.mean(0)[..., : guide.latent_dim]  # not a flow's auxiliary columns
+        draws = draws[..., : guide.latent_dim]  # not a flow's auxiliary columns
+        means = draws.mean(0)
+        # The averages' own variance, var_q / S, would add to the activity (for a unit at the
+        # prior, 1 / S: as large as the threshold for S = 100); remove its unbiased estimate.
+        noise = draws.var(0).mean(0) / num_samples
+        activity = means.var(0, unbiased=False) - noise
+        return ActiveUnits(int((activity > threshold).sum()), activity)
     else:
         raise ValueError(
             f"active_units: the guide ({type(guide).__name__}) has neither encode() nor "
