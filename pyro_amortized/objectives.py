@@ -122,7 +122,9 @@ def _refuse_module(module, site: str) -> None:
     raise ValueError(
         f"Trace_IWELBO: guide site '{site}' has a distribution holding an nn.Module "
         f"({type(module).__name__}), whose parameters cannot be stopped; estimator='stl' "
-        "and 'dreg' need distributions built from tensors. Use estimator='iwae'."
+        "and 'dreg' need distributions built from tensors, or conditioned on a network "
+        "held as functools.partial(module, ...) as Pyro's conditional flows are. Use "
+        "estimator='iwae'."
     )
 
 
