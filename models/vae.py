@@ -205,22 +205,11 @@ def build(
         activation=ACTIVATIONS[args.activation],
         context_dim=context_dim,
     )
+    flow = {"encoder": encoder, "context_dim": context_dim, "flow_hidden_dims": args.hidden}
     if args.guide == "iaf":
-        guide = AutoAmortizedIAF(
-            model,
-            encoder=encoder,
-            context_dim=context_dim,
-            num_transforms=args.num_transforms,
-            flow_hidden_dims=args.hidden,
-        )
+        guide = AutoAmortizedIAF(model, num_transforms=args.num_transforms, **flow)
     elif args.guide == "flow":
-        guide = AutoAmortizedFlow(
-            model,
-            encoder=encoder,
-            context_dim=context_dim,
-            num_flows=args.num_transforms,
-            flow_hidden_dims=args.hidden,
-        )
+        guide = AutoAmortizedFlow(model, num_flows=args.num_transforms, **flow)
     else:
         guide = AutoAmortizedNormal(model, encoder=encoder)
     loss = Trace_IWELBO(args.num_particles, estimator=args.estimator)

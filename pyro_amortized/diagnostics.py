@@ -128,10 +128,9 @@ def active_units(
             means.append(base.mean.reshape(base.mean.shape[0], -1))
         means = torch.cat(means, dim=-1)
     elif hasattr(guide, "get_posterior"):
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"active_units: num_samples must be an int >= 1, got {num_samples!r}")
-        if num_samples < 2:
-            raise ValueError(f"active_units: num_samples must be >= 2, got {num_samples!r}")
+        # two draws at least: the correction below needs the draws' variance
+        if not isinstance(num_samples, int) or num_samples < 2:
+            raise ValueError(f"active_units: num_samples must be an int >= 2, got {num_samples!r}")
         draws = guide.get_posterior(*args, **kwargs).sample((num_samples,))
         draws = draws[..., : guide.latent_dim]  # not a flow's auxiliary columns
         means = draws.mean(0)

@@ -17,7 +17,6 @@ from pyro.distributions.util import sum_rightmost
 from pyro.nn import ConditionalAutoRegressiveNN, ConditionalDenseNN
 from torch import Tensor, nn
 
-from .encoders import MLPEncoder
 from .guides import AutoAmortizedGuide, ContextSpec
 
 __all__ = ["AutoAmortizedFlow", "AutoAmortizedIAF"]
@@ -91,14 +90,7 @@ class _AmortizedFlowGuide(AutoAmortizedGuide):
             self.context_dim = D
         dtype = context.dtype if context.is_floating_point() else torch.get_default_dtype()
         if self._default_encoder:
-            encoder = MLPEncoder(
-                context[0].numel(),
-                D,
-                self.hidden_dims,
-                init_scale=self.init_scale,
-                context_dim=self.context_dim,
-            )
-            self.encoder = encoder.to(dtype=dtype, device=context.device)
+            self._build_default_encoder(context, self.hidden_dims, self.context_dim)
         self._build_flow(D)
         for name, module in self.named_children():
             if name not in ("encoder", "global_guide"):
@@ -129,11 +121,7 @@ class _AmortizedFlowGuide(AutoAmortizedGuide):
             )
 
     def _encode(self, context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        if self._default_encoder:
-            if not context.is_floating_point():
-                context = context.to(torch.get_default_dtype())
-            context = context.reshape(context.shape[0], -1)
-        return self.encoder(context)
+        return self.encoder(self._encoder_input(context))
 
     # ------------------------------------------------------------- per call
     def get_posterior(self, *args, **kwargs) -> dist.TransformedDistribution:

@@ -112,6 +112,7 @@ class AutoAmortizedGuide(AutoGuide):
         self._global_guide_fn: tuple[Callable] | None = None
         self._local_sites: list[_LocalSite] = []
         self._latent_dim = 0
+        self._default_encoder = False  # subclasses that build an MLPEncoder set it
 
     @property
     def latent_dim(self) -> int:
@@ -327,6 +328,36 @@ class AutoAmortizedGuide(AutoGuide):
     def _setup_encoder(self, context: Tensor) -> None:
         """Subclasses build or check their encoder for the given context here."""
 
+    def _build_default_encoder(
+        self, context: Tensor, hidden_dims: Sequence[int], context_dim: int = 0
+    ) -> None:
+        """``self.encoder``: an MLPEncoder for this context, with an observed-mask input when
+        the context has NaNs, in the context's floating dtype and on its device."""
+        observed_mask = bool(context.is_floating_point() and torch.isnan(context).any())
+        dtype = context.dtype if context.is_floating_point() else torch.get_default_dtype()
+        encoder = MLPEncoder(
+            context[0].numel(),
+            self._latent_dim,
+            hidden_dims,
+            init_scale=self.init_scale,
+            observed_mask=observed_mask,
+            context_dim=context_dim,
+        )
+        self.encoder = encoder.to(dtype=dtype, device=context.device)
+
+    def _encoder_input(self, context: Tensor) -> Tensor:
+        """The context as the default encoder takes it: floating, one flat row per datapoint.
+
+        A user's encoder gets the context as it is.
+        """
+        if not self._default_encoder:
+            return context
+        if not context.is_floating_point():
+            context = context.to(torch.get_default_dtype())
+        if context.dim() != 2:
+            context = context.reshape(context.shape[0], -1)
+        return context
+
     def _check_prototype(self, part_trace) -> None:
         for name, part_site in part_trace.iter_stochastic_nodes():
             site = self.prototype_trace.nodes[name]
@@ -516,16 +547,7 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
 
     def _setup_encoder(self, context: Tensor) -> None:
         if self._default_encoder:
-            observed_mask = bool(context.is_floating_point() and torch.isnan(context).any())
-            dtype = context.dtype if context.is_floating_point() else torch.get_default_dtype()
-            encoder = MLPEncoder(
-                context[0].numel(),
-                self._latent_dim,
-                self.hidden_dims,
-                init_scale=self.init_scale,
-                observed_mask=observed_mask,
-            )
-            self.encoder = encoder.to(dtype=dtype, device=context.device)
+            self._build_default_encoder(context, self.hidden_dims)
             return
         loc, scale = self.encoder(self._encoder_input(context))
         expected = (context.shape[0], self._latent_dim)
@@ -536,15 +558,6 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
                 f"{tuple(scale.shape)}; expected {expected}, one column per unconstrained local "
                 f"latent ({sizes})"
             )
-
-    def _encoder_input(self, context: Tensor) -> Tensor:
-        if not self._default_encoder:
-            return context
-        if not context.is_floating_point():
-            context = context.to(torch.get_default_dtype())
-        if context.dim() != 2:
-            context = context.reshape(context.shape[0], -1)
-        return context
 
     def _encode(self, context: Tensor) -> tuple[Tensor, Tensor]:
         context = self._encoder_input(context)

@@ -92,3 +92,13 @@ def test_active_units_of_a_flow_guide_average_draws(float64):
     noise = var / 400
     se = ((4 * exact * noise + 2 * noise**2) / 200).sqrt()
     assert ((units.activity - exact).abs() <= 5 * se).all(), (units.activity - exact) / se
+
+
+def test_active_units_bad_inputs():
+    model = LinearGaussian(latent_dim=2)
+    x = model.sample(10)
+    flow = AutoAmortizedIAF(model, hidden_dims=(4,), num_transforms=1)
+    with pytest.raises(ValueError, match="num_samples must be an int >= 2, got 1"):
+        active_units(flow, x, num_samples=1)
+    with pytest.raises(ValueError, match="has neither encode\\(\\) nor get_posterior\\(\\)"):
+        active_units(lambda x: None, x)
