@@ -135,6 +135,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--num-transforms", type=int, default=2, help="flow steps of --guide iaf and flow"
     )
+    parser.add_argument(
+        "--iaf-stable",
+        action="store_true",
+        help="--guide iaf with the sigmoid update of Kingma et al. (stable=True)",
+    )
     parser.add_argument("--num-particles", type=int, default=5)
     parser.add_argument("--estimator", default="dreg", choices=list(ESTIMATORS))
     parser.add_argument("--epochs", type=int, default=200)
@@ -207,7 +212,9 @@ def build(
     )
     flow = {"encoder": encoder, "context_dim": context_dim, "flow_hidden_dims": args.hidden}
     if args.guide == "iaf":
-        guide = AutoAmortizedIAF(model, num_transforms=args.num_transforms, **flow)
+        guide = AutoAmortizedIAF(
+            model, num_transforms=args.num_transforms, stable=args.iaf_stable, **flow
+        )
     elif args.guide == "flow":
         guide = AutoAmortizedFlow(model, num_flows=args.num_transforms, **flow)
     else:

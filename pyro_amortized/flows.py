@@ -205,19 +205,26 @@ class AutoAmortizedIAF(_AmortizedFlowGuide):
     For each datapoint the encoder gives a base Normal :math:`\mathcal{N}(\mu(x), \sigma(x))`
     over all local latents jointly (in unconstrained space) and a context vector
     :math:`h(x)`. A sample :math:`u_0` of the base goes through ``num_transforms``
-    inverse-autoregressive steps; in the stable form (Kingma et al. 2016, eq. 10) step
-    :math:`t` is :math:`u_t = s_t \odot u_{t-1} + (1 - s_t) \odot m_t` with
-    :math:`[m_t, \operatorname{logit} s_t] = \mathrm{MADE}_t(u_{t-1}, h)`. The variable
-    order is reversed between steps. The last :math:`u` is one auxiliary sample site per
-    datapoint; each model site gets its block, mapped to its support, through a
-    ``Delta`` carrying the log-Jacobian (as Pyro's ``AutoContinuous`` does), so
+    inverse-autoregressive steps, each conditioned on :math:`h` through a masked network
+    :math:`\mathrm{MADE}_t(u_{t-1}, h)`. By default step :math:`t` is the affine update
+    :math:`u_t = m_t + s_t \odot u_{t-1}` with :math:`[m_t, \log s_t] = \mathrm{MADE}_t`
+    (:math:`\log s_t` clipped to :math:`[-5, 3]`, as Pyro does); ``stable=True`` gives the
+    sigmoid update of Kingma et al.'s Algorithm 1,
+    :math:`u_t = s_t \odot u_{t-1} + (1 - s_t) \odot m_t` with
+    :math:`s_t = \operatorname{sigmoid}(\ell_t + 2)` and :math:`[m_t, \ell_t] = \mathrm{MADE}_t`.
+    The variable order is reversed between steps. The last :math:`u` is one auxiliary
+    sample site per datapoint; each model site gets its block, mapped to its support,
+    through a ``Delta`` carrying the log-Jacobian (as Pyro's ``AutoContinuous`` does), so
     :math:`\log q(z \mid x) = \log q(u_0) - \sum_t \sum \log s_t - \log |\det T'|`.
 
     The MADE networks are Pyro's :class:`~pyro.nn.ConditionalAutoRegressiveNN`, whose
-    context broadcasts over particle dimensions. Their last layer starts at zero, so each
-    step starts as a constant scaling (by :math:`\sigma(2) = 0.88` in the stable form, the
-    identity otherwise); on the MNIST VAE this start gained 0.8 nats of test ELBO over
-    Pyro's random one after 20 epochs.
+    context broadcasts over particle dimensions. Their last layer starts at zero, so with
+    the default form every step starts as the identity and the guide as the encoder's
+    Normal. In the stable form each step starts as a scaling by :math:`\sigma(2) = 0.88`,
+    and its shift passes through the gate :math:`1 - s_t \approx 0.12`, so it learns more
+    slowly. Like Pyro's ``AutoIAFNormal``, the default is therefore the affine update.
+    On the MNIST VAE (20 epochs, K = 5, ``"iwae"``, seed 0) the affine update reached a
+    test ELBO of -103.30, the stable form -104.27 and the Normal guide -104.26.
 
     **Cost of STL and DReG.** :class:`~pyro_amortized.Trace_IWELBO`'s ``"stl"`` and
     ``"dreg"`` need :math:`\log q` with the parameters stopped, as a function of the
@@ -239,8 +246,7 @@ class AutoAmortizedIAF(_AmortizedFlowGuide):
         hidden_dims: Hidden widths of the default encoder.
         flow_hidden_dims: Hidden widths of every MADE; defaults to ``hidden_dims``.
         context_dim: Size of :math:`h(x)`; defaults to the latent dimension D.
-        stable: Use the stable sigmoid form of the step; ``False`` uses
-            :math:`u_t = m_t + \exp(\log s_t) \odot u_{t-1}` (eq. 9).
+        stable: Use the sigmoid update of the step instead of the affine one.
         init_scale: Initial scale of the base Normal.
         global_guide: Guide for the global sites.
         create_plates: As in :class:`~pyro.infer.autoguide.AutoGuide`.
@@ -272,7 +278,7 @@ class AutoAmortizedIAF(_AmortizedFlowGuide):
         hidden_dims: Sequence[int] = (200, 200),
         flow_hidden_dims: Sequence[int] | None = None,
         context_dim: int | None = None,
-        stable: bool = True,
+        stable: bool = False,
         init_scale: float = 0.1,
         global_guide: Callable | None = None,
         create_plates: Callable | None = None,
