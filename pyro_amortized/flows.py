@@ -230,10 +230,10 @@ class AutoAmortizedIAF(_AmortizedFlowGuide):
     ``"dreg"`` need :math:`\log q` with the parameters stopped, as a function of the
     sampled :math:`u`; for an IAF that means inverting every step, one MADE pass per latent
     dimension in sequence, and back-propagating through them. On the MNIST VAE (D = 50,
-    two steps, MADE 200-200, K = 5, batch 100, 2 CPU cores) a step took 190 ms with
-    ``"dreg"`` or ``"stl"`` against 16 ms with ``"iwae"`` (and 9.7 ms for
-    :class:`~pyro_amortized.AutoAmortizedNormal` with ``"dreg"``). Sampling and ``"iwae"``
-    need no inverse.
+    two steps, MADE 200-200, K = 5, batch 100, 2 CPU cores) a step took 182 ms with
+    ``"dreg"`` against 14.6 ms with ``"iwae"`` (and 8.9 ms for
+    :class:`~pyro_amortized.AutoAmortizedNormal` with ``"dreg"``;
+    ``benchmarks/flow_step_time.py``). Sampling and ``"iwae"`` need no inverse.
 
     Arguments:
         model: A Pyro model with a vectorized plate over datapoints.
