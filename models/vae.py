@@ -34,6 +34,7 @@ from pyro_amortized import (
     AutoAmortizedIAF,
     AutoAmortizedNormal,
     History,
+    LinearSchedule,
     MLPEncoder,
     Trace_IWELBO,
     fit,
@@ -149,6 +150,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latent", type=int, default=20)
     parser.add_argument("--activation", default="tanh", choices=sorted(ACTIVATIONS))
     parser.add_argument("--likelihood", default="bernoulli", choices=["bernoulli", "normal"])
+    parser.add_argument(
+        "--anneal-entropy",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="raise the entropy weight of the bound from 0 to 1 over this many epochs "
+        "(Cremer et al.'s annealing)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        metavar="EPOCHS",
+        help="KL warm-up: raise the weight of the log-prior and entropy terms from 0 to 1 "
+        "over this many epochs",
+    )
     parser.add_argument("--eval-samples", type=int, default=1000, help="S of the test log p(x)")
     parser.add_argument(
         "--patience",
@@ -237,6 +254,24 @@ def train(
 
     With an existing ``checkpoint`` it resumes from it, as :func:`fit` does.
     """
+    schedule = valid_loss = None
+    steps_per_epoch = math.ceil(len(data.train) / args.batch_size)
+    ramps = [
+        LinearSchedule(0.0, 1.0, epochs * steps_per_epoch, attribute=attribute)
+        for attribute, epochs in (
+            ("entropy_weight", args.anneal_entropy),
+            ("kl_weight", args.warmup),
+        )
+        if epochs > 0
+    ]
+    if ramps:
+
+        def schedule(epoch: int, step: int, objective: Trace_IWELBO) -> None:
+            for ramp in ramps:
+                ramp(epoch, step, objective)
+
+        # the validation bound, and early stopping, stay on the unannealed bound
+        valid_loss = Trace_IWELBO(args.num_particles, estimator=args.estimator)
     with pyro.validation_enabled(args.validate):
         return fit(
             model,
@@ -244,6 +279,8 @@ def train(
             loss,
             data.train,
             valid=data.valid,
+            valid_loss=valid_loss,
+            schedule=schedule,
             epochs=args.epochs if epochs is None else epochs,
             batch_size=args.batch_size,
             optimizer=pyro_amortized.optim.Adam(adam_options(args.lr)),

@@ -9,6 +9,7 @@ from .flows import AutoAmortizedFlow, AutoAmortizedIAF
 from .guides import AutoAmortizedGuide, AutoAmortizedNormal
 from .objectives import ESTIMATORS, Trace_IWELBO
 from .optim import JointOptim
+from .schedules import CyclicalSchedule, LinearSchedule
 from .training import History, fit
 
 __all__ = [
@@ -17,8 +18,10 @@ __all__ = [
     "AutoAmortizedGuide",
     "AutoAmortizedIAF",
     "AutoAmortizedNormal",
+    "CyclicalSchedule",
     "History",
     "JointOptim",
+    "LinearSchedule",
     "MLPEncoder",
     "Trace_IWELBO",
     "fit",

@@ -196,6 +196,10 @@ class _Terms(NamedTuple):
     guide_local: Tensor  # [K, B] log q(z_ik | x_i), unscaled
     model_global: Tensor | float  # scalar, scaled; 0.0 without global sites
     guide_global: Tensor | float  # scalar, scaled; 0.0 without global sites
+    # the latent sites' share of model_local and model_global (log-priors), tracked only
+    # when kl_weight != 1; 0.0 otherwise
+    prior_local: Tensor | float
+    prior_global: Tensor | float
     outer_scale: float | Tensor  # subsample scale (and any scale common to all local sites)
     # guide samples that carry DReG's per-particle weights: (value, data dim, event dim,
     # particle index for looped particles or None when the value has a particle dim)
@@ -240,7 +244,13 @@ class Trace_IWELBO(ELBO):
         max_plate_nesting: Bound on the number of nested plates; guessed from one run of
             the model and guide when left infinite.
         entropy_weight: :math:`\lambda` multiplying :math:`\log q` (an attribute that
-            a schedule may set between steps; 1 is the bound).
+            a schedule may set between steps; 1 is the bound). Cremer et al.'s entropy
+            annealing takes it from 0 to 1.
+        kl_weight: :math:`\beta` multiplying the latent sites' log-priors and
+            :math:`\lambda \log q` together, so each weight is
+            :math:`p(x \mid z) \, (p(z) / q(z)^{\lambda})^{\beta}` (global sites
+            likewise); the observed sites keep weight 1. An attribute for KL warm-up
+            schedules (0 to 1); 1 is the bound.
         local_plate: Name of the plate over datapoints. Defaults to the guide's
             ``local_plate`` attribute, else the plate that holds every observed site and
             a latent site.
@@ -266,6 +276,7 @@ class Trace_IWELBO(ELBO):
         vectorize_particles: bool = True,
         max_plate_nesting: float = float("inf"),
         entropy_weight: float = 1.0,
+        kl_weight: float = 1.0,
         local_plate: str | None = None,
         retain_graph: bool | None = None,
     ):
@@ -288,6 +299,8 @@ class Trace_IWELBO(ELBO):
             )
         if not isinstance(entropy_weight, (int, float)) or not entropy_weight >= 0:
             raise ValueError(f"Trace_IWELBO: entropy_weight must be >= 0, got {entropy_weight!r}")
+        if not isinstance(kl_weight, (int, float)) or not kl_weight >= 0:
+            raise ValueError(f"Trace_IWELBO: kl_weight must be >= 0, got {kl_weight!r}")
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -296,6 +309,7 @@ class Trace_IWELBO(ELBO):
         )
         self.estimator = estimator
         self.entropy_weight = float(entropy_weight)
+        self.kl_weight = float(kl_weight)
         self.local_plate = local_plate
         self._plate_nesting = max_plate_nesting  # without the particle dimension
         self._setup_for: tuple | None = None
@@ -388,8 +402,9 @@ class Trace_IWELBO(ELBO):
         particle_dim = self._particle_dim()
         data_dim = None
         local_scales = []
-        local_sites = []  # (log_p, is_model)
-        model_global = guide_global = 0.0
+        local_sites = []  # (log_p, is_model, is_prior)
+        model_global = guide_global = prior_global = 0.0
+        track_prior = self.kl_weight != 1.0
         local_values = []
         frames = {}
         for is_model, trace in ((True, model_trace), (False, guide_trace)):
@@ -408,18 +423,21 @@ class Trace_IWELBO(ELBO):
                         site = dict(site, fn=_stop_distribution(fn, name))
                 frame = next((f for f in site["cond_indep_stack"] if f.name == local), None)
                 log_p = _log_prob(site)
+                is_prior = track_prior and is_model and not site["is_observed"]
                 if frame is None:
                     scale = site["scale"]
                     total = log_p.sum() if _is_one(scale) else (log_p * scale).sum()
                     if is_model:
                         model_global = model_global + total
+                        if is_prior:
+                            prior_global = prior_global + total
                     else:
                         guide_global = guide_global + total
                     continue
                 data_dim = frame.dim
                 frames[is_model] = frame
                 local_scales.append(site["scale"])
-                local_sites.append((log_p, is_model))
+                local_sites.append((log_p, is_model, is_prior))
                 if not is_model and not isinstance(site["fn"], Delta):
                     local_values.append((site["value"], frame.dim, site["fn"].event_dim, None))
         if data_dim is None:
@@ -446,13 +464,15 @@ class Trace_IWELBO(ELBO):
             outer = subsample
             inner = [s / subsample for s in local_scales]
 
-        model_local = guide_local = 0.0
-        for (log_p, is_model), inner_scale in zip(local_sites, inner, strict=True):
+        model_local = guide_local = prior_local = 0.0
+        for (log_p, is_model, is_prior), inner_scale in zip(local_sites, inner, strict=True):
             if inner_scale is not None:
                 log_p = log_p * inner_scale
             log_p = _per_datapoint(log_p, particle_dim, data_dim)
             if is_model:
                 model_local = model_local + log_p
+                if is_prior:
+                    prior_local = prior_local + log_p
             else:
                 guide_local = guide_local + log_p
         return _Terms(
@@ -460,6 +480,8 @@ class Trace_IWELBO(ELBO):
             torch.as_tensor(guide_local),
             model_global,
             guide_global,
+            prior_local,
+            prior_global,
             outer,
             local_values,
         )
@@ -487,34 +509,39 @@ class Trace_IWELBO(ELBO):
             ):
                 shared.remove_node(name)
         model_local, guide_local = [first.model_local], [first.guide_local]
+        prior_local = [first.prior_local]
         values = [v[:3] + (0,) for v in first.local_values]
         for k in range(1, self.num_particles):
             model_trace, guide_trace = self._traces(model, guide, args, kwargs, shared)
             terms = self._terms(model_trace, guide_trace, stopped)
             model_local.append(terms.model_local)
             guide_local.append(terms.guide_local)
+            prior_local.append(terms.prior_local)
             values += [v[:3] + (k,) for v in terms.local_values]
         return first._replace(
             model_local=torch.cat(model_local),
             guide_local=torch.cat(guide_local),
+            prior_local=torch.cat(prior_local) if isinstance(prior_local[0], Tensor) else 0.0,
             local_values=values,
         )
 
     def _bound(self, terms: _Terms) -> tuple[Tensor, Tensor]:
         """The bound and the per-(particle, datapoint) log-weights."""
         # Scalar ops on autograd tensors cost microseconds each; skip the ones that do nothing.
-        lam = self.entropy_weight
+        lam, beta = self.entropy_weight, self.kl_weight
         guide_local = terms.guide_local if lam == 1.0 else lam * terms.guide_local
         log_w = terms.model_local - guide_local
+        if beta != 1.0:  # log p(x | z) + beta (log p(z) - lam log q(z))
+            log_w = log_w - (1.0 - beta) * (terms.prior_local - guide_local)
         K = self.num_particles
         local = torch.logsumexp(log_w, 0) - math.log(K) if K > 1 else log_w[0]
         bound = local.sum()
         if not _is_one(terms.outer_scale):
             bound = bound * terms.outer_scale
         if isinstance(terms.model_global, Tensor):
-            bound = bound + terms.model_global
+            bound = bound + terms.model_global - (1.0 - beta) * terms.prior_global
         if isinstance(terms.guide_global, Tensor):
-            bound = bound - lam * terms.guide_global
+            bound = bound - beta * lam * terms.guide_global
         return bound, log_w
 
     def _add_dreg_hooks(self, terms: _Terms, log_w: Tensor) -> None:

@@ -4,7 +4,8 @@ import pyro
 import pytest
 import torch
 
-from models.vae import VAE, main
+from models.datasets import load_dataset
+from models.vae import VAE, build, main, parse_args, train
 from pyro_amortized import AutoAmortizedNormal, Trace_IWELBO
 
 
@@ -41,6 +42,20 @@ def test_vae_cli_with_flow_guides(tmp_path, guide):
     assert all(math.isfinite(v) for v in results.values())
     if guide == "iaf":
         assert (tmp_path / "posteriors.png").stat().st_size > 1000
+
+
+def test_vae_cli_warmup_and_entropy_annealing_ramp_per_step(tmp_path):
+    args = parse_args(
+        ["--epochs", "1", "--warmup", "2", "--anneal-entropy", "1", "--no-progress"]
+        + ["--hidden", "8", "--latent", "2"]
+    )
+    data = load_dataset("digits")
+    model, guide, loss = build(args, data.train)
+    history = train(args, model, guide, loss, data, tmp_path / "checkpoint.pt")
+    steps = math.ceil(len(data.train) / args.batch_size)  # one epoch; the last step is steps - 1
+    assert loss.kl_weight == pytest.approx((steps - 1) / (2 * steps))
+    assert loss.entropy_weight == pytest.approx((steps - 1) / steps)
+    assert math.isfinite(history.valid_bound[0])
 
 
 def test_output_bias_starts_at_the_logit_of_the_pixel_means():

@@ -339,6 +339,54 @@ def test_entropy_weight_is_a_settable_attribute(float64):
     assert no_entropy == pytest.approx(full - log_q, abs=1e-9)
 
 
+def _warmup_model(beta=1.0):
+    """A global and a local latent; ``beta`` scales both log-priors, as KL warm-up does."""
+
+    def model(x):
+        with pyro.poutine.scale(scale=beta):
+            mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        with pyro.plate("data", x.shape[0]):
+            with pyro.poutine.scale(scale=beta):
+                z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(mu + z, 0.5), obs=x)
+
+    return model
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("K", [1, 4])
+def test_kl_weight_scales_log_priors_and_entropy_of_locals_and_globals(float64, K, vectorize):
+    # log w = log p(x | z) + beta (log p(z) - lam log q(z)): the same bound as a model whose
+    # latent sites are scaled by beta and a guide scaled by beta * lam.
+    beta, lam = 0.3, 0.6
+    x = torch.randn(5)
+    model = _warmup_model()
+    guide = AutoAmortizedNormal(model, hidden_dims=(4,))
+    guide(x)
+    weighted = Trace_IWELBO(K, kl_weight=beta, entropy_weight=lam, vectorize_particles=vectorize)
+    scaled = Trace_IWELBO(K, local_plate="data", vectorize_particles=vectorize)
+    scaled_guide = pyro.poutine.scale(guide, scale=beta * lam)
+    values = []
+    for elbo, m, g in ((weighted, model, guide), (scaled, _warmup_model(beta), scaled_guide)):
+        pyro.set_rng_seed(8)
+        loss = elbo.differentiable_loss(m, g, x)
+        grads = torch.autograd.grad(loss, list(guide.parameters()))
+        values.append((loss.item(), grads))
+    assert values[0][0] == pytest.approx(values[1][0], rel=1e-12)
+    for a, b in zip(values[0][1], values[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # and kl_weight = 0 leaves the log-likelihood alone
+    warm = Trace_IWELBO(1, kl_weight=0.0)
+    warm.loss(model, guide, x)  # its one-off setup run draws from the RNG
+    pyro.set_rng_seed(8)
+    trace = pyro.poutine.trace(guide).get_trace(x)
+    model_trace = pyro.poutine.trace(pyro.poutine.replay(model, trace=trace)).get_trace(x)
+    pyro.set_rng_seed(8)
+    assert warm.loss(model, guide, x) == pytest.approx(
+        -model_trace.nodes["x"]["fn"].log_prob(x).sum().item(), rel=1e-12
+    )
+
+
 # ------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("num_particles", [0, -1, 1.5, True])
 def test_num_particles_must_be_positive_int(num_particles):
@@ -351,9 +399,10 @@ def test_unknown_estimator():
         Trace_IWELBO(2, estimator="reinforce")
 
 
-def test_entropy_weight_must_be_nonnegative():
-    with pytest.raises(ValueError, match="entropy_weight"):
-        Trace_IWELBO(2, entropy_weight=-1.0)
+@pytest.mark.parametrize("name", ["entropy_weight", "kl_weight"])
+def test_weights_must_be_nonnegative(name):
+    with pytest.raises(ValueError, match=f"{name} must be >= 0"):
+        Trace_IWELBO(2, **{name: -1.0})
 
 
 def test_non_reparameterizable_guide_site():
