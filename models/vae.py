@@ -332,15 +332,8 @@ def _binarize(x: Tensor, generator: torch.Generator) -> Tensor:
 def _mean_bound(
     model: VAE, guide: AutoAmortizedNormal, data: Tensor, num_samples: int, progress: bool = False
 ) -> float:
-    chunk = min(num_samples, 500)
     estimates = log_marginal_likelihood(
-        model,
-        guide,
-        data,
-        num_samples=num_samples,
-        particle_chunk=chunk,
-        batch_size=100,
-        progress=progress,
+        model, guide, data, num_samples=num_samples, batch_size=100, progress=progress
     )
     return estimates.mean().item()
 

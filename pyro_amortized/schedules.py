@@ -8,8 +8,12 @@ or ``kl_weight`` (KL warm-up, the log-prior and entropy terms weighted together)
 depends on the global step only, so a resumed run sees the same values.
 
 Example:
+    >>> from pyro_amortized import LinearSchedule, Trace_IWELBO
     >>> loss = Trace_IWELBO(5)
-    >>> warmup = LinearSchedule(0.0, 1.0, steps=5000, attribute="kl_weight")
+    >>> warmup = LinearSchedule(0.0, 1.0, 5000, attribute="kl_weight")
+    >>> warmup(0, 2500, loss)  # fit calls it before every step
+    >>> loss.kl_weight
+    0.5
     >>> history = fit(model, guide, loss, x, epochs=50, batch_size=100,
     ...               optimizer=optimizer, schedule=warmup)  # doctest: +SKIP
 """
