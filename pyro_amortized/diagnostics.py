@@ -9,9 +9,10 @@ from typing import NamedTuple
 import torch
 from pyro import poutine
 from pyro.poutine.subsample_messenger import _Subsample
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm import tqdm
 
+from .guides import AutoAmortizedGuide, AutoAmortizedNormal
 from .objectives import Trace_IWELBO
 
 __all__ = ["ActiveUnits", "active_units", "log_marginal_likelihood"]
@@ -203,3 +204,112 @@ def active_units(
         )
     activity = means.var(0, unbiased=False)
     return ActiveUnits(int((activity > threshold).sum()), activity)
+
+
+class _RowTable(nn.Module):
+    """A diagonal Normal per datapoint, looked up by row number: a non-amortized encoder."""
+
+    def __init__(self, loc: Tensor, scale: Tensor):
+        super().__init__()
+        self.loc = nn.Parameter(loc.detach().clone())
+        self.log_scale = nn.Parameter(scale.detach().log())
+
+    def forward(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        i = rows[..., 0].long()
+        return self.loc[i], self.log_scale[i].exp()
+
+
+def _local_elbo(elbo: Trace_IWELBO, model, guide, args, kwargs) -> Tensor:
+    """``[N]`` per-datapoint ELBO estimates: the mean over the particles of log w."""
+    terms = elbo._collect(model, guide, args, kwargs, stopped=False)
+    return (terms.model_local - terms.guide_local).mean(0)
+
+
+def optimize_local_normal(
+    model: Callable,
+    guide: Callable,
+    *args,
+    init: str = "encoder",
+    num_particles: int = 10,
+    lr: float = 1e-2,
+    max_steps: int = 5000,
+    patience: int = 200,
+    progress: bool = True,
+    **kwargs,
+) -> tuple[Callable, Callable, Tensor]:
+    r"""The best diagonal Normal for each datapoint, :math:`q^*_{\mathrm{FFG}}(z \mid x_i)`.
+
+    One free (loc, scale) per datapoint over the guide's joint unconstrained local latent,
+    started at the encoder's output (``init="encoder"``) or at a standard Normal
+    (``"prior"``), and optimized by Adam on each datapoint's own ELBO estimate
+    (``num_particles`` draws a step). All datapoints move in one batched tensor program;
+    Adam's moments and step counts are per datapoint, and a datapoint stops once the
+    running average of its bound (an exponential average over about 20 steps) has not
+    risen for ``patience`` steps. Globals are fixed at the guide's median.
+
+    Returns:
+        ``(model, local_guide, steps)``: the model and a guide for the optimized
+        posteriors (both with the globals fixed), and each datapoint's number of steps.
+    """
+    if init not in ("encoder", "prior"):
+        raise ValueError(f"optimize_local_normal: init must be 'encoder' or 'prior', got {init!r}")
+    if not isinstance(guide, AutoAmortizedGuide):
+        raise ValueError(
+            f"optimize_local_normal: the guide ({type(guide).__name__}) is not an "
+            "AutoAmortizedGuide"
+        )
+    probe = Trace_IWELBO(1, local_plate=getattr(guide, "local_plate", None))
+    with torch.random.fork_rng(devices=[]):
+        probe._setup(model, guide, args, kwargs)
+    local_plate = probe._local_name
+    globals_ = _global_medians(guide, local_plate, args, kwargs)
+    if globals_:
+        model = poutine.condition(model, data=globals_)
+    with torch.no_grad():
+        # the encoder's base Normal over the joint local latent (a flow guide's, before its flow)
+        out = guide._encode(guide._get_context(None, args, kwargs))
+        loc, scale = out[0], out[1]
+        if init == "prior":
+            loc, scale = torch.zeros_like(loc), torch.ones_like(scale)
+    N = loc.shape[0]
+    rows = torch.arange(N, dtype=loc.dtype, device=loc.device).unsqueeze(-1)
+    table = _RowTable(loc, scale)
+    local_guide = AutoAmortizedNormal(
+        model, local_plate=local_plate, encoder=table, context=lambda *a, **k: rows
+    )
+    if globals_:
+        local_guide = poutine.condition(local_guide, data=globals_)
+    elbo = Trace_IWELBO(num_particles, local_plate=local_plate)
+    params = list(table.parameters())
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    t = torch.zeros(N, dtype=loc.dtype, device=loc.device)
+    active = torch.ones(N, dtype=torch.bool, device=loc.device)
+    average = best = None
+    since = torch.zeros(N, dtype=torch.long, device=loc.device)
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    with tqdm(total=max_steps, desc="local q*", unit="step", disable=not progress) as bar:
+        for _ in range(max_steps):
+            bound = _local_elbo(elbo, model, local_guide, args, kwargs)
+            grads = torch.autograd.grad(-(bound * active).sum(), params)
+            with torch.no_grad():
+                t += active
+                mask = active.unsqueeze(-1)
+                c1 = (1 - beta1**t).clamp_min(1e-12).unsqueeze(-1)
+                c2 = (1 - beta2**t).clamp_min(1e-12).unsqueeze(-1)
+                for p, g, m_, v_ in zip(params, grads, m, v, strict=True):
+                    m_.copy_(torch.where(mask, beta1 * m_ + (1 - beta1) * g, m_))
+                    v_.copy_(torch.where(mask, beta2 * v_ + (1 - beta2) * g * g, v_))
+                    step = lr * (m_ / c1) / ((v_ / c2).sqrt() + eps)
+                    p.sub_(torch.where(mask, step, torch.zeros_like(step)))
+                value = bound.detach()
+                average = value if average is None else 0.95 * average + 0.05 * value
+                improved = average > best if best is not None else torch.ones_like(active)
+                best = average if best is None else torch.where(improved, average, best)
+                since = torch.where(improved, torch.zeros_like(since), since + 1)
+                active &= since < patience
+            bar.update()
+            bar.set_postfix(active=int(active.sum()))
+            if not active.any():
+                break
+    return model, local_guide, t
