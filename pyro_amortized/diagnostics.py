@@ -3,7 +3,11 @@ r"""Diagnostics of amortized inference: per-datapoint log-likelihood and active 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -15,7 +19,14 @@ from tqdm import tqdm
 from .guides import AutoAmortizedGuide, AutoAmortizedNormal
 from .objectives import Trace_IWELBO
 
-__all__ = ["ActiveUnits", "active_units", "log_marginal_likelihood"]
+__all__ = [
+    "ActiveUnits",
+    "InferenceGaps",
+    "active_units",
+    "inference_gaps",
+    "log_marginal_likelihood",
+    "optimize_local_normal",
+]
 
 
 @torch.no_grad()
@@ -78,15 +89,37 @@ def log_marginal_likelihood(
                 "log_marginal_likelihood: batch_size needs the data as the first argument, "
                 "model(data, idx), as fit calls it"
             )
-    probe = Trace_IWELBO(1, local_plate=getattr(guide, "local_plate", None))
-    with torch.random.fork_rng(devices=[]):  # the setup's draws leave the estimate's alone
-        probe._setup(model, guide, args, kwargs)
-    local_plate = probe._local_name
-    globals_ = _global_medians(guide, local_plate, args, kwargs)
-    if globals_:
-        model = poutine.condition(model, data=globals_)
-        guide = poutine.condition(guide, data=globals_)
+    model, guide, local_plate, _ = _fix_globals(model, guide, args, kwargs)
+    return _chunked_estimate(
+        model,
+        guide,
+        args,
+        kwargs,
+        num_samples=num_samples,
+        chunk_size=chunk_size,
+        batch_size=batch_size,
+        local_plate=local_plate,
+        reduce="logmeanexp",
+        desc=f"log p(x), S={num_samples}",
+        progress=progress,
+    )
 
+
+def _chunked_estimate(
+    model: Callable,
+    guide: Callable,
+    args,
+    kwargs,
+    *,
+    num_samples: int,
+    chunk_size: int,
+    batch_size: int | None,
+    local_plate: str,
+    reduce: str,
+    desc: str,
+    progress: bool,
+) -> Tensor:
+    """Per-datapoint log-mean-exp (IWAE) or mean (ELBO) of ``num_samples`` log-weights."""
     if batch_size is None:
         batches = [None]
     else:
@@ -98,10 +131,7 @@ def log_marginal_likelihood(
     objectives: dict[int, Trace_IWELBO] = {}
     results = []
     with tqdm(
-        total=len(batches) * len(chunks),
-        desc=f"log p(x), S={num_samples}",
-        unit="chunk",
-        disable=not progress,
+        total=len(batches) * len(chunks), desc=desc, unit="chunk", disable=not progress
     ) as bar:
         for idx in batches:
             call_args = args if idx is None else (*args, idx)
@@ -113,11 +143,35 @@ def log_marginal_likelihood(
                     with torch.random.fork_rng(devices=[]):
                         elbo._setup(model, guide, call_args, kwargs)
                 terms = elbo._collect(model, guide, call_args, kwargs, stopped=False)
-                chunk = torch.logsumexp(terms.model_local - terms.guide_local, 0)
-                total = chunk if total is None else torch.logaddexp(total, chunk)
+                log_w = terms.model_local - terms.guide_local
+                if reduce == "logmeanexp":
+                    chunk = torch.logsumexp(log_w, 0)
+                    total = chunk if total is None else torch.logaddexp(total, chunk)
+                else:
+                    chunk = log_w.sum(0)
+                    total = chunk if total is None else total + chunk
                 bar.update()
-            results.append(total - math.log(num_samples))
+            results.append(
+                total - math.log(num_samples) if reduce == "logmeanexp" else total / num_samples
+            )
     return torch.cat(results)
+
+
+def _fix_globals(model: Callable, guide: Callable, args, kwargs):
+    """Model and guide with the global latents fixed at the guide's median.
+
+    Returns ``(model, guide, local_plate, globals)``; model and guide come back unchanged
+    when there are no globals.
+    """
+    probe = Trace_IWELBO(1, local_plate=getattr(guide, "local_plate", None))
+    with torch.random.fork_rng(devices=[]):  # the setup's draws leave the estimate's alone
+        probe._setup(model, guide, args, kwargs)
+    local_plate = probe._local_name
+    globals_ = _global_medians(guide, local_plate, args, kwargs)
+    if globals_:
+        model = poutine.condition(model, data=globals_)
+        guide = poutine.condition(guide, data=globals_)
+    return model, guide, local_plate, globals_
 
 
 def _global_medians(guide: Callable, local: str, args, kwargs) -> dict[str, Tensor]:
@@ -258,13 +312,7 @@ def optimize_local_normal(
             f"optimize_local_normal: the guide ({type(guide).__name__}) is not an "
             "AutoAmortizedGuide"
         )
-    probe = Trace_IWELBO(1, local_plate=getattr(guide, "local_plate", None))
-    with torch.random.fork_rng(devices=[]):
-        probe._setup(model, guide, args, kwargs)
-    local_plate = probe._local_name
-    globals_ = _global_medians(guide, local_plate, args, kwargs)
-    if globals_:
-        model = poutine.condition(model, data=globals_)
+    model, _, local_plate, globals_ = _fix_globals(model, guide, args, kwargs)
     with torch.no_grad():
         # the encoder's base Normal over the joint local latent (a flow guide's, before its flow)
         out = guide._encode(guide._get_context(None, args, kwargs))
@@ -313,3 +361,231 @@ def optimize_local_normal(
             if not active.any():
                 break
     return model, local_guide, t
+
+
+FAMILIES = ("normal",)
+
+
+@dataclass
+class InferenceGaps:
+    r"""Cremer et al.'s split of the inference gap, per datapoint and on average.
+
+    With :math:`q` the amortized posterior and :math:`q^*` the best posterior of the same
+    family fitted to each datapoint on its own:
+
+    - approximation gap :math:`\log \hat p(x) - \mathcal{L}[q^*]`,
+    - amortization gap :math:`\mathcal{L}[q^*] - \mathcal{L}[q]`,
+    - inference gap :math:`\log \hat p(x) - \mathcal{L}[q]`, their sum.
+
+    Attributes:
+        family: The family of the guide, whose :math:`q^*` splits the gap.
+        log_px: ``[N]`` :math:`\log \hat p(x)`, the best (highest) of the IWAE estimates.
+        elbo: ``[N]`` :math:`\mathcal{L}[q]`, the amortized guide's ELBO.
+        optimal_elbo: Family to ``[N]`` :math:`\mathcal{L}[q^*_{\mathrm{family}}]`.
+        iwae: Proposal (``"amortized"`` or a family) to its ``[N]`` IWAE estimate.
+        steps: Family to ``[N]`` optimization steps each datapoint took.
+        num_samples: Samples of the IWAE estimates.
+        elbo_samples: Samples of the ELBO estimates.
+        seconds: Wall time of the whole computation.
+    """
+
+    family: str
+    log_px: Tensor
+    elbo: Tensor
+    optimal_elbo: dict[str, Tensor]
+    iwae: dict[str, Tensor]
+    steps: dict[str, Tensor]
+    num_samples: int
+    elbo_samples: int
+    seconds: float
+
+    @property
+    def approximation_gap(self) -> Tensor:
+        """``[N]`` log p̂(x) − L[q*]."""
+        return self.log_px - self.optimal_elbo[self.family]
+
+    @property
+    def amortization_gap(self) -> Tensor:
+        """``[N]`` L[q*] − L[q]."""
+        return self.optimal_elbo[self.family] - self.elbo
+
+    @property
+    def inference_gap(self) -> Tensor:
+        """``[N]`` log p̂(x) − L[q]."""
+        return self.log_px - self.elbo
+
+    def rows(self) -> list[tuple[str, float]]:
+        """Cremer et al.'s Table 1 rows, each a (label, mean over datapoints in nats)."""
+        rows = [("log p̂(x)", self.log_px)]
+        rows += [(f"L[q*_{name}]", value) for name, value in self.optimal_elbo.items()]
+        rows += [
+            ("L[q]", self.elbo),
+            ("approximation gap", self.approximation_gap),
+            ("amortization gap", self.amortization_gap),
+            ("inference gap", self.inference_gap),
+        ]
+        return [(label, value.mean().item()) for label, value in rows]
+
+    def table(self) -> str:
+        """A Markdown table in the layout of Cremer et al.'s Table 1 (means, in nats)."""
+        lines = [f"| {len(self.log_px)} datapoints | q = {self.family} |", "|---|---|"]
+        lines += [f"| {label} | {value:.2f} |" for label, value in self.rows()]
+        return "\n".join(lines)
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """Stacked bars of the mean approximation and amortization gaps; returns the path."""
+        from .plotting import plot_inference_gaps
+
+        return plot_inference_gaps({f"q = {self.family}": self}, path)
+
+    def to_dict(self) -> dict:
+        """Plain Python numbers and lists, for ``json.dump``."""
+        per_datapoint = {
+            "log_px": self.log_px,
+            "elbo": self.elbo,
+            "approximation_gap": self.approximation_gap,
+            "amortization_gap": self.amortization_gap,
+        }
+        per_datapoint.update({f"optimal_elbo_{k}": v for k, v in self.optimal_elbo.items()})
+        per_datapoint.update({f"iwae_{k}": v for k, v in self.iwae.items()})
+        per_datapoint.update({f"steps_{k}": v for k, v in self.steps.items()})
+        return {
+            "family": self.family,
+            "num_samples": self.num_samples,
+            "elbo_samples": self.elbo_samples,
+            "seconds": self.seconds,
+            "mean": dict(self.rows()),
+            "per_datapoint": {k: v.tolist() for k, v in per_datapoint.items()},
+        }
+
+
+def inference_gaps(
+    model: Callable,
+    guide: AutoAmortizedGuide,
+    *args,
+    families: Sequence[str] = FAMILIES,
+    num_samples: int = 5000,
+    elbo_samples: int = 1000,
+    chunk_size: int = 500,
+    init: str = "encoder",
+    num_particles: int = 10,
+    lr: float = 1e-2,
+    max_steps: int = 5000,
+    patience: int = 200,
+    progress: bool = True,
+    **kwargs,
+) -> InferenceGaps:
+    r"""The approximation and amortization gaps of an amortized guide on some datapoints.
+
+    For the datapoints in the model's arguments: :math:`\mathcal{L}[q]` (the ELBO of the
+    guide, from ``elbo_samples`` draws), and for each family the best posterior fitted to
+    each datapoint on its own (:func:`optimize_local_normal` for ``"normal"``) with its
+    ELBO :math:`\mathcal{L}[q^*]`; :math:`\log \hat p(x)` is the highest of the IWAE
+    estimates (``num_samples`` draws) with :math:`q` and each :math:`q^*` as proposals,
+    as Cremer et al. take the best estimate available. (Each estimate is a lower bound in
+    expectation only: a proposal narrower than the posterior has heavy-tailed weights,
+    whose estimate can overshoot, and the best one inherits that.) Global latents are
+    fixed at the guide's median throughout (see :func:`log_marginal_likelihood`).
+
+    Arguments:
+        model: The model (called with all its datapoints at once).
+        guide: An amortized guide; its own family (``"normal"`` for
+            :class:`~pyro_amortized.AutoAmortizedNormal`) must be among ``families``.
+        *args: The model's arguments.
+        families: Families of the per-datapoint posteriors :math:`q^*`.
+        num_samples: Samples of every IWAE estimate of :math:`\log p(x)`.
+        elbo_samples: Samples of every ELBO estimate.
+        chunk_size: Samples drawn per pass.
+        init: Start of the per-datapoint optimization: ``"encoder"`` (the guide's output)
+            or ``"prior"`` (a standard Normal).
+        num_particles: Draws per optimization step.
+        lr: Adam's step size.
+        max_steps: Cap on the optimization steps.
+        patience: Steps without a higher running-average bound before a datapoint stops.
+        progress: Show progress bars.
+        **kwargs: The model's keyword arguments.
+
+    Returns:
+        An :class:`InferenceGaps` report.
+
+    References:
+        Inference Suboptimality in Variational Autoencoders (Cremer, Li and Duvenaud, 2018).
+    """
+    began = time.perf_counter()
+    families = tuple(families)
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown or not families:
+        raise ValueError(
+            f"inference_gaps: families must be a non-empty subset of {FAMILIES}, got {families}"
+        )
+    own = _family(guide)
+    if own not in families:
+        raise ValueError(
+            f"inference_gaps: the guide ({type(guide).__name__}) is of family '{own}'; "
+            f"add it to families={families} so that its gaps can be split"
+        )
+    for name, value in (("num_samples", num_samples), ("elbo_samples", elbo_samples)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"inference_gaps: {name} must be an int >= 1, got {value!r}")
+    fixed_model, fixed_guide, local_plate, _ = _fix_globals(model, guide, args, kwargs)
+
+    def estimate(m, g, samples, reduce, desc):
+        return _chunked_estimate(
+            m,
+            g,
+            args,
+            kwargs,
+            num_samples=samples,
+            chunk_size=chunk_size,
+            batch_size=None,
+            local_plate=local_plate,
+            reduce=reduce,
+            desc=desc,
+            progress=progress,
+        )
+
+    with torch.no_grad():
+        elbo = estimate(fixed_model, fixed_guide, elbo_samples, "mean", "L[q]")
+        iwae = {
+            "amortized": estimate(fixed_model, fixed_guide, num_samples, "logmeanexp", "IWAE q")
+        }
+    optimal, steps = {}, {}
+    for family in families:
+        m, local_guide, steps[family] = optimize_local_normal(
+            model,
+            guide,
+            *args,
+            init=init,
+            num_particles=num_particles,
+            lr=lr,
+            max_steps=max_steps,
+            patience=patience,
+            progress=progress,
+            **kwargs,
+        )
+        with torch.no_grad():
+            optimal[family] = estimate(m, local_guide, elbo_samples, "mean", f"L[q*_{family}]")
+            iwae[family] = estimate(m, local_guide, num_samples, "logmeanexp", f"IWAE q*_{family}")
+    log_px = torch.stack(list(iwae.values())).max(0).values
+    return InferenceGaps(
+        family=own,
+        log_px=log_px,
+        elbo=elbo,
+        optimal_elbo=optimal,
+        iwae=iwae,
+        steps=steps,
+        num_samples=num_samples,
+        elbo_samples=elbo_samples,
+        seconds=time.perf_counter() - began,
+    )
+
+
+def _family(guide: Callable) -> str:
+    if isinstance(guide, AutoAmortizedNormal):
+        return "normal"
+    if hasattr(guide, "flow"):
+        return "flow"
+    raise ValueError(
+        f"inference_gaps: the guide ({type(guide).__name__}) is not an AutoAmortizedNormal "
+        "or a flow guide"
+    )

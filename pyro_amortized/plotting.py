@@ -16,6 +16,7 @@ from .objectives import _LocalParticlePlate, _log_prob, _per_datapoint
 
 __all__ = [
     "log_joint_on_grid",
+    "plot_inference_gaps",
     "plot_image_grid",
     "plot_posterior_contours",
     "plot_training_curves",
@@ -246,6 +247,31 @@ def plot_posterior_contours(
         bbox_to_anchor=(0.5, -0.12),
         ncol=2,
     )
+    return _save(figure, path)
+
+
+def plot_inference_gaps(reports: Mapping[str, object], path: str | Path) -> Path:
+    """Stacked bars of the mean approximation and amortization gaps, one bar per report.
+
+    Arguments:
+        reports: Label to an :class:`~pyro_amortized.diagnostics.InferenceGaps`.
+        path: Where to write the PNG.
+
+    Returns:
+        ``path``.
+    """
+    labels = list(reports)
+    approximation = [reports[k].approximation_gap.mean().item() for k in labels]
+    amortization = [reports[k].amortization_gap.mean().item() for k in labels]
+    figure = Figure(figsize=(1.6 + 1.4 * len(labels), 3.6))
+    ax = figure.subplots()
+    x = list(range(len(labels)))
+    ax.bar(x, approximation, color="tab:blue", label="approximation gap")
+    ax.bar(x, amortization, bottom=approximation, color="tab:orange", label="amortization gap")
+    ax.set_xticks(x, labels)
+    ax.set_ylabel("nats per datapoint")
+    ax.set_title("inference gap")
+    ax.legend(frameon=False)
     return _save(figure, path)
 
 
