@@ -1,3 +1,4 @@
+import json
 import math
 
 import pyro
@@ -56,6 +57,21 @@ def test_vae_cli_warmup_and_entropy_annealing_ramp_per_step(tmp_path):
     assert loss.kl_weight == pytest.approx((steps - 1) / (2 * steps))
     assert loss.entropy_weight == pytest.approx((steps - 1) / steps)
     assert math.isfinite(history.valid_bound[0])
+
+
+def test_vae_cli_gaps_table_and_files(tmp_path, capsys):
+    results = main(
+        ["--epochs", "1", "--out", str(tmp_path), "--no-progress", "--eval-samples", "20"]
+        + ["--hidden", "16", "--latent", "2", "--gaps", "10"]
+    )
+    assert "| amortization gap |" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "gaps.json").read_text())
+    assert len(saved["per_datapoint"]["log_px"]) == 10
+    assert results["gaps: inference gap"] == pytest.approx(saved["mean"]["inference gap"])
+    assert (tmp_path / "gaps.png").stat().st_size > 1000
+    with pytest.raises(SystemExit):
+        parse_args(["--guide", "iaf", "--gaps", "10"])
+    assert "--gaps needs --guide normal" in capsys.readouterr().err
 
 
 def test_output_bias_starts_at_the_logit_of_the_pixel_means():
