@@ -199,10 +199,12 @@ def _global_medians(guide: Callable, local: str, args, kwargs) -> dict[str, Tens
 
 
 class ActiveUnits(NamedTuple):
-    """The number of active latent dimensions and every dimension's activity."""
+    """The number of active latent dimensions, every dimension's activity and KL."""
 
     count: int
     activity: Tensor  # [D] variance over datapoints of the posterior mean
+    # [D] mean over datapoints of KL(q(z_d | x) || p(z_d)); None for flow guides
+    kl: Tensor | None = None
 
 
 @torch.no_grad()
@@ -228,7 +230,10 @@ def active_units(
         **kwargs: The model's keyword arguments.
 
     Returns:
-        The count and the per-dimension activity.
+        The count, the per-dimension activity and, for a guide with ``encode`` (the
+        Normal guide), each dimension's mean KL from the posterior to the prior,
+        :math:`\mathbb{E}_x \mathrm{KL}(q(z_u \mid x) \,\|\, p(z_u))`: an inactive unit's is
+        near 0. The priors come from running the guide's model on the datapoints.
 
     References:
         Importance Weighted Autoencoders (Burda, Grosse and Salakhutdinov, 2016), Sec. 5.2.
@@ -257,7 +262,40 @@ def active_units(
             "get_posterior(); pass an amortized guide"
         )
     activity = means.var(0, unbiased=False)
-    return ActiveUnits(int((activity > threshold).sum()), activity)
+    kl = _kl_per_dimension(guide, num_samples, args, kwargs)
+    return ActiveUnits(int((activity > threshold).sum()), activity, kl)
+
+
+def _kl_per_dimension(guide, num_samples: int, args, kwargs) -> Tensor:
+    """Mean over datapoints of KL(q(z_d | x) || p(z_d)) per coordinate of every local site.
+
+    Analytic where torch registers the pair (Normal against Normal), else from
+    ``num_samples`` draws. The priors are the model's, run on these datapoints.
+    """
+    posteriors = guide.encode(*args, **kwargs)
+    with poutine.block(), torch.random.fork_rng(devices=[]):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(guide.model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    result = []
+    for name, q in posteriors.items():
+        p = model_trace.nodes[name]["fn"]
+        q_dims, p_dims = _elementwise(q), _elementwise(p)
+        try:
+            kl = torch.distributions.kl_divergence(q_dims, p_dims)
+        except NotImplementedError:
+            z = q_dims.sample((num_samples,))
+            kl = (q_dims.log_prob(z) - p_dims.log_prob(z)).mean(0)
+        kl = kl.expand(q_dims.batch_shape)
+        result.append(kl.reshape(kl.shape[0], -1).mean(0))
+    return torch.cat(result)
+
+
+def _elementwise(d: torch.distributions.Distribution) -> torch.distributions.Distribution:
+    while isinstance(d, torch.distributions.Independent):
+        d = d.base_dist
+    return d
 
 
 class _RowTable(nn.Module):

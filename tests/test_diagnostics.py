@@ -135,9 +135,14 @@ def test_active_units_find_an_unused_latent(float64):
     units = active_units(guide, x)
     assert units.count == 2
     assert units.activity[1] == 0.0
-    W, _, _ = model.posterior()
+    W, c, var = model.posterior()
     expected = (x @ W.T).var(0, unbiased=False)
     assert torch.allclose(units.activity, expected)
+    # KL to the prior N(0, 1), per dimension: exactly 0 for the unused one
+    mean = x @ W.T + c
+    kl = 0.5 * (var + mean**2 - 1 - var.log()).mean(0)
+    torch.testing.assert_close(units.kl, kl)
+    assert units.kl[1].abs() < 1e-12 and (units.kl[[0, 2]] > 0.1).all()
 
 
 class _WithContext(torch.nn.Module):
@@ -259,3 +264,26 @@ def test_inference_gaps_split_matches_the_analytic_kls(float64, wrong, tmp_path)
     saved = report.to_dict()
     assert saved["mean"]["inference gap"] == pytest.approx(report.inference_gap.mean().item())
     assert len(saved["per_datapoint"]["log_px"]) == 16
+
+
+def test_active_units_kl_of_a_constrained_site_by_monte_carlo(float64):
+    # q(s | x) is a LogNormal (a Normal pushed through exp) against a LogNormal prior:
+    # torch has no formula for the pair, so the KL is sampled. KL is invariant under
+    # the shared exp, so it equals the Normals' KL.
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(0.0, s), obs=x)
+
+    x = torch.randn(50)
+    guide = AutoAmortizedNormal(model, hidden_dims=(4,), init_scale=0.5)
+    guide(x)
+    S = 4000
+    units = active_units(guide, x, num_samples=S)
+    base = guide.encode(x)["s"].base_dist
+    exact = torch.distributions.kl_divergence(base, dist.Normal(0.0, 1.0)).mean().detach()
+    # the estimate's standard error, from the spread of log q - log p under q
+    u = base.sample((S,))
+    ratio = (base.log_prob(u) - dist.Normal(0.0, 1.0).log_prob(u)).detach()
+    se = (ratio.var(0) / S).sum().sqrt() / len(x)
+    assert abs(units.kl[0] - exact) <= 5 * se, (units.kl, exact, se)
