@@ -339,12 +339,36 @@ def optimize_local_normal(
     running average of its bound (an exponential average over about 20 steps) has not
     risen for ``patience`` steps. Globals are fixed at the guide's median.
 
+    Arguments:
+        model: The model (called with all its datapoints at once).
+        guide: An amortized guide; its encoder gives the start and its sites the layout.
+        *args: The model's arguments.
+        init: ``"encoder"`` or ``"prior"``: where each datapoint's Normal starts.
+        num_particles: Draws per step.
+        lr: Adam's step size.
+        max_steps: Cap on the steps.
+        patience: Steps without a higher running-average bound before a datapoint stops.
+        progress: Show a ``tqdm`` progress bar (on stderr).
+        **kwargs: The model's keyword arguments.
+
     Returns:
         ``(model, local_guide, steps)``: the model and a guide for the optimized
         posteriors (both with the globals fixed), and each datapoint's number of steps.
+
+    References:
+        Inference Suboptimality in Variational Autoencoders (Cremer, Li and Duvenaud, 2018).
     """
     if init not in ("encoder", "prior"):
         raise ValueError(f"optimize_local_normal: init must be 'encoder' or 'prior', got {init!r}")
+    for name, value in (
+        ("num_particles", num_particles),
+        ("max_steps", max_steps),
+        ("patience", patience),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"optimize_local_normal: {name} must be an int >= 1, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"optimize_local_normal: lr must be > 0, got {lr!r}")
     if not isinstance(guide, AutoAmortizedGuide):
         raise ValueError(
             f"optimize_local_normal: the guide ({type(guide).__name__}) is not an "

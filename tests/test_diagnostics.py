@@ -319,3 +319,24 @@ def test_inference_gaps_approximation_gap_is_the_mean_field_kl(float64):
     shortfall = (model.log_evidence(x) - report.log_px).mean()
     assert 0.0 < shortfall < 0.1
     torch.testing.assert_close(report.approximation_gap.mean(), exact_gap - shortfall)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(init="zero"), "init must be 'encoder' or 'prior'"),
+        (dict(max_steps=0), "max_steps must be an int >= 1"),
+        (dict(patience=1.5), "patience must be an int >= 1"),
+        (dict(lr=0.0), "lr must be > 0"),
+    ],
+)
+def test_optimize_local_normal_bad_arguments(kwargs, match):
+    model = LinearGaussian()
+    x = model.sample(3)
+    guide = AutoAmortizedNormal(model, hidden_dims=(4,))
+    with pytest.raises(ValueError, match=match):
+        optimize_local_normal(model, guide, x, progress=False, **kwargs)
+    with pytest.raises(ValueError, match="not an AutoAmortizedGuide"):
+        optimize_local_normal(model, lambda x: None, x)
+    with pytest.raises(ValueError, match="families must be a non-empty subset"):
+        inference_gaps(model, guide, x, families=("flow",))
