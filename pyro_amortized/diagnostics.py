@@ -239,8 +239,9 @@ def active_units(
         Importance Weighted Autoencoders (Burda, Grosse and Salakhutdinov, 2016), Sec. 5.2.
     """
     if hasattr(guide, "encode"):
+        posteriors = guide.encode(*args, **kwargs)
         means = []
-        for q in guide.encode(*args, **kwargs).values():
+        for q in posteriors.values():
             base = q.base_dist if isinstance(q, torch.distributions.TransformedDistribution) else q
             means.append(base.mean.reshape(base.mean.shape[0], -1))
         means = torch.cat(means, dim=-1)
@@ -262,17 +263,17 @@ def active_units(
             "get_posterior(); pass an amortized guide"
         )
     activity = means.var(0, unbiased=False)
-    kl = _kl_per_dimension(guide, num_samples, args, kwargs)
+    kl = _kl_per_dimension(guide, posteriors, num_samples, args, kwargs)
     return ActiveUnits(int((activity > threshold).sum()), activity, kl)
 
 
-def _kl_per_dimension(guide, num_samples: int, args, kwargs) -> Tensor:
+def _kl_per_dimension(guide, posteriors: dict, num_samples: int, args, kwargs) -> Tensor:
     """Mean over datapoints of KL(q(z_d | x) || p(z_d)) per coordinate of every local site.
 
     Analytic where torch registers the pair (Normal against Normal), else from
-    ``num_samples`` draws. The priors are the model's, run on these datapoints.
+    ``num_samples`` draws. The priors are the model's, run on these datapoints;
+    ``posteriors`` is ``guide.encode``'s result for them.
     """
-    posteriors = guide.encode(*args, **kwargs)
     with poutine.block(), torch.random.fork_rng(devices=[]):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(guide.model, trace=guide_trace)).get_trace(
