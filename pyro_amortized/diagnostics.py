@@ -75,9 +75,7 @@ def log_marginal_likelihood(
     References:
         Importance Weighted Autoencoders (Burda, Grosse and Salakhutdinov, 2016).
     """
-    for name, value in (("num_samples", num_samples), ("chunk_size", chunk_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"log_marginal_likelihood: {name} must be an int >= 1, got {value!r}")
+    _check_counts("log_marginal_likelihood", num_samples=num_samples, chunk_size=chunk_size)
     if batch_size is not None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(
@@ -155,6 +153,23 @@ def _chunked_estimate(
                 total - math.log(num_samples) if reduce == "logmeanexp" else total / num_samples
             )
     return torch.cat(results)
+
+
+def _check_counts(owner: str, **values) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}")
+
+
+def _check_local_options(
+    owner: str, init: str, num_particles: int, lr: float, max_steps: int, patience: int
+) -> None:
+    """The options of the per-datapoint optimization (:func:`optimize_local_normal`)."""
+    if init not in ("encoder", "prior"):
+        raise ValueError(f"{owner}: init must be 'encoder' or 'prior', got {init!r}")
+    _check_counts(owner, num_particles=num_particles, max_steps=max_steps, patience=patience)
+    if not lr > 0:
+        raise ValueError(f"{owner}: lr must be > 0, got {lr!r}")
 
 
 def _fix_globals(model: Callable, guide: Callable, args, kwargs):
@@ -359,17 +374,7 @@ def optimize_local_normal(
     References:
         Inference Suboptimality in Variational Autoencoders (Cremer, Li and Duvenaud, 2018).
     """
-    if init not in ("encoder", "prior"):
-        raise ValueError(f"optimize_local_normal: init must be 'encoder' or 'prior', got {init!r}")
-    for name, value in (
-        ("num_particles", num_particles),
-        ("max_steps", max_steps),
-        ("patience", patience),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"optimize_local_normal: {name} must be an int >= 1, got {value!r}")
-    if not lr > 0:
-        raise ValueError(f"optimize_local_normal: lr must be > 0, got {lr!r}")
+    _check_local_options("optimize_local_normal", init, num_particles, lr, max_steps, patience)
     if not isinstance(guide, AutoAmortizedGuide):
         raise ValueError(
             f"optimize_local_normal: the guide ({type(guide).__name__}) is not an "
@@ -590,9 +595,11 @@ def inference_gaps(
             f"inference_gaps: the guide ({type(guide).__name__}) is of family '{own}'; "
             f"add it to families={families} so that its gaps can be split"
         )
-    for name, value in (("num_samples", num_samples), ("elbo_samples", elbo_samples)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"inference_gaps: {name} must be an int >= 1, got {value!r}")
+    _check_counts(
+        "inference_gaps", num_samples=num_samples, elbo_samples=elbo_samples, chunk_size=chunk_size
+    )
+    # checked here too, so that a bad option fails before the IWAE estimates, not after
+    _check_local_options("inference_gaps", init, num_particles, lr, max_steps, patience)
     fixed_model, fixed_guide, local_plate, _ = _fix_globals(model, guide, args, kwargs)
 
     def estimate(m, g, samples, reduce, desc):

@@ -340,3 +340,6 @@ def test_optimize_local_normal_bad_arguments(kwargs, match):
         optimize_local_normal(model, lambda x: None, x)
     with pytest.raises(ValueError, match="families must be a non-empty subset"):
         inference_gaps(model, guide, x, families=("flow",))
+    # inference_gaps checks the optimization's options before its IWAE estimates
+    with pytest.raises(ValueError, match="inference_gaps: " + match):
+        inference_gaps(model, guide, x, progress=False, **kwargs)
