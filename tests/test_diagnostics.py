@@ -8,7 +8,6 @@ from linear_gaussian import AffineEncoder, LinearGaussian, exact_encoder
 
 from pyro_amortized import AutoAmortizedIAF, AutoAmortizedNormal, Trace_IWELBO
 from pyro_amortized.diagnostics import (
-    _local_elbo,
     active_units,
     inference_gaps,
     log_marginal_likelihood,
@@ -183,24 +182,34 @@ def test_active_units_bad_inputs():
         active_units(lambda x: None, x)
 
 
-def test_local_normal_optimum_reaches_the_analytic_mean_field_bound(float64):
-    # A non-orthogonal A: the posterior N(mu, Lam^-1) is correlated, and the best diagonal
-    # Normal (in KL(q || p)) has mean mu and precisions diag(Lam); its ELBO is
-    # log p(x) - KL, KL = (sum log Lam_ii - log det Lam) / 2, the same for every datapoint.
+def _correlated_problem():
+    """A linear-Gaussian model with a correlated posterior, 16 datapoints, an untrained guide,
+    the posterior precision Lam and the KL of the best diagonal Normal to the posterior.
+
+    With non-orthogonal columns of A the posterior N(mu, Lam^-1) is correlated; the best
+    diagonal Normal (in KL(q || p)) has mean mu and precisions diag(Lam), and its KL to
+    the posterior is (sum log Lam_ii - log det Lam) / 2, the same for every datapoint.
+    """
     model = LinearGaussian()
     model.A = torch.tensor([[1.0, 0.8], [0.9, 1.0], [0.3, 0.5]])  # columns far from orthogonal
     x = model.sample(16)
     guide = AutoAmortizedNormal(model, hidden_dims=(4,))  # an untrained, wrong encoder
     guide(x)
-    model_, local, steps = optimize_local_normal(model, guide, x, progress=False)
-    assert (steps < 5000).all()  # every datapoint stopped by patience
     Lam = torch.eye(2) + model.A.T @ model.A / model.sigma**2
     kl = 0.5 * (Lam.diag().log().sum() - torch.logdet(Lam))
+    return model, x, guide, Lam, kl
+
+
+def test_local_normal_optimum_reaches_the_analytic_mean_field_bound(float64):
+    # The optimized ELBO of each datapoint is log p(x) - KL at best.
+    model, x, guide, _, kl = _correlated_problem()
+    model_, local, steps = optimize_local_normal(model, guide, x, progress=False)
+    assert (steps < 5000).all()  # every datapoint stopped by patience
     optimum = model.log_evidence(x) - kl
     S = 20000
-    bound = _local_elbo(Trace_IWELBO(S), model_, local, (x,), {})
     terms = Trace_IWELBO(S)._collect(model_, local, (x,), {}, stopped=False)
-    se = (terms.model_local - terms.guide_local).std(0) / math.sqrt(S)
+    log_w = terms.model_local - terms.guide_local
+    bound, se = log_w.mean(0), log_w.std(0) / math.sqrt(S)
     # Above the optimum only by noise; below it by noise and by what Adam's jitter leaves,
     # a second-order loss: about 0.5 * Lam * (0.07 loc error)^2 < 0.02 nats.
     assert (bound <= optimum + 5 * se).all()
@@ -290,17 +299,10 @@ def test_active_units_kl_of_a_constrained_site_by_monte_carlo(float64):
 
 
 def test_inference_gaps_approximation_gap_is_the_mean_field_kl(float64):
-    # A correlated posterior: the approximation gap of the normal family is
-    # KL(q*_FFG || p(z | x)) = (sum log Lam_ii - log det Lam) / 2, the same for every x.
-    model = LinearGaussian()
-    model.A = torch.tensor([[1.0, 0.8], [0.9, 1.0], [0.3, 0.5]])
-    x = model.sample(16)
-    guide = AutoAmortizedNormal(model, hidden_dims=(4,))
-    guide(x)
+    # The approximation gap of the normal family is KL(q*_FFG || p(z | x)).
+    model, x, guide, Lam, kl = _correlated_problem()
     S = 4000
     report = inference_gaps(model, guide, x, num_samples=S, elbo_samples=S, progress=False)
-    Lam = torch.eye(2) + model.A.T @ model.A / model.sigma**2
-    kl = 0.5 * (Lam.diag().log().sum() - torch.logdet(Lam))
     # Under q* = N(mu, D^-1), D = diag(Lam), log w = log p(x) - u^T (Lam - D) u / 2 + c
     # with u ~ N(0, D^-1): sd(log w) = sqrt(tr((M D^-1)^2) / 2), M = Lam - D, which gives
     # the standard error of the mean ELBO estimate; Adam's jitter costs < 0.02 more.
