@@ -1,4 +1,4 @@
-r"""Batched per-datapoint optimization (``optimize_local_normal``) against a Python loop.
+r"""Batched per-datapoint optimization (``optimize_local``) against a Python loop.
 
 ``inference_gaps`` fits a separate diagonal Normal to every datapoint. This script times
 that fit for 256 test images in one batched call against 256 calls of one image each
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from models.datasets import DatasetNotFoundError, load_dataset  # noqa: E402
 from models.vae import build, parse_args  # noqa: E402
-from pyro_amortized.diagnostics import optimize_local_normal  # noqa: E402
+from pyro_amortized.local import optimize_local  # noqa: E402
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "binarized_mnist"
 
@@ -59,11 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     fit = {"max_steps": options.steps, "patience": options.steps + 1, "progress": False}
 
     def batched() -> None:
-        optimize_local_normal(model, guide, x, **fit)
+        optimize_local(model, guide, x, **fit)
 
     def looped() -> None:
         for i in range(len(x)):
-            optimize_local_normal(model, guide, x[i : i + 1], **fit)
+            optimize_local(model, guide, x[i : i + 1], **fit)
 
     times = {"batched": [], "looped": []}
     for r in range(options.rounds):

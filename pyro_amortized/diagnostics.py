@@ -12,11 +12,12 @@ from typing import NamedTuple
 
 import torch
 from pyro import poutine
-from pyro.poutine.subsample_messenger import _Subsample
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
+from .flows import AutoAmortizedFlow, AutoAmortizedIAF
 from .guides import AutoAmortizedGuide, AutoAmortizedNormal
+from .local import FAMILIES, _check_counts, _check_local_options, _optimize_local, fix_globals
 from .objectives import Trace_IWELBO
 
 __all__ = [
@@ -25,7 +26,6 @@ __all__ = [
     "active_units",
     "inference_gaps",
     "log_marginal_likelihood",
-    "optimize_local_normal",
 ]
 
 
@@ -87,7 +87,9 @@ def log_marginal_likelihood(
                 "log_marginal_likelihood: batch_size needs the data as the first argument, "
                 "model(data, idx), as fit calls it"
             )
-    model, guide, local_plate, _ = _fix_globals(model, guide, args, kwargs)
+    model, guide, local_plate, _ = fix_globals(
+        model, guide, args, kwargs, "log_marginal_likelihood"
+    )
     return _chunked_estimate(
         model,
         guide,
@@ -153,64 +155,6 @@ def _chunked_estimate(
                 total - math.log(num_samples) if reduce == "logmeanexp" else total / num_samples
             )
     return torch.cat(results)
-
-
-def _check_counts(owner: str, **values) -> None:
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}")
-
-
-def _check_local_options(
-    owner: str, init: str, num_particles: int, lr: float, max_steps: int, patience: int
-) -> None:
-    """The options of the per-datapoint optimization (:func:`optimize_local_normal`)."""
-    if init not in ("encoder", "prior"):
-        raise ValueError(f"{owner}: init must be 'encoder' or 'prior', got {init!r}")
-    _check_counts(owner, num_particles=num_particles, max_steps=max_steps, patience=patience)
-    if not lr > 0:
-        raise ValueError(f"{owner}: lr must be > 0, got {lr!r}")
-
-
-def _fix_globals(model: Callable, guide: Callable, args, kwargs):
-    """Model and guide with the global latents fixed at the guide's median.
-
-    Returns ``(model, guide, local_plate, globals)``; model and guide come back unchanged
-    when there are no globals.
-    """
-    probe = Trace_IWELBO(1, local_plate=getattr(guide, "local_plate", None))
-    with torch.random.fork_rng(devices=[]):  # the setup's draws leave the estimate's alone
-        probe._setup(model, guide, args, kwargs)
-    local_plate = probe._local_name
-    globals_ = _global_medians(guide, local_plate, args, kwargs)
-    if globals_:
-        model = poutine.condition(model, data=globals_)
-        guide = poutine.condition(guide, data=globals_)
-    return model, guide, local_plate, globals_
-
-
-def _global_medians(guide: Callable, local: str, args, kwargs) -> dict[str, Tensor]:
-    """The guide's median of every latent site outside the local plate ({} without any)."""
-    with poutine.block(), torch.random.fork_rng(devices=[]):
-        trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    names = [
-        name
-        for name, site in trace.nodes.items()
-        if site["type"] == "sample"
-        and not site["is_observed"]
-        and not isinstance(site["fn"], _Subsample)
-        and not site["infer"].get("is_auxiliary")
-        and all(f.name != local for f in site["cond_indep_stack"])
-    ]
-    if not names:
-        return {}
-    if not hasattr(guide, "median"):
-        raise ValueError(
-            f"log_marginal_likelihood: the model has global latent sites ({', '.join(names)}) "
-            f"and the guide ({type(guide).__name__}) has no median() to fix them at"
-        )
-    medians = guide.median(*args, **kwargs)
-    return {name: medians[name] for name in names}
 
 
 class ActiveUnits(NamedTuple):
@@ -314,126 +258,6 @@ def _elementwise(d: torch.distributions.Distribution) -> torch.distributions.Dis
     return d
 
 
-class _RowTable(nn.Module):
-    """A diagonal Normal per datapoint, looked up by row number: a non-amortized encoder."""
-
-    def __init__(self, loc: Tensor, scale: Tensor):
-        super().__init__()
-        self.loc = nn.Parameter(loc.detach().clone())
-        self.log_scale = nn.Parameter(scale.detach().log())
-
-    def forward(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        i = rows[..., 0].long()
-        return self.loc[i], self.log_scale[i].exp()
-
-
-def _local_elbo(elbo: Trace_IWELBO, model, guide, args, kwargs) -> Tensor:
-    """``[N]`` per-datapoint ELBO estimates: the mean over the particles of log w."""
-    terms = elbo._collect(model, guide, args, kwargs, stopped=False)
-    return (terms.model_local - terms.guide_local).mean(0)
-
-
-def optimize_local_normal(
-    model: Callable,
-    guide: Callable,
-    *args,
-    init: str = "encoder",
-    num_particles: int = 10,
-    lr: float = 1e-2,
-    max_steps: int = 5000,
-    patience: int = 200,
-    progress: bool = True,
-    **kwargs,
-) -> tuple[Callable, Callable, Tensor]:
-    r"""The best diagonal Normal for each datapoint, :math:`q^*_{\mathrm{FFG}}(z \mid x_i)`.
-
-    One free (loc, scale) per datapoint over the guide's joint unconstrained local latent,
-    started at the encoder's output (``init="encoder"``) or at a standard Normal
-    (``"prior"``), and optimized by Adam on each datapoint's own ELBO estimate
-    (``num_particles`` draws a step). All datapoints move in one batched tensor program;
-    Adam's moments and step counts are per datapoint, and a datapoint stops once the
-    running average of its bound (an exponential average over about 20 steps) has not
-    risen for ``patience`` steps. Globals are fixed at the guide's median.
-
-    Arguments:
-        model: The model (called with all its datapoints at once).
-        guide: An amortized guide; its encoder gives the start and its sites the layout.
-        *args: The model's arguments.
-        init: ``"encoder"`` or ``"prior"``: where each datapoint's Normal starts.
-        num_particles: Draws per step.
-        lr: Adam's step size.
-        max_steps: Cap on the steps.
-        patience: Steps without a higher running-average bound before a datapoint stops.
-        progress: Show a ``tqdm`` progress bar (on stderr).
-        **kwargs: The model's keyword arguments.
-
-    Returns:
-        ``(model, local_guide, steps)``: the model and a guide for the optimized
-        posteriors (both with the globals fixed), and each datapoint's number of steps.
-
-    References:
-        Inference Suboptimality in Variational Autoencoders (Cremer, Li and Duvenaud, 2018).
-    """
-    _check_local_options("optimize_local_normal", init, num_particles, lr, max_steps, patience)
-    if not isinstance(guide, AutoAmortizedGuide):
-        raise ValueError(
-            f"optimize_local_normal: the guide ({type(guide).__name__}) is not an "
-            "AutoAmortizedGuide"
-        )
-    model, _, local_plate, globals_ = _fix_globals(model, guide, args, kwargs)
-    with torch.no_grad():
-        # the encoder's base Normal over the joint local latent (a flow guide's, before its flow)
-        out = guide._encode(guide._get_context(None, args, kwargs))
-        loc, scale = out[0], out[1]
-        if init == "prior":
-            loc, scale = torch.zeros_like(loc), torch.ones_like(scale)
-    N = loc.shape[0]
-    rows = torch.arange(N, dtype=loc.dtype, device=loc.device).unsqueeze(-1)
-    table = _RowTable(loc, scale)
-    local_guide = AutoAmortizedNormal(
-        model, local_plate=local_plate, encoder=table, context=lambda *a, **k: rows
-    )
-    if globals_:
-        local_guide = poutine.condition(local_guide, data=globals_)
-    elbo = Trace_IWELBO(num_particles, local_plate=local_plate)
-    params = list(table.parameters())
-    m = [torch.zeros_like(p) for p in params]
-    v = [torch.zeros_like(p) for p in params]
-    t = torch.zeros(N, dtype=loc.dtype, device=loc.device)
-    active = torch.ones(N, dtype=torch.bool, device=loc.device)
-    average = best = None
-    since = torch.zeros(N, dtype=torch.long, device=loc.device)
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    with tqdm(total=max_steps, desc="local q*", unit="step", disable=not progress) as bar:
-        for _ in range(max_steps):
-            bound = _local_elbo(elbo, model, local_guide, args, kwargs)
-            grads = torch.autograd.grad(-(bound * active).sum(), params)
-            with torch.no_grad():
-                t += active
-                mask = active.unsqueeze(-1)
-                c1 = (1 - beta1**t).clamp_min(1e-12).unsqueeze(-1)
-                c2 = (1 - beta2**t).clamp_min(1e-12).unsqueeze(-1)
-                for p, g, m_, v_ in zip(params, grads, m, v, strict=True):
-                    m_.copy_(torch.where(mask, beta1 * m_ + (1 - beta1) * g, m_))
-                    v_.copy_(torch.where(mask, beta2 * v_ + (1 - beta2) * g * g, v_))
-                    step = lr * (m_ / c1) / ((v_ / c2).sqrt() + eps)
-                    p.sub_(torch.where(mask, step, torch.zeros_like(step)))
-                value = bound.detach()
-                average = value if average is None else 0.95 * average + 0.05 * value
-                improved = average > best if best is not None else torch.ones_like(active)
-                best = average if best is None else torch.where(improved, average, best)
-                since = torch.where(improved, torch.zeros_like(since), since + 1)
-                active &= since < patience
-            bar.update()
-            bar.set_postfix(active=int(active.sum()))
-            if not active.any():
-                break
-    return model, local_guide, t
-
-
-FAMILIES = ("normal",)
-
-
 @dataclass
 class InferenceGaps:
     r"""Cremer et al.'s split of the inference gap, per datapoint and on average.
@@ -531,7 +355,7 @@ def inference_gaps(
     model: Callable,
     guide: AutoAmortizedGuide,
     *args,
-    families: Sequence[str] = FAMILIES,
+    families: Sequence[str] = ("normal", "flow"),
     num_samples: int = 5000,
     elbo_samples: int = 1000,
     chunk_size: int = 500,
@@ -540,6 +364,8 @@ def inference_gaps(
     lr: float = 1e-2,
     max_steps: int = 5000,
     patience: int = 200,
+    num_flows: int = 2,
+    flow_hidden_dims: Sequence[int] | None = None,
     progress: bool = True,
     **kwargs,
 ) -> InferenceGaps:
@@ -547,7 +373,7 @@ def inference_gaps(
 
     For the datapoints in the model's arguments: :math:`\mathcal{L}[q]` (the ELBO of the
     guide, from ``elbo_samples`` draws), and for each family the best posterior fitted to
-    each datapoint on its own (:func:`optimize_local_normal` for ``"normal"``) with its
+    each datapoint on its own (:func:`~pyro_amortized.local.optimize_local`) with its
     ELBO :math:`\mathcal{L}[q^*]`; :math:`\log \hat p(x)` is the highest of the IWAE
     estimates (``num_samples`` draws) with :math:`q` and each :math:`q^*` as proposals,
     as Cremer et al. take the best estimate available. Each estimate is a lower bound in
@@ -555,15 +381,21 @@ def inference_gaps(
     its estimate converges slowly (on a correlated linear-Gaussian posterior, IWAE-4000
     from the mean-field optimum fell 0.026 nats short, which shrinks the approximation
     gap by as much), and a single estimate can overshoot, which the best one inherits.
-    Global latents are
-    fixed at the guide's median throughout (see :func:`log_marginal_likelihood`).
+    Global latents are fixed at the guide's median throughout (see
+    :func:`log_marginal_likelihood`).
+
+    The gaps are split with the guide's own family (``"normal"`` for
+    :class:`~pyro_amortized.AutoAmortizedNormal`, ``"flow"`` for
+    :class:`~pyro_amortized.AutoAmortizedFlow`, ``"iaf"`` for
+    :class:`~pyro_amortized.AutoAmortizedIAF`), which is fitted even when ``families``
+    leaves it out; the other families' :math:`\mathcal{L}[q^*]` are reported beside it.
 
     Arguments:
         model: The model (called with all its datapoints at once).
-        guide: An amortized guide; its own family (``"normal"`` for
-            :class:`~pyro_amortized.AutoAmortizedNormal`) must be among ``families``.
+        guide: An amortized guide.
         *args: The model's arguments.
-        families: Families of the per-datapoint posteriors :math:`q^*`.
+        families: Families of the per-datapoint posteriors :math:`q^*`, among
+            ``"normal"``, ``"flow"`` and ``"iaf"``.
         num_samples: Samples of every IWAE estimate of :math:`\log p(x)`.
         elbo_samples: Samples of every ELBO estimate.
         chunk_size: Samples drawn per pass.
@@ -573,6 +405,10 @@ def inference_gaps(
         lr: Adam's step size.
         max_steps: Cap on the optimization steps.
         patience: Steps without a higher running-average bound before a datapoint stops.
+        num_flows: Flow steps of a flow :math:`q^*` not of the guide's own class (one of
+            the guide's class copies the guide's flow).
+        flow_hidden_dims: Hidden widths of such a flow's networks (see
+            :func:`~pyro_amortized.local.optimize_local`).
         progress: Show progress bars.
         **kwargs: The model's keyword arguments.
 
@@ -583,24 +419,24 @@ def inference_gaps(
         Inference Suboptimality in Variational Autoencoders (Cremer, Li and Duvenaud, 2018).
     """
     began = time.perf_counter()
-    families = tuple(families)
+    families = tuple(families) if not isinstance(families, str) else (families,)
     unknown = [f for f in families if f not in FAMILIES]
-    if unknown or not families:
+    if unknown:
         raise ValueError(
-            f"inference_gaps: families must be a non-empty subset of {FAMILIES}, got {families}"
+            f"inference_gaps: families must be among {FAMILIES}, got {unknown} in {families}"
         )
     own = _family(guide)
-    if own not in families:
-        raise ValueError(
-            f"inference_gaps: the guide ({type(guide).__name__}) is of family '{own}'; "
-            f"add it to families={families} so that its gaps can be split"
-        )
+    families = tuple(dict.fromkeys((own, *families)))  # the guide's own first, no repeats
     _check_counts(
         "inference_gaps", num_samples=num_samples, elbo_samples=elbo_samples, chunk_size=chunk_size
     )
     # checked here too, so that a bad option fails before the IWAE estimates, not after
-    _check_local_options("inference_gaps", init, num_particles, lr, max_steps, patience)
-    fixed_model, fixed_guide, local_plate, _ = _fix_globals(model, guide, args, kwargs)
+    _check_local_options(
+        "inference_gaps", own, init, num_particles, lr, max_steps, patience, num_flows
+    )
+    fixed_model, fixed_guide, local_plate, globals_ = fix_globals(
+        model, guide, args, kwargs, "inference_gaps"
+    )
 
     def estimate(m, g, samples, reduce, desc):
         return _chunked_estimate(
@@ -624,21 +460,30 @@ def inference_gaps(
         }
     optimal, steps = {}, {}
     for family in families:
-        m, local_guide, steps[family] = optimize_local_normal(
-            model,
+        _, local_guide, steps[family] = _optimize_local(
+            fixed_model,
             guide,
-            *args,
+            args,
+            kwargs,
+            local_plate=local_plate,
+            globals_=globals_,
+            family=family,
             init=init,
             num_particles=num_particles,
             lr=lr,
             max_steps=max_steps,
             patience=patience,
+            num_flows=num_flows,
+            flow_hidden_dims=flow_hidden_dims,
             progress=progress,
-            **kwargs,
         )
         with torch.no_grad():
-            optimal[family] = estimate(m, local_guide, elbo_samples, "mean", f"L[q*_{family}]")
-            iwae[family] = estimate(m, local_guide, num_samples, "logmeanexp", f"IWAE q*_{family}")
+            optimal[family] = estimate(
+                fixed_model, local_guide, elbo_samples, "mean", f"L[q*_{family}]"
+            )
+            iwae[family] = estimate(
+                fixed_model, local_guide, num_samples, "logmeanexp", f"IWAE q*_{family}"
+            )
     log_px = torch.stack(list(iwae.values())).max(0).values
     return InferenceGaps(
         family=own,
@@ -656,9 +501,11 @@ def inference_gaps(
 def _family(guide: Callable) -> str:
     if isinstance(guide, AutoAmortizedNormal):
         return "normal"
-    if hasattr(guide, "flow"):
+    if isinstance(guide, AutoAmortizedFlow):
         return "flow"
+    if isinstance(guide, AutoAmortizedIAF):
+        return "iaf"
     raise ValueError(
-        f"inference_gaps: the guide ({type(guide).__name__}) is not an AutoAmortizedNormal "
-        "or a flow guide"
+        f"inference_gaps: the guide ({type(guide).__name__}) is not an AutoAmortizedNormal, "
+        "AutoAmortizedFlow or AutoAmortizedIAF"
     )

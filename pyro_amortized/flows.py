@@ -108,6 +108,14 @@ class _AmortizedFlowGuide(AutoAmortizedGuide):
         """A term added to log q of the local sites, per datapoint (None: nothing)."""
         return None
 
+    def _architecture(self) -> dict:
+        """The constructor's flow options: a guide built with them has the same flow."""
+        raise NotImplementedError
+
+    def _conditional_networks(self) -> list[tuple[nn.Module, str]]:
+        """Every network of the flow that takes the context, as (owner, attribute name)."""
+        raise NotImplementedError
+
     def _check_encoder_output(self, rows: int, out) -> None:
         expected = [(rows, self._latent_dim)] * 2 + [(rows, self.context_dim)]
         ok = isinstance(out, (tuple, list)) and all(isinstance(t, Tensor) for t in out)
@@ -320,6 +328,16 @@ class AutoAmortizedIAF(_AmortizedFlowGuide):
             steps.append(ConditionalAffineAutoregressive(made, stable=self.stable))
         self.flow = nn.ModuleList(steps)
 
+    def _architecture(self) -> dict:
+        return {
+            "num_transforms": self.num_transforms,
+            "flow_hidden_dims": self.flow_hidden_dims,
+            "stable": self.stable,
+        }
+
+    def _conditional_networks(self) -> list[tuple[nn.Module, str]]:
+        return [(step, "nn") for step in self.flow]
+
     def _posterior(self, loc: Tensor, scale: Tensor, h: Tensor) -> dist.TransformedDistribution:
         """q(u | x), the joint unconstrained local latent: batch ``[batch]``, event ``[D]``."""
         base = dist.Normal(loc, scale).to_event(1)
@@ -356,7 +374,9 @@ class AutoAmortizedFlow(_AmortizedFlowGuide):
 
     Every coupling's inverse is one network pass, so ``"stl"`` and ``"dreg"`` cost about
     one more forward pass (unlike :class:`AutoAmortizedIAF`). The last layer of every
-    coupling network starts at zero, so the flow starts as the identity.
+    network (couplings and :math:`r`) starts at zero, so the flow starts as the identity,
+    :math:`q(v_0 \mid x, z_0)` and :math:`r` as standard Normals, and the guide as the
+    encoder's Normal.
 
     Arguments:
         model: A Pyro model with a vectorized plate over datapoints.
@@ -424,21 +444,27 @@ class AutoAmortizedFlow(_AmortizedFlowGuide):
         self.num_flows = num_flows
         self.auxiliary = auxiliary
 
-    def _coupling(self, split: int, rest: int) -> ConditionalAffineCoupling:
-        net = ConditionalDenseNN(split, self.context_dim, list(self.flow_hidden_dims), [rest, rest])
-        with torch.no_grad():  # m = 0 and log s = 0: the coupling starts as the identity
+    def _network(self, input_dim: int, output_dim: int) -> ConditionalDenseNN:
+        """A network with outputs (m, log s), both zero until it learns."""
+        net = ConditionalDenseNN(
+            input_dim, self.context_dim, list(self.flow_hidden_dims), [output_dim, output_dim]
+        )
+        with torch.no_grad():
             net.layers[-1].weight.zero_()
             net.layers[-1].bias.zero_()
-        return ConditionalAffineCoupling(split, net)
+        return net
+
+    def _coupling(self, split: int, rest: int) -> ConditionalAffineCoupling:
+        # m = 0 and log s = 0: the coupling starts as the identity
+        return ConditionalAffineCoupling(split, self._network(split, rest))
 
     def _build_flow(self, latent_dim: int) -> None:
         D = latent_dim
         if self.auxiliary:
             self.auxiliary_prior = self._coupling(D, D)  # q(v0 | x, z0)
             self.flow = nn.ModuleList(self._coupling(D, D) for _ in range(2 * self.num_flows))
-            self.reverse = ConditionalDenseNN(
-                D, self.context_dim, list(self.flow_hidden_dims), [D, D]
-            )
+            # r(v | x, z) starts as N(0, 1), the law of v0 under the identity flow
+            self.reverse = self._network(D, D)
             return
         if D < 2 and self.num_flows:
             raise ValueError(
@@ -463,6 +489,19 @@ class AutoAmortizedFlow(_AmortizedFlowGuide):
         for step in self.flow:  # alternately v on z and z on v
             transforms += [step.condition(h), swap]
         return dist.TransformedDistribution(base, transforms)
+
+    def _architecture(self) -> dict:
+        return {
+            "num_flows": self.num_flows,
+            "flow_hidden_dims": self.flow_hidden_dims,
+            "auxiliary": self.auxiliary,
+        }
+
+    def _conditional_networks(self) -> list[tuple[nn.Module, str]]:
+        networks = [(step, "nn") for step in self.flow]
+        if self.auxiliary:
+            networks = [(self.auxiliary_prior, "nn"), *networks, (self, "reverse")]
+        return networks
 
     def _extra_log_density(self, latent: Tensor, h: Tensor) -> Tensor | None:
         if not self.auxiliary:

@@ -8,6 +8,8 @@ import torch
 from pyro.nn import PyroModule
 from torch import nn
 
+from pyro_amortized import AutoAmortizedNormal
+
 
 class LinearGaussian(PyroModule):
     r"""z ~ N(0, I_D), x | z ~ N(A z + b, sigma^2 I_P), with A^T A diagonal.
@@ -88,3 +90,21 @@ def encoder_grad(loss, encoder):
 
 
 LOG2PI = math.log(2 * math.pi)
+
+
+def correlated_problem():
+    """A linear-Gaussian model with a correlated posterior, 16 datapoints, an untrained guide,
+    the posterior precision Lam and the KL of the best diagonal Normal to the posterior.
+
+    With non-orthogonal columns of A the posterior N(mu, Lam^-1) is correlated; the best
+    diagonal Normal (in KL(q || p)) has mean mu and precisions diag(Lam), and its KL to
+    the posterior is (sum log Lam_ii - log det Lam) / 2, the same for every datapoint.
+    """
+    model = LinearGaussian()
+    model.A = torch.tensor([[1.0, 0.8], [0.9, 1.0], [0.3, 0.5]])  # columns far from orthogonal
+    x = model.sample(16)
+    guide = AutoAmortizedNormal(model, hidden_dims=(4,))  # an untrained, wrong encoder
+    guide(x)
+    Lam = torch.eye(2) + model.A.T @ model.A / model.sigma**2
+    kl = 0.5 * (Lam.diag().log().sum() - torch.logdet(Lam))
+    return model, x, guide, Lam, kl

@@ -4,15 +4,10 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from linear_gaussian import AffineEncoder, LinearGaussian, exact_encoder
+from linear_gaussian import AffineEncoder, LinearGaussian, correlated_problem, exact_encoder
 
-from pyro_amortized import AutoAmortizedIAF, AutoAmortizedNormal, Trace_IWELBO
-from pyro_amortized.diagnostics import (
-    active_units,
-    inference_gaps,
-    log_marginal_likelihood,
-    optimize_local_normal,
-)
+from pyro_amortized import AutoAmortizedFlow, AutoAmortizedIAF, AutoAmortizedNormal, Trace_IWELBO
+from pyro_amortized.diagnostics import active_units, inference_gaps, log_marginal_likelihood
 
 
 @pytest.fixture
@@ -182,41 +177,6 @@ def test_active_units_bad_inputs():
         active_units(lambda x: None, x)
 
 
-def _correlated_problem():
-    """A linear-Gaussian model with a correlated posterior, 16 datapoints, an untrained guide,
-    the posterior precision Lam and the KL of the best diagonal Normal to the posterior.
-
-    With non-orthogonal columns of A the posterior N(mu, Lam^-1) is correlated; the best
-    diagonal Normal (in KL(q || p)) has mean mu and precisions diag(Lam), and its KL to
-    the posterior is (sum log Lam_ii - log det Lam) / 2, the same for every datapoint.
-    """
-    model = LinearGaussian()
-    model.A = torch.tensor([[1.0, 0.8], [0.9, 1.0], [0.3, 0.5]])  # columns far from orthogonal
-    x = model.sample(16)
-    guide = AutoAmortizedNormal(model, hidden_dims=(4,))  # an untrained, wrong encoder
-    guide(x)
-    Lam = torch.eye(2) + model.A.T @ model.A / model.sigma**2
-    kl = 0.5 * (Lam.diag().log().sum() - torch.logdet(Lam))
-    return model, x, guide, Lam, kl
-
-
-def test_local_normal_optimum_reaches_the_analytic_mean_field_bound(float64):
-    # The optimized ELBO of each datapoint is log p(x) - KL at best.
-    model, x, guide, _, kl = _correlated_problem()
-    model_, local, steps = optimize_local_normal(model, guide, x, progress=False)
-    assert (steps < 5000).all()  # every datapoint stopped by patience
-    optimum = model.log_evidence(x) - kl
-    S = 20000
-    terms = Trace_IWELBO(S)._collect(model_, local, (x,), {}, stopped=False)
-    log_w = terms.model_local - terms.guide_local
-    bound, se = log_w.mean(0), log_w.std(0) / math.sqrt(S)
-    # Above the optimum only by noise; below it by noise and by what Adam's jitter leaves,
-    # a second-order loss: about 0.5 * Lam * (0.07 loc error)^2 < 0.02 nats.
-    assert (bound <= optimum + 5 * se).all()
-    assert (bound >= optimum - 0.02 - 5 * se).all(), (optimum - bound).max()
-    assert kl > 0.1  # the posterior is far from diagonal: the check has teeth
-
-
 def _kl_diagonal(loc_q, scale_q, loc_p, var_p):
     """KL(N(loc_q, scale_q^2) || N(loc_p, var_p)) per row, diagonal Gaussians."""
     var_q = scale_q**2
@@ -240,7 +200,9 @@ def test_inference_gaps_split_matches_the_analytic_kls(float64, wrong, tmp_path)
     guide = AutoAmortizedNormal(model, encoder=encoder)
     guide(x)
     S = 4000
-    report = inference_gaps(model, guide, x, num_samples=S, elbo_samples=S, progress=False)
+    report = inference_gaps(
+        model, guide, x, families=("normal",), num_samples=S, elbo_samples=S, progress=False
+    )
     W, c, var = model.posterior()
     q = guide.encode(x)["z"]
     kl = _kl_diagonal(q.base_dist.loc, q.base_dist.scale, x @ W.T + c, var).detach()
@@ -300,9 +262,11 @@ def test_active_units_kl_of_a_constrained_site_by_monte_carlo(float64):
 
 def test_inference_gaps_approximation_gap_is_the_mean_field_kl(float64):
     # The approximation gap of the normal family is KL(q*_FFG || p(z | x)).
-    model, x, guide, Lam, kl = _correlated_problem()
+    model, x, guide, Lam, kl = correlated_problem()
     S = 4000
-    report = inference_gaps(model, guide, x, num_samples=S, elbo_samples=S, progress=False)
+    report = inference_gaps(
+        model, guide, x, families=("normal",), num_samples=S, elbo_samples=S, progress=False
+    )
     # Under q* = N(mu, D^-1), D = diag(Lam), log w = log p(x) - u^T (Lam - D) u / 2 + c
     # with u ~ N(0, D^-1): sd(log w) = sqrt(tr((M D^-1)^2) / 2), M = Lam - D, which gives
     # the standard error of the mean ELBO estimate; Adam's jitter costs < 0.02 more.
@@ -330,18 +294,39 @@ def test_inference_gaps_approximation_gap_is_the_mean_field_kl(float64):
         (dict(max_steps=0), "max_steps must be an int >= 1"),
         (dict(patience=1.5), "patience must be an int >= 1"),
         (dict(lr=0.0), "lr must be > 0"),
+        (dict(num_flows=0), "num_flows must be an int >= 1"),
+        (dict(families=("normal", "maf")), "families must be among"),
     ],
 )
-def test_optimize_local_normal_bad_arguments(kwargs, match):
+def test_inference_gaps_bad_arguments(kwargs, match):
     model = LinearGaussian()
     x = model.sample(3)
     guide = AutoAmortizedNormal(model, hidden_dims=(4,))
-    with pytest.raises(ValueError, match=match):
-        optimize_local_normal(model, guide, x, progress=False, **kwargs)
-    with pytest.raises(ValueError, match="not an AutoAmortizedGuide"):
-        optimize_local_normal(model, lambda x: None, x)
-    with pytest.raises(ValueError, match="families must be a non-empty subset"):
-        inference_gaps(model, guide, x, families=("flow",))
-    # inference_gaps checks the optimization's options before its IWAE estimates
+    # the optimization's options are checked before the IWAE estimates
     with pytest.raises(ValueError, match="inference_gaps: " + match):
         inference_gaps(model, guide, x, progress=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "cls, own", [(AutoAmortizedIAF, "iaf"), (AutoAmortizedFlow, "flow")], ids=["iaf", "flow"]
+)
+def test_inference_gaps_split_a_flow_guides_gaps_with_its_own_family(cls, own):
+    model = LinearGaussian()
+    x = model.sample(4)
+    guide = cls(model, hidden_dims=(8,))
+    guide(x)
+    report = inference_gaps(
+        model,
+        guide,
+        x,
+        families=("normal",),
+        num_samples=20,
+        elbo_samples=20,
+        max_steps=3,
+        progress=False,
+    )
+    assert report.family == own
+    assert list(report.optimal_elbo) == [own, "normal"]  # the guide's own family added, first
+    assert list(report.iwae) == ["amortized", own, "normal"]
+    torch.testing.assert_close(report.amortization_gap, report.optimal_elbo[own] - report.elbo)
+    assert f"| L[q*_{own}] |" in report.table()
