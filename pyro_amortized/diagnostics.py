@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -24,6 +24,7 @@ __all__ = [
     "ActiveUnits",
     "InferenceGaps",
     "active_units",
+    "gap_table",
     "inference_gaps",
     "log_marginal_likelihood",
 ]
@@ -349,6 +350,25 @@ class InferenceGaps:
             "mean": dict(self.rows()),
             "per_datapoint": {k: v.tolist() for k, v in per_datapoint.items()},
         }
+
+
+def gap_table(reports: Mapping[str, InferenceGaps]) -> str:
+    """Several reports side by side, one column each, in Cremer et al.'s Table 1 layout.
+
+    Arguments:
+        reports: Column heading (e.g. the model's name) to its :class:`InferenceGaps`.
+
+    Returns:
+        A Markdown table of means in nats; a row a report lacks (a family it did not fit)
+        is left blank there.
+    """
+    columns = {name: dict(report.rows()) for name, report in reports.items()}
+    labels = list(dict.fromkeys(label for rows in columns.values() for label in rows))
+    lines = ["| | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for label in labels:
+        cells = [f"{rows[label]:.2f}" if label in rows else "" for rows in columns.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def inference_gaps(

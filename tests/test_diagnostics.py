@@ -7,7 +7,13 @@ import torch
 from linear_gaussian import AffineEncoder, LinearGaussian, correlated_problem, exact_encoder
 
 from pyro_amortized import AutoAmortizedFlow, AutoAmortizedIAF, AutoAmortizedNormal, Trace_IWELBO
-from pyro_amortized.diagnostics import active_units, inference_gaps, log_marginal_likelihood
+from pyro_amortized.diagnostics import (
+    InferenceGaps,
+    active_units,
+    gap_table,
+    inference_gaps,
+    log_marginal_likelihood,
+)
 
 
 @pytest.fixture
@@ -330,3 +336,31 @@ def test_inference_gaps_split_a_flow_guides_gaps_with_its_own_family(cls, own):
     assert list(report.iwae) == ["amortized", own, "normal"]
     torch.testing.assert_close(report.amortization_gap, report.optimal_elbo[own] - report.elbo)
     assert f"| L[q*_{own}] |" in report.table()
+
+
+def test_gap_table_puts_reports_side_by_side():
+    def report(family, optimal):
+        t = torch.tensor
+        return InferenceGaps(
+            family=family,
+            log_px=t([-90.0, -92.0]),
+            elbo=t([-93.0, -95.0]),
+            optimal_elbo={k: t(v) for k, v in optimal.items()},
+            iwae={},
+            steps={},
+            num_samples=1,
+            elbo_samples=1,
+            seconds=0.0,
+        )
+
+    table = gap_table(
+        {
+            "FFG": report("normal", {"normal": [-92.0, -93.0]}),
+            "flow": report("flow", {"flow": [-91.0, -92.0], "normal": [-100.0, -100.0]}),
+        }
+    ).splitlines()
+    assert table[0] == "| | FFG | flow |"
+    assert "| L[q*_normal] | -92.50 | -100.00 |" in table
+    assert "| L[q*_flow] |  | -91.50 |" in table  # FFG's report has no flow row
+    assert "| approximation gap | 1.50 | 0.50 |" in table
+    assert "| amortization gap | 1.50 | 2.50 |" in table
