@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-samples", type=int, default=5000)
     parser.add_argument("--families", nargs="+", default=["normal", "flow"])
     parser.add_argument("--max-steps", type=int, default=5000)
-    parser.add_argument("--patience", type=int, default=200)
+    parser.add_argument("--patience", type=int, default=500)
     options = parser.parse_args(argv[:split])
     run = Path(options.run)
     args = parse_args([*argv[split + 1 :], "--out", str(run), "--no-progress"])

@@ -36,9 +36,9 @@ def optimize_local(
     family: str = "normal",
     init: str = "encoder",
     num_particles: int = 10,
-    lr: float = 1e-2,
+    lr: float = 3e-3,
     max_steps: int = 5000,
-    patience: int = 200,
+    patience: int = 500,
     num_flows: int = 2,
     flow_hidden_dims: Sequence[int] | None = None,
     progress: bool = True,
@@ -76,9 +76,13 @@ def optimize_local(
         family: ``"normal"``, ``"flow"`` or ``"iaf"``.
         init: ``"encoder"`` or ``"prior"``: where each datapoint's posterior starts.
         num_particles: Draws per step.
-        lr: Adam's step size.
+        lr: Adam's step size. On 50 binarized-MNIST test images of the README's VAE, 3e-3
+            gave higher bounds than 1e-2 for every family (by 0.1 nats for the Normal, 0.6
+            for the auxiliary flow and 1.3 for the IAF) and than 1e-3 for the flow.
         max_steps: Cap on the steps.
         patience: Steps without a higher running-average bound before a datapoint stops.
+            Scale it with ``1 / lr``: at 3e-3, 200 steps stopped some datapoints of a
+            linear-Gaussian model 0.06 nats short of their optimum, 400 within 0.01.
         num_flows: Flow steps of a flow family that does not copy the guide's.
         flow_hidden_dims: Hidden widths of such a flow's networks; defaults to one layer
             of ``max(50, D)`` units (D the latent dimension; an autoregressive network
@@ -181,7 +185,7 @@ def _optimize_local(
             bar.set_postfix(active=int(active.sum()))
             if not active.any():
                 break
-    return model, local_guide, t
+    return model, local_guide, t.long()
 
 
 def _local_guide(
