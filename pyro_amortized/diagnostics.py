@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .flows import AutoAmortizedFlow, AutoAmortizedIAF
 from .guides import AutoAmortizedGuide, AutoAmortizedNormal
-from .local import FAMILIES, _check_counts, _check_local_options, _optimize_local, fix_globals
+from .local import FAMILIES, _check_counts, _check_local_options, _fix_globals, _optimize_local
 from .objectives import Trace_IWELBO
 
 __all__ = [
@@ -88,7 +88,7 @@ def log_marginal_likelihood(
                 "log_marginal_likelihood: batch_size needs the data as the first argument, "
                 "model(data, idx), as fit calls it"
             )
-    model, guide, local_plate, _ = fix_globals(
+    model, guide, local_plate, _ = _fix_globals(
         model, guide, args, kwargs, "log_marginal_likelihood"
     )
     return _chunked_estimate(
@@ -454,7 +454,7 @@ def inference_gaps(
     _check_local_options(
         "inference_gaps", own, init, num_particles, lr, max_steps, patience, num_flows
     )
-    fixed_model, fixed_guide, local_plate, globals_ = fix_globals(
+    fixed_model, fixed_guide, local_plate, globals_ = _fix_globals(
         model, guide, args, kwargs, "inference_gaps"
     )
 

@@ -104,7 +104,7 @@ def optimize_local(
         raise ValueError(
             f"optimize_local: the guide ({type(guide).__name__}) is not an AutoAmortizedGuide"
         )
-    model, _, local_plate, globals_ = fix_globals(model, guide, args, kwargs)
+    model, _, local_plate, globals_ = _fix_globals(model, guide, args, kwargs)
     return _optimize_local(
         model,
         guide,
@@ -365,7 +365,7 @@ def _check_local_options(
         raise ValueError(f"{owner}: lr must be > 0, got {lr!r}")
 
 
-def fix_globals(model: Callable, guide: Callable, args, kwargs, owner: str = "optimize_local"):
+def _fix_globals(model: Callable, guide: Callable, args, kwargs, owner: str = "optimize_local"):
     """Model and guide with the global latents fixed at the guide's median.
 
     Returns ``(model, guide, local_plate, globals)``; model and guide come back unchanged
