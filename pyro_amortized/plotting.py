@@ -271,7 +271,10 @@ def plot_inference_gaps(reports: Mapping[str, object], path: str | Path) -> Path
     ax.set_xticks(x, labels)
     ax.set_ylabel("nats per datapoint")
     ax.set_title("inference gap")
-    ax.legend(frameon=False)
+    top = max((a + b for a, b in zip(approximation, amortization, strict=True)), default=0.0)
+    if top > 0:
+        ax.set_ylim(0, 1.4 * top)  # room for the legend above the bars
+    ax.legend(frameon=False, loc="upper left", fontsize="small")
     return _save(figure, path)
 
 
