@@ -149,32 +149,18 @@ def _optimize_local(
     if globals_:
         local_guide = poutine.condition(local_guide, data=globals_)
     elbo = Trace_IWELBO(num_particles, local_plate=local_plate)
-    N = params[0].shape[0]
-    like = params[0]
-    m = [torch.zeros_like(p) for p in params]
-    v = [torch.zeros_like(p) for p in params]
-    t = torch.zeros(N, dtype=like.dtype, device=like.device)
-    active = torch.ones(N, dtype=torch.bool, device=like.device)
+    optimizer = _PerDatapointOptimizer(params, "adam", lr)
+    N = optimizer.num_rows
+    active = torch.ones(N, dtype=torch.bool, device=params[0].device)
     average = best = None
-    since = torch.zeros(N, dtype=torch.long, device=like.device)
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    since = torch.zeros(N, dtype=torch.long, device=params[0].device)
     with tqdm(total=max_steps, desc=f"local q*_{family}", unit="step", disable=not progress) as bar:
         for _ in range(max_steps):
             terms = elbo._collect(model, local_guide, args, kwargs, stopped=False)
             bound = (terms.model_local - terms.guide_local).mean(0)
             grads = torch.autograd.grad(-(bound * active).sum(), params)
             with torch.no_grad():
-                t += active
-                for p, g, m_, v_ in zip(params, grads, m, v, strict=True):
-                    # per-datapoint Adam: parameters are [N, ...], one row per datapoint
-                    shape = (N,) + (1,) * (p.dim() - 1)
-                    mask = active.view(shape)
-                    c1 = (1 - beta1**t).clamp_min(1e-12).view(shape)
-                    c2 = (1 - beta2**t).clamp_min(1e-12).view(shape)
-                    m_.copy_(torch.where(mask, beta1 * m_ + (1 - beta1) * g, m_))
-                    v_.copy_(torch.where(mask, beta2 * v_ + (1 - beta2) * g * g, v_))
-                    step = lr * (m_ / c1) / ((v_ / c2).sqrt() + eps)
-                    p.sub_(torch.where(mask, step, torch.zeros_like(step)))
+                optimizer.step(grads, active)
                 value = bound.detach()
                 average = value if average is None else 0.95 * average + 0.05 * value
                 improved = average > best if best is not None else torch.ones_like(active)
@@ -185,7 +171,7 @@ def _optimize_local(
             bar.set_postfix(active=int(active.sum()))
             if not active.any():
                 break
-    return model, local_guide, t.long()
+    return model, local_guide, optimizer.steps.long()
 
 
 def _local_guide(
@@ -234,6 +220,59 @@ def _local_guide(
         setattr(owner, name, per_row)
         params += list(per_row.parameters())
     return local, params
+
+
+class _PerDatapointOptimizer:
+    """Adam or SGD (with momentum) on ``[N, ...]`` parameters, one row per datapoint.
+
+    Each row has its own step count (Adam's bias correction), moves only while it is
+    active, and with ``max_grad_norm`` has its gradient (over all parameters) clipped to
+    that norm: the datapoints' optimizations are independent, as if each ran alone.
+    ``step`` takes gradients of the loss to minimize.
+    """
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        optimizer: str,
+        lr: float,
+        *,
+        momentum: float = 0.0,
+        max_grad_norm: float | None = None,
+    ):
+        self.params, self.optimizer, self.lr = params, optimizer, lr
+        self.momentum, self.max_grad_norm = momentum, max_grad_norm
+        self.num_rows = params[0].shape[0]
+        self.steps = torch.zeros(self.num_rows, dtype=params[0].dtype, device=params[0].device)
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params] if optimizer == "adam" else None
+
+    def _rows(self, x: Tensor, like: Tensor) -> Tensor:
+        """A per-row ``[N]`` tensor shaped to broadcast against ``like``."""
+        return x.view((self.num_rows,) + (1,) * (like.dim() - 1))
+
+    @torch.no_grad()
+    def step(self, grads: Sequence[Tensor], active: Tensor) -> None:
+        if self.max_grad_norm is not None:
+            norm = sum(g.pow(2).reshape(self.num_rows, -1).sum(-1) for g in grads).sqrt()
+            factor = (self.max_grad_norm / norm.clamp_min(1e-12)).clamp(max=1.0)
+            grads = [g * self._rows(factor, g) for g in grads]
+        self.steps += active
+        beta1, beta2, eps = 0.9, 0.999, 1e-8
+        for i, (p, g) in enumerate(zip(self.params, grads, strict=True)):
+            mask = self._rows(active, p)
+            m = self.m[i]
+            if self.optimizer == "adam":
+                v = self.v[i]
+                c1 = self._rows((1 - beta1**self.steps).clamp_min(1e-12), p)
+                c2 = self._rows((1 - beta2**self.steps).clamp_min(1e-12), p)
+                m.copy_(torch.where(mask, beta1 * m + (1 - beta1) * g, m))
+                v.copy_(torch.where(mask, beta2 * v + (1 - beta2) * g * g, v))
+                update = self.lr * (m / c1) / ((v / c2).sqrt() + eps)
+            else:  # torch.optim.SGD's momentum: m <- mu m + g, p <- p - lr m
+                m.copy_(torch.where(mask, self.momentum * m + g, m))
+                update = self.lr * m
+            p.sub_(torch.where(mask, update, torch.zeros_like(update)))
 
 
 class _RowTable(nn.Module):
