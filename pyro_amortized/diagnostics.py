@@ -15,9 +15,15 @@ from pyro import poutine
 from torch import Tensor
 from tqdm import tqdm
 
-from .flows import AutoAmortizedFlow, AutoAmortizedIAF
-from .guides import AutoAmortizedGuide, AutoAmortizedNormal
-from .local import FAMILIES, _check_counts, _check_local_options, _fix_globals, _optimize_local
+from .guides import AutoAmortizedGuide
+from .local import (
+    FAMILIES,
+    _check_counts,
+    _check_local_options,
+    _family,
+    _fix_globals,
+    _optimize_local,
+)
 from .objectives import Trace_IWELBO
 
 __all__ = [
@@ -445,7 +451,7 @@ def inference_gaps(
         raise ValueError(
             f"inference_gaps: families must be among {FAMILIES}, got {unknown} in {families}"
         )
-    own = _family(guide)
+    own = _family(guide, "inference_gaps")
     families = tuple(dict.fromkeys((own, *families)))  # the guide's own first, no repeats
     _check_counts(
         "inference_gaps", num_samples=num_samples, elbo_samples=elbo_samples, chunk_size=chunk_size
@@ -515,17 +521,4 @@ def inference_gaps(
         num_samples=num_samples,
         elbo_samples=elbo_samples,
         seconds=time.perf_counter() - began,
-    )
-
-
-def _family(guide: Callable) -> str:
-    if isinstance(guide, AutoAmortizedNormal):
-        return "normal"
-    if isinstance(guide, AutoAmortizedFlow):
-        return "flow"
-    if isinstance(guide, AutoAmortizedIAF):
-        return "iaf"
-    raise ValueError(
-        f"inference_gaps: the guide ({type(guide).__name__}) is not an AutoAmortizedNormal, "
-        "AutoAmortizedFlow or AutoAmortizedIAF"
     )

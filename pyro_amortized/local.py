@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.nn import ConditionalAutoRegressiveNN, ConditionalDenseNN
@@ -184,7 +185,7 @@ def _local_guide(
     init: str,
     num_flows: int,
     flow_hidden_dims: Sequence[int] | None,
-) -> tuple[AutoAmortizedGuide, list[nn.Parameter]]:
+) -> tuple[_OwnParamStore, list[nn.Parameter]]:
     """A guide of ``family`` with one posterior per datapoint, and its ``[N, ...]`` parameters."""
     with torch.no_grad():
         # the encoder's base Normal over the joint local latent (a flow guide's, before its flow)
@@ -198,7 +199,7 @@ def _local_guide(
     options = {"local_plate": local_plate, "encoder": table, "context": lambda *a, **k: rows}
     if family == "normal":
         local = AutoAmortizedNormal(model, **options)
-        return local, list(table.parameters())
+        return _OwnParamStore(local), list(table.parameters())
     cls = AutoAmortizedFlow if family == "flow" else AutoAmortizedIAF
     copy = init == "encoder" and type(guide) is cls
     if copy:
@@ -208,7 +209,8 @@ def _local_guide(
         steps = "num_flows" if cls is AutoAmortizedFlow else "num_transforms"
         architecture = {steps: num_flows, "flow_hidden_dims": hidden}
     local = cls(model, context_dim=1, **options, **architecture)
-    local._setup_prototype(*args, **kwargs)
+    with pyro.get_param_store().scope():
+        local._setup_prototype(*args, **kwargs)
     if copy:
         # the guide's networks at each datapoint's own encoder context
         sources, context = guide._conditional_networks(), out[2].detach()
@@ -219,7 +221,29 @@ def _local_guide(
         per_row = _PerRowNetwork(getattr(source, name), context)
         setattr(owner, name, per_row)
         params += list(per_row.parameters())
-    return local, params
+    return _OwnParamStore(local), params
+
+
+class _OwnParamStore:
+    """Calls a guide in a parameter store of its own, created afresh for every call.
+
+    A per-datapoint guide is a Pyro module, whose networks Pyro would register in the
+    global parameter store under the guide's name: they would linger there (hundreds of
+    megabytes for a flow) and clash with a later ``fit`` resuming from a checkpoint. Its
+    parameters are optimized directly, so it never needs the store.
+    """
+
+    def __init__(self, guide: AutoAmortizedGuide):
+        self.guide = guide
+
+    def __call__(self, *args, **kwargs):
+        with pyro.get_param_store().scope():
+            return self.guide(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name == "guide":  # not set yet (e.g. while copying)
+            raise AttributeError(name)
+        return getattr(self.guide, name)
 
 
 class _PerDatapointOptimizer:
@@ -443,3 +467,17 @@ def _global_medians(guide: Callable, local: str, args, kwargs, owner: str) -> di
         )
     medians = guide.median(*args, **kwargs)
     return {name: medians[name] for name in names}
+
+
+def _family(guide: Callable, owner: str) -> str:
+    """The family of an amortized guide: ``"normal"``, ``"flow"`` or ``"iaf"``."""
+    if isinstance(guide, AutoAmortizedNormal):
+        return "normal"
+    if isinstance(guide, AutoAmortizedFlow):
+        return "flow"
+    if isinstance(guide, AutoAmortizedIAF):
+        return "iaf"
+    raise ValueError(
+        f"{owner}: the guide ({type(guide).__name__}) is not an AutoAmortizedNormal, "
+        "AutoAmortizedFlow or AutoAmortizedIAF"
+    )

@@ -166,3 +166,22 @@ def test_optimize_local_bad_arguments(kwargs, match):
         optimize_local(model, guide, x, progress=False, **kwargs)
     with pytest.raises(ValueError, match="not an AutoAmortizedGuide"):
         optimize_local(model, lambda x: None, x)
+
+
+def test_per_datapoint_guides_leave_the_param_store_alone(float64):
+    # Their parameters are optimized directly; in the store they would linger (and clash
+    # with a fit resumed from a checkpoint).
+    model = LinearGaussian()
+    x = model.sample(4)
+    for cls, family in ((AutoAmortizedNormal, "normal"), (AutoAmortizedIAF, "iaf")):
+        pyro.clear_param_store()
+        guide = cls(model, hidden_dims=(8,))
+        guide(x)
+        before = dict(pyro.get_param_store().named_parameters())
+        model_, local, _ = optimize_local(
+            model, guide, x, family=family, max_steps=3, progress=False
+        )
+        Trace_IWELBO(2).loss(model_, local, x)
+        after = dict(pyro.get_param_store().named_parameters())
+        assert after.keys() == before.keys()
+        assert all(after[k] is before[k] for k in before)
