@@ -23,6 +23,15 @@ from .objectives import Trace_IWELBO
 __all__ = ["Refined", "refine"]
 
 OPTIMIZERS = ("adam", "sgd")
+# refine's options besides num_steps, with their defaults
+REFINE_DEFAULTS = {
+    "step_size": 1e-2,
+    "optimizer": "adam",
+    "momentum": 0.0,
+    "num_particles": 1,
+    "estimator": "iwae",
+    "max_grad_norm": None,
+}
 
 
 class Refined(NamedTuple):

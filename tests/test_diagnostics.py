@@ -364,3 +364,35 @@ def test_gap_table_puts_reports_side_by_side():
     assert "| L[q*_flow] |  | -91.50 |" in table  # FFG's report has no flow row
     assert "| approximation gap | 1.50 | 0.50 |" in table
     assert "| amortization gap | 1.50 | 2.50 |" in table
+
+
+def test_inference_gaps_report_how_much_refinement_recovers(float64):
+    # A^T A diagonal and a wrong encoder: STL refinement converges to the exact posterior,
+    # where every log-weight is log p(x), so the refined bound is log p(x) exactly and
+    # recovers the whole amortization gap (up to the jitter Adam leaves in L[q*]).
+    model = LinearGaussian()
+    x = model.sample(8)
+    encoder = exact_encoder(model)
+    with torch.no_grad():
+        encoder.linear.bias.add_(torch.tensor([0.6, -0.4]))
+    guide = AutoAmortizedNormal(model, encoder=encoder)
+    guide(x)
+    report = inference_gaps(
+        model,
+        guide,
+        x,
+        families=("normal",),
+        num_samples=100,
+        elbo_samples=100,
+        refine_steps=(0, 2000),
+        refine_options={"estimator": "stl"},
+        progress=False,
+    )
+    torch.testing.assert_close(report.refined[2000], model.log_evidence(x), rtol=0, atol=1e-9)
+    assert report.amortization_gap.mean() > 0.1
+    assert 0.97 < report.recovered(2000) < 1.05
+    assert abs(report.recovered(0)) < 0.1  # no steps: the encoder's bound, other draws
+    assert "| amortization gap recovered by 2000 refinement steps |" in report.table()
+    assert set(report.to_dict()["recovered"]) == {"0", "2000"}
+    with pytest.raises(ValueError, match="refine_options has \\['lr'\\]"):
+        inference_gaps(model, guide, x, refine_steps=(5,), refine_options={"lr": 0.1})

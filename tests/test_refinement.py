@@ -1,10 +1,12 @@
+import inspect
+
 import pyro
 import pytest
 import torch
 from linear_gaussian import LinearGaussian, exact_encoder
 
 from pyro_amortized import AutoAmortizedIAF, AutoAmortizedNormal, Trace_IWELBO
-from pyro_amortized.refinement import refine
+from pyro_amortized.refinement import REFINE_DEFAULTS, refine
 
 
 @pytest.fixture
@@ -142,3 +144,8 @@ def test_refine_bad_arguments(kwargs, match):
         refine(guide, model, x, **kwargs)
     with pytest.raises(ValueError, match="not an AutoAmortizedGuide"):
         refine(lambda x: None, model, x)
+
+
+def test_refine_defaults_are_refines_own():
+    parameters = inspect.signature(refine).parameters
+    assert REFINE_DEFAULTS == {k: parameters[k].default for k in REFINE_DEFAULTS}
