@@ -385,7 +385,8 @@ def test_inference_gaps_report_how_much_refinement_recovers(float64):
         num_samples=100,
         elbo_samples=100,
         refine_steps=(0, 2000),
-        refine_options={"estimator": "stl"},
+        # Adam's fixed step settles at 1e-2; at 2e-2 one datapoint still swung 1e-4 nats
+        refine_options={"estimator": "stl", "step_size": 1e-2},
         progress=False,
     )
     torch.testing.assert_close(report.refined[2000], model.log_evidence(x), rtol=0, atol=1e-9)
