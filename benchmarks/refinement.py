@@ -5,7 +5,7 @@ the run's own command line) and, on the first ``--num-data`` test images:
 
 1. the gap report (``inference_gaps``, Normal family) with the bound after 20 and 100
    refinement steps (``refine``: Adam, lr 1e-2, 10 draws a step) and the fraction of the
-   amortization gap each recovers;
+   amortization gap each recovers, and the same at the ``--sweep`` step sizes;
 2. the same refinement written by hand in PyTorch (batched Adam on per-datapoint loc and
    log-scale from the encoder's output, the ELBO of 10 draws a step), its recovered
    fractions from the same report, and the time per step of both, alternating in this
@@ -41,7 +41,7 @@ import pyro_amortized.optim  # noqa: E402
 from models.datasets import load_dataset  # noqa: E402
 from models.vae import build, parse_args, train  # noqa: E402
 from pyro_amortized import Trace_IWELBO  # noqa: E402
-from pyro_amortized.diagnostics import inference_gaps  # noqa: E402
+from pyro_amortized.diagnostics import _chunked_estimate, inference_gaps  # noqa: E402
 from pyro_amortized.refinement import refine  # noqa: E402
 
 STEPS = (20, 100)
@@ -82,6 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-data", type=int, default=500)
     parser.add_argument("--num-samples", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--sweep",
+        type=float,
+        nargs="*",
+        default=[2e-2, 3e-2, 5e-2],
+        help="further step sizes of refine whose recovered shares to report",
+    )
     options = parser.parse_args(argv[:split])
     run = Path(options.run)
     args = parse_args([*argv[split + 1 :], "--out", str(run), "--no-progress"])
@@ -127,6 +134,28 @@ def main(argv: list[str] | None = None) -> None:
     for k in STEPS:
         print(f"{k} steps: recovered {report.recovered(k):.1%} (ours), {hand[k]:.1%} (by hand)")
 
+    # the recovered shares at other step sizes, against the same report
+    swept = {}
+    for lr in options.sweep:
+        for k in STEPS:
+            r = refine(guide, model, x, num_steps=k, **{**OPTIONS, "step_size": lr})
+            with torch.no_grad():
+                bound = _chunked_estimate(
+                    r.model,
+                    r.guide,
+                    (x,),
+                    {},
+                    num_samples=1000,
+                    chunk_size=100,
+                    batch_size=None,
+                    local_plate="data",
+                    reduce="mean",
+                    desc="",
+                    progress=False,
+                )
+            swept[f"{lr:g}, {k}"] = ((bound - report.elbo).mean() / gap).item()
+            print(f"refine at lr {lr:g}, {k} steps: recovered {swept[f'{lr:g}, {k}']:.1%}")
+
     # 3. time per refinement step, ours and by hand, and a refinement against a training step
     batch = x[:100]
     svi = SVI(model, guide, pyro_amortized.optim.Adam({"lr": 1e-3}), Trace_IWELBO(1))
@@ -163,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "report": report.to_dict(),
         "hand_recovered": {str(k): v for k, v in hand.items()},
+        "swept_recovered": swept,
         "times": times,
     }
     with open(run / f"refinement-{options.num_data}.json", "w") as file:

@@ -17,6 +17,7 @@ from .objectives import _LocalParticlePlate, _log_prob, _per_datapoint
 __all__ = [
     "log_joint_on_grid",
     "plot_inference_gaps",
+    "plot_refinement",
     "plot_image_grid",
     "plot_posterior_contours",
     "plot_training_curves",
@@ -275,6 +276,34 @@ def plot_inference_gaps(reports: Mapping[str, object], path: str | Path) -> Path
     if top > 0:
         ax.set_ylim(0, 1.4 * top)  # room for the legend above the bars
     ax.legend(frameon=False, loc="upper left", fontsize="small")
+    return _save(figure, path)
+
+
+def plot_refinement(reports: Mapping[str, object], path: str | Path) -> Path:
+    """The mean bound against refinement steps, one curve per report, with its L[q*].
+
+    Arguments:
+        reports: Label to an :class:`~pyro_amortized.diagnostics.InferenceGaps` computed
+            with ``refine_steps`` (step 0 is the report's L[q]).
+        path: Where to write the PNG.
+
+    Returns:
+        ``path``.
+    """
+    figure = Figure(figsize=(5.6, 3.8))
+    ax = figure.subplots()
+    for i, (label, report) in enumerate(reports.items()):
+        color = f"C{i}"
+        steps = [0, *sorted(report.refined)]
+        bounds = [report.elbo.mean().item()]
+        bounds += [report.refined[k].mean().item() for k in steps[1:]]
+        ax.plot(steps, bounds, "o-", color=color, label=f"{label}: refined L[q]")
+        optimum = report.optimal_elbo[report.family].mean().item()
+        ax.axhline(optimum, color=color, linestyle="--", label=f"{label}: L[q*]")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("refinement steps")
+    ax.set_ylabel("ELBO, nats per datapoint")
+    ax.legend(frameon=False, fontsize="small")
     return _save(figure, path)
 
 

@@ -4,10 +4,13 @@ import torch
 from linear_gaussian import LinearGaussian, exact_encoder
 
 from pyro_amortized import AutoAmortizedNormal
+from pyro_amortized.diagnostics import InferenceGaps
 from pyro_amortized.plotting import (
     log_joint_on_grid,
     plot_image_grid,
+    plot_inference_gaps,
     plot_posterior_contours,
+    plot_refinement,
     plot_training_curves,
 )
 
@@ -25,6 +28,31 @@ def test_training_curves(tmp_path):
         tmp_path / "curves.png",
     )
     assert _is_png(path)
+
+
+def _report(elbo, optimal, refined):
+    t = torch.tensor
+    return InferenceGaps(
+        family="normal",
+        log_px=t([optimal + 1.0]),
+        elbo=t([elbo]),
+        optimal_elbo={"normal": t([optimal])},
+        iwae={},
+        steps={},
+        num_samples=1,
+        elbo_samples=1,
+        seconds=0.0,
+        refined={k: t([v]) for k, v in refined.items()},
+    )
+
+
+def test_gap_bars_and_refinement_curves(tmp_path):
+    reports = {
+        "trained": _report(-95.0, -92.0, {5: -94.0, 50: -92.5}),
+        "weak": _report(-99.0, -92.5, {5: -97.0, 50: -93.0}),
+    }
+    assert _is_png(plot_inference_gaps(reports, tmp_path / "gaps.png"))
+    assert _is_png(plot_refinement(reports, tmp_path / "refinement.png"))
 
 
 def test_image_grid(tmp_path):
