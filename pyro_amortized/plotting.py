@@ -16,10 +16,10 @@ from .objectives import _LocalParticlePlate, _log_prob, _per_datapoint
 
 __all__ = [
     "log_joint_on_grid",
-    "plot_inference_gaps",
-    "plot_refinement",
     "plot_image_grid",
+    "plot_inference_gaps",
     "plot_posterior_contours",
+    "plot_refinement",
     "plot_training_curves",
 ]
 
