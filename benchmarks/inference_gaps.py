@@ -22,19 +22,17 @@ import sys
 import time
 from pathlib import Path
 
-import pyro
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from models.datasets import load_dataset  # noqa: E402
-from models.vae import build, parse_args, train  # noqa: E402
+from _runs import restore_run, split_argv  # noqa: E402
+
 from pyro_amortized.diagnostics import inference_gaps  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    split = argv.index("--") if "--" in argv else len(argv)
+    own_argv, run_argv = split_argv(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="the run's directory (its --out)")
     parser.add_argument("--num-data", type=int, default=200)
@@ -42,18 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--families", nargs="+", default=["normal", "flow"])
     parser.add_argument("--max-steps", type=int, default=5000)
     parser.add_argument("--patience", type=int, default=500)
-    options = parser.parse_args(argv[:split])
+    options = parser.parse_args(own_argv)
     run = Path(options.run)
-    args = parse_args([*argv[split + 1 :], "--out", str(run), "--no-progress"])
-    checkpoint = run / "checkpoint.pt"
-    if not checkpoint.exists():
-        raise SystemExit(f"no checkpoint at {checkpoint}: train the run first")
-    pyro.enable_validation(False)
-    pyro.set_rng_seed(args.seed)
-    pyro.clear_param_store()
-    data = load_dataset(args.dataset, root=args.root)
-    model, guide, loss = build(args, data.train)
-    history = train(args, model, guide, loss, data, checkpoint)  # restores, trains no more
+    args, data, model, guide, history = restore_run(run, run_argv)
     print(
         f"{run}: {type(guide).__name__}, {history.epochs} epochs, "
         f"{sum(history.epoch_time):.0f} s of training; torch {torch.__version__}, "

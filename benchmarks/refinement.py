@@ -30,16 +30,15 @@ import sys
 import time
 from pathlib import Path
 
-import pyro
 import torch
 from pyro.infer import SVI
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
+from _runs import restore_run, split_argv  # noqa: E402
+
 import pyro_amortized.optim  # noqa: E402
-from models.datasets import load_dataset  # noqa: E402
-from models.vae import build, parse_args, train  # noqa: E402
 from pyro_amortized import Trace_IWELBO  # noqa: E402
 from pyro_amortized.diagnostics import _chunked_estimate, inference_gaps  # noqa: E402
 from pyro_amortized.refinement import refine  # noqa: E402
@@ -75,8 +74,7 @@ def hand_elbo(decoder, x: Tensor, loc: Tensor, log_scale: Tensor, draws: int) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    split = argv.index("--") if "--" in argv else len(argv)
+    own_argv, run_argv = split_argv(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True, help="the run's directory (its --out)")
     parser.add_argument("--num-data", type=int, default=500)
@@ -89,15 +87,9 @@ def main(argv: list[str] | None = None) -> None:
         default=[2e-2, 3e-2, 5e-2],
         help="further step sizes of refine whose recovered shares to report",
     )
-    options = parser.parse_args(argv[:split])
+    options = parser.parse_args(own_argv)
     run = Path(options.run)
-    args = parse_args([*argv[split + 1 :], "--out", str(run), "--no-progress"])
-    pyro.enable_validation(False)
-    pyro.set_rng_seed(args.seed)
-    pyro.clear_param_store()
-    data = load_dataset(args.dataset, root=args.root)
-    model, guide, loss = build(args, data.train)
-    history = train(args, model, guide, loss, data, run / "checkpoint.pt")  # restores
+    args, data, model, guide, history = restore_run(run, run_argv)
     print(
         f"{run}: {history.epochs} epochs; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
