@@ -28,6 +28,7 @@ __all__ = ["FAMILIES", "optimize_local"]
 #: flow (:class:`~pyro_amortized.AutoAmortizedFlow`) and an inverse autoregressive flow
 #: (:class:`~pyro_amortized.AutoAmortizedIAF`).
 FAMILIES = ("normal", "flow", "iaf")
+_FLOW_CLASSES = {"flow": AutoAmortizedFlow, "iaf": AutoAmortizedIAF}
 
 
 def optimize_local(
@@ -200,7 +201,7 @@ def _local_guide(
     if family == "normal":
         local = AutoAmortizedNormal(model, **options)
         return _OwnParamStore(local), list(table.parameters())
-    cls = AutoAmortizedFlow if family == "flow" else AutoAmortizedIAF
+    cls = _FLOW_CLASSES[family]
     copy = init == "encoder" and type(guide) is cls
     if copy:
         architecture = guide._architecture()
@@ -367,15 +368,17 @@ class _PerRowNetwork(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor) -> Tensor | tuple[Tensor, ...]:
         rows = context[..., 0].long()
+        # all rows in order (the usual call): no gather, which would copy every weight
+        every_row = rows.shape[0] == self.weights[0].shape[0] and torch.equal(
+            rows, torch.arange(len(rows), device=rows.device)
+        )
         h = x
         last = len(self.weights) - 1
         for i, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
             if self.masked[i]:
                 # the product, not a masked copy, so that masked weights get no gradient
                 weight = weight * getattr(self, f"mask{i}")
-            if rows.shape[0] != weight.shape[0] or not torch.equal(
-                rows, torch.arange(len(rows), device=rows.device)
-            ):
+            if not every_row:
                 weight, bias = weight[rows], bias[rows]
             h = torch.einsum("...ni,nio->...no", h, weight) + bias
             if i < last:
@@ -473,10 +476,9 @@ def _family(guide: Callable, owner: str) -> str:
     """The family of an amortized guide: ``"normal"``, ``"flow"`` or ``"iaf"``."""
     if isinstance(guide, AutoAmortizedNormal):
         return "normal"
-    if isinstance(guide, AutoAmortizedFlow):
-        return "flow"
-    if isinstance(guide, AutoAmortizedIAF):
-        return "iaf"
+    for family, cls in _FLOW_CLASSES.items():
+        if isinstance(guide, cls):
+            return family
     raise ValueError(
         f"{owner}: the guide ({type(guide).__name__}) is not an AutoAmortizedNormal, "
         "AutoAmortizedFlow or AutoAmortizedIAF"
