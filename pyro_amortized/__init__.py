@@ -9,6 +9,7 @@ from .flows import AutoAmortizedFlow, AutoAmortizedIAF
 from .guides import AutoAmortizedGuide, AutoAmortizedNormal
 from .objectives import ESTIMATORS, Trace_IWELBO
 from .optim import JointOptim
+from .refinement import SemiAmortizedGuide
 from .schedules import CyclicalSchedule, LinearSchedule
 from .training import History, fit
 
@@ -23,6 +24,7 @@ __all__ = [
     "JointOptim",
     "LinearSchedule",
     "MLPEncoder",
+    "SemiAmortizedGuide",
     "Trace_IWELBO",
     "fit",
 ]

@@ -150,7 +150,7 @@ class _AmortizedFlowGuide(AutoAmortizedGuide):
         plates = self._make_plates(context.shape[0], args, kwargs)
         result = self._global_sample(*args, **kwargs)
         plate = plates[self.local_plate]
-        loc, scale, h = self._encode(self._select_rows(context, plate, args, kwargs))
+        loc, scale, h = self._encode_plate(context, plate, result, args, kwargs)
         q = self._posterior(loc, scale, h)
         # The joint latent's datapoint dimension sits where the plate puts it.
         extra = -1 - self._local_frame.dim

@@ -113,6 +113,8 @@ class AutoAmortizedGuide(AutoGuide):
         self._local_sites: list[_LocalSite] = []
         self._latent_dim = 0
         self._default_encoder = False  # subclasses that build an MLPEncoder set it
+        # set by a SemiAmortizedGuide while it calls this guide: see _encode_plate
+        self._refiner: Callable | None = None
 
     @property
     def latent_dim(self) -> int:
@@ -444,6 +446,20 @@ class AutoAmortizedGuide(AutoGuide):
             self._check_rows(rows, plate.size, plate.subsample_size)
         return context
 
+    def _encode_plate(
+        self, context: Tensor, plate: pyro.plate, globals_: dict[str, Tensor], args, kwargs
+    ) -> tuple[Tensor, ...]:
+        """The encoder's output for the datapoints of ``plate`` (``globals_``: this call's
+        global values); a :class:`~pyro_amortized.SemiAmortizedGuide` wrapping the guide
+        refines it here."""
+
+        def encode() -> tuple[Tensor, ...]:
+            return self._encode(self._select_rows(context, plate, args, kwargs))
+
+        if self._refiner is None:
+            return encode()
+        return self._refiner(encode, plate, globals_)
+
     def _get_context(self, plate: pyro.plate | None, args, kwargs) -> Tensor:
         return self._select_rows(self._raw_context(args, kwargs), plate, args, kwargs)
 
@@ -591,7 +607,7 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
         plates = self._make_plates(context.shape[0], args, kwargs)
         result = self._global_sample(*args, **kwargs)
         plate = plates[self.local_plate]
-        loc, scale = self._encode(self._select_rows(context, plate, args, kwargs))
+        loc, scale = self._encode_plate(context, plate, result, args, kwargs)
         for site in self._local_sites:
             with ExitStack() as stack:
                 for frame in site.frames:

@@ -272,32 +272,62 @@ class _PerDatapointOptimizer:
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params] if optimizer == "adam" else None
 
-    def _rows(self, x: Tensor, like: Tensor) -> Tensor:
-        """A per-row ``[N]`` tensor shaped to broadcast against ``like``."""
-        return x.view((self.num_rows,) + (1,) * (like.dim() - 1))
-
     @torch.no_grad()
     def step(self, grads: Sequence[Tensor], active: Tensor) -> None:
+        """One step in place on the optimizer's own parameters."""
+        for p, new in zip(self.params, self.update(self.params, grads, active), strict=True):
+            p.copy_(new)
+
+    def update(
+        self, params: Sequence[Tensor], grads: Sequence[Tensor], active: Tensor | None = None
+    ) -> list[Tensor]:
+        """The parameters after one step, computed out of place; the state moves on.
+
+        Differentiable in ``params`` and ``grads`` (SA-VAE's unrolled steps), except for
+        the clipping factor, which counts as a constant as in Kim et al.'s implementation.
+        """
         if self.max_grad_norm is not None:
-            norm = sum(g.pow(2).reshape(self.num_rows, -1).sum(-1) for g in grads).sqrt()
-            factor = (self.max_grad_norm / norm.clamp_min(1e-12)).clamp(max=1.0)
-            grads = [g * self._rows(factor, g) for g in grads]
-        self.steps += active
+            grads = _clip_rows(grads, self.max_grad_norm)
+        self.steps = self.steps + (1 if active is None else active)
         beta1, beta2, eps = 0.9, 0.999, 1e-8
-        for i, (p, g) in enumerate(zip(self.params, grads, strict=True)):
-            mask = self._rows(active, p)
-            m = self.m[i]
+        new = []
+        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             if self.optimizer == "adam":
-                v = self.v[i]
-                c1 = self._rows((1 - beta1**self.steps).clamp_min(1e-12), p)
-                c2 = self._rows((1 - beta2**self.steps).clamp_min(1e-12), p)
-                m.copy_(torch.where(mask, beta1 * m + (1 - beta1) * g, m))
-                v.copy_(torch.where(mask, beta2 * v + (1 - beta2) * g * g, v))
+                m = beta1 * self.m[i] + (1 - beta1) * g
+                v = beta2 * self.v[i] + (1 - beta2) * g * g
+                c1 = _per_row((1 - beta1**self.steps).clamp_min(1e-12), p)
+                c2 = _per_row((1 - beta2**self.steps).clamp_min(1e-12), p)
                 update = self.lr * (m / c1) / ((v / c2).sqrt() + eps)
             else:  # torch.optim.SGD's momentum: m <- mu m + g, p <- p - lr m
-                m.copy_(torch.where(mask, self.momentum * m + g, m))
+                m, v = self.momentum * self.m[i] + g, None
                 update = self.lr * m
-            p.sub_(torch.where(mask, update, torch.zeros_like(update)))
+            if active is not None:
+                mask = _per_row(active, p)
+                m = torch.where(mask, m, self.m[i])
+                v = None if v is None else torch.where(mask, v, self.v[i])
+                update = torch.where(mask, update, torch.zeros_like(update))
+            self.m[i] = m
+            if v is not None:
+                self.v[i] = v
+            new.append(p - update)
+        return new
+
+
+def _per_row(x: Tensor, like: Tensor) -> Tensor:
+    """A per-row ``[N]`` tensor shaped to broadcast against ``like``, ``[N, ...]``."""
+    return x.view(x.shape + (1,) * (like.dim() - 1))
+
+
+def _clip_rows(tensors: Sequence[Tensor], max_norm: float) -> list[Tensor]:
+    """``[N, ...]`` tensors with each row (over all the tensors) clipped to ``max_norm``.
+
+    The factor counts as a constant: gradients flow through the clipped tensors as
+    through a rescaling, as in Kim et al.'s implementation.
+    """
+    N = tensors[0].shape[0]
+    norm = sum(t.detach().pow(2).reshape(N, -1).sum(-1) for t in tensors).sqrt()
+    factor = (max_norm / norm.clamp_min(1e-12)).clamp(max=1.0)
+    return [t * _per_row(factor, t) for t in tensors]
 
 
 class _RowTable(nn.Module):

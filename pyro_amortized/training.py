@@ -118,7 +118,9 @@ def fit(
     ``schedule(epoch, step, loss)`` before each step (``step`` is the global step count,
     from 0), takes ``svi.step(train, idx)`` on each minibatch (the last one may be smaller),
     then computes the validation bound per datapoint, ``-valid_loss.loss(model, guide,
-    valid, idx) / len(valid)`` under ``torch.no_grad()``, in chunks of ``valid_batch_size``
+    valid, idx) / len(valid)`` under ``torch.no_grad()``, with the model and guide in
+    evaluation mode (``.eval()``, when they are ``nn.Module``\ s: a
+    :class:`~pyro_amortized.SemiAmortizedGuide` then refines), in chunks of ``valid_batch_size``
     rows averaged with weights chunk size / ``len(valid)`` (each chunk's loss is already
     scaled up to the whole set). Sampling inside Pyro uses torch's global RNG: seed it with
     ``pyro.set_rng_seed`` before calling ``fit``.
@@ -418,9 +420,23 @@ def _last_good(path: Path | None, written: Path | None) -> str:
     return f"the last good checkpoint is {written}"
 
 
-@torch.no_grad()
 def _valid_bound(
     model: Callable, guide: Callable, loss: ELBO, valid: Tensor, chunk: int, num_train: int
+) -> float:
+    modules = [m for m in (model, guide) if isinstance(m, nn.Module)]
+    modes = [m.training for m in modules]
+    for module in modules:
+        module.eval()
+    try:
+        with torch.no_grad():
+            return _chunked_bound(loss, model, guide, valid, chunk, num_train)
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
+
+
+def _chunked_bound(
+    loss: ELBO, model: Callable, guide: Callable, valid: Tensor, chunk: int, num_train: int
 ) -> float:
     size = valid.shape[0]
     if chunk >= size or num_train == 1:

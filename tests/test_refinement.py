@@ -1,12 +1,22 @@
 import inspect
+import math
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from linear_gaussian import LinearGaussian, exact_encoder
+from pyro import poutine
+from pyro.infer.autoguide import AutoNormal
 
-from pyro_amortized import AutoAmortizedIAF, AutoAmortizedNormal, Trace_IWELBO
-from pyro_amortized.refinement import REFINE_DEFAULTS, refine
+from pyro_amortized import (
+    AutoAmortizedIAF,
+    AutoAmortizedNormal,
+    SemiAmortizedGuide,
+    Trace_IWELBO,
+    fit,
+)
+from pyro_amortized.refinement import MODES, REFINE_DEFAULTS, refine
 
 
 @pytest.fixture
@@ -148,4 +158,178 @@ def test_refine_bad_arguments(kwargs, match):
 
 def test_refine_defaults_are_refines_own():
     parameters = inspect.signature(refine).parameters
+    assert REFINE_DEFAULTS == {k: parameters[k].default for k in REFINE_DEFAULTS}
+
+
+# ------------------------------------------------------------------ SemiAmortizedGuide
+def _site_base(guide, *args):
+    """The base Normal of site z in one call of ``guide``: (loc, scale, plate indices)."""
+    trace = poutine.trace(guide).get_trace(*args)
+    return trace.nodes["z"]["fn"].base_dist, trace.nodes["data"]["value"]
+
+
+@pytest.mark.parametrize("subsample_size", [None, 4])
+def test_semi_amortized_guide_in_eval_refines_to_the_exact_posterior(float64, subsample_size):
+    # A plate that draws its own rows (subsample_size) must be refined on those rows.
+    model, x, guide, mean, var = _wrong_encoder_problem()
+    model.subsample_size = subsample_size
+    guide = AutoAmortizedNormal(model, encoder=guide.encoder)  # set up for this plate
+    semi = SemiAmortizedGuide(guide, num_steps=2000, step_size=1e-2, estimator="stl")
+    semi.eval()
+    base, rows = _site_base(semi, x)
+    assert (base.loc - mean[rows]).abs().max() < 1e-3
+    assert (base.scale - var.sqrt()).abs().max() < 1e-3
+    semi.train()  # mode "test": training sees the encoder
+    base, rows = _site_base(semi, x)
+    assert (base.loc - mean[rows]).abs().max() > 0.3
+
+
+def test_semi_amortized_guide_holds_the_globals_at_the_calls_draw(float64):
+    # b, a global latent: given its draw, the posterior of z is N(W x - W b, var).
+    lg = LinearGaussian()
+    x = lg.sample(6)
+    W, _, var = lg.posterior()
+
+    def model(x):
+        b = pyro.sample("b", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z @ lg.A.T + b, lg.sigma).to_event(1), obs=x)
+
+    guide = AutoAmortizedNormal(model, hidden_dims=(4,), init_scale=0.5)
+    semi = SemiAmortizedGuide(guide, num_steps=2000, step_size=1e-2, estimator="stl").eval()
+    trace = poutine.trace(semi).get_trace(x)
+    b = trace.nodes["b"]["value"]
+    base = trace.nodes["z"]["fn"].base_dist
+    assert (base.loc - (x - b) @ W.T).abs().max() < 1e-3
+    assert (base.scale - var.sqrt()).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_semi_amortized_guide_never_changes_the_model(float64, mode):
+    model, x, guide, _, _ = _wrong_encoder_problem()
+    semi = SemiAmortizedGuide(guide, num_steps=5, mode=mode)
+    named = [*model.named_parameters(), *guide.named_parameters()]
+    before = {k: v.detach().clone() for k, v in named}
+    for train in (True, False):
+        semi.train(train)
+        poutine.trace(semi).get_trace(x, torch.arange(4))
+    for name, value in named:
+        assert torch.equal(value, before[name]), name
+        assert value.grad is None, name  # the inner steps leave no gradients behind
+
+
+def _gradients(loss_fn, params):
+    loss_fn()  # the objectives' one-time setup draws random numbers
+    return torch.autograd.grad(loss_fn(), params)
+
+
+@pytest.mark.parametrize("guide_class", ["normal", "iaf"])
+@pytest.mark.parametrize("optimizer, step_size, momentum", [("sgd", 0.1, 0.5), ("adam", 0.05, 0)])
+def test_sa_vae_gradients_match_finite_differences(
+    float64, guide_class, optimizer, step_size, momentum
+):
+    # The loss as a function of every parameter, the draws fixed by the seed: SA-VAE's
+    # gradients (through the unrolled steps, into encoder and model alike) are its
+    # derivatives. Those of mode "test" (the plain guide's) are not.
+    model, x, guide, _, _ = _wrong_encoder_problem(n=4)
+    if guide_class == "iaf":
+        guide = AutoAmortizedIAF(model, hidden_dims=(3,), num_transforms=1)
+        guide(x)
+    params = [*guide.parameters(), *model.parameters()]
+    options = dict(num_steps=3, optimizer=optimizer, step_size=step_size, momentum=momentum)
+    elbo = Trace_IWELBO(2)
+
+    def loss(semi):
+        pyro.set_rng_seed(7)
+        return elbo.differentiable_loss(model, semi, x)
+
+    sa_vae = SemiAmortizedGuide(guide, mode="sa-vae", num_particles=2, **options)
+    grads = torch.cat([g.reshape(-1) for g in _gradients(lambda: loss(sa_vae), params)])
+    eps, numeric = 1e-6, []
+    with torch.no_grad():
+        for p in params:
+            for i in range(p.numel()):
+                p.view(-1)[i] += eps
+                up = loss(sa_vae)
+                p.view(-1)[i] -= 2 * eps
+                down = loss(sa_vae)
+                p.view(-1)[i] += eps
+                numeric.append((up - down) / (2 * eps))
+    numeric = torch.stack(numeric)
+    torch.testing.assert_close(grads, numeric, rtol=1e-5, atol=1e-6)
+    test = SemiAmortizedGuide(guide, mode="test", **options)
+    plain = torch.cat([g.reshape(-1) for g in _gradients(lambda: loss(test), params)])
+    assert (plain - grads).abs().max() > 0.1 * grads.abs().max()
+
+
+def test_savi_trains_the_encoder_on_its_own_bound_and_the_model_on_the_refined(float64):
+    # At the same draws (K=1, minibatch of 4 of 10 rows, so the N/B scale counts), the
+    # encoder's gradient under SAVI is the plain ELBO's: the first inner step draws what
+    # the plain guide draws. The model's is not: it is taken at the refined posterior.
+    model, x, guide, _, _ = _wrong_encoder_problem()
+    idx = torch.tensor([0, 3, 5, 9])
+    encoder, decoder = list(guide.parameters()), list(model.parameters())
+    elbo = Trace_IWELBO(1)
+    savi = SemiAmortizedGuide(guide, num_steps=10, mode="savi", step_size=0.1)
+
+    def loss(g):
+        pyro.set_rng_seed(4)
+        return elbo.differentiable_loss(model, g, x, idx)
+
+    ours = _gradients(lambda: loss(savi), encoder + decoder)
+    plain = _gradients(lambda: loss(guide), encoder + decoder)
+    for a, b in zip(ours[: len(encoder)], plain[: len(encoder)], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(ours[-1], plain[-1], rtol=0.05)
+    # the encoder-bound site adds nothing to the loss's value: it is the refined bound's
+    trace = poutine.trace(savi).get_trace(x, idx)
+    site = next(s for name, s in trace.nodes.items() if name.endswith("_encoder_bound"))
+    assert torch.equal(site["fn"].log_prob(site["value"]).detach(), torch.zeros(4))
+
+
+def test_semi_amortized_guide_trains_with_fit(float64):
+    # savi and sa-vae by minibatches, validated in eval mode (refined), for a few epochs
+    model = LinearGaussian()
+    x = model.sample(40)
+    for mode in ("savi", "sa-vae"):
+        pyro.clear_param_store()
+        guide = SemiAmortizedGuide(
+            AutoAmortizedNormal(model, hidden_dims=(4,)), num_steps=3, mode=mode
+        )
+        history = fit(
+            model,
+            guide,
+            Trace_IWELBO(2),
+            x,
+            valid=x[:10],
+            epochs=3,
+            batch_size=16,
+            optimizer=pyro.optim.Adam({"lr": 1e-2}),
+            progress=False,
+        )
+        assert history.steps == 9 and all(math.isfinite(v) for v in history.valid_bound)
+        assert guide.training  # fit puts it back in training mode after validating
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mode="amortized"), "mode must be one of"),
+        (dict(num_steps=1.5), "num_steps must be an int >= 0"),
+        (dict(optimizer="sgd", momentum=-0.1), "momentum must be in"),
+        (dict(max_grad_norm=-1.0), "max_grad_norm must be None or > 0"),
+    ],
+)
+def test_semi_amortized_guide_bad_arguments(kwargs, match):
+    model = LinearGaussian()
+    guide = AutoAmortizedNormal(model, hidden_dims=(4,))
+    with pytest.raises(ValueError, match="SemiAmortizedGuide: " + match):
+        SemiAmortizedGuide(guide, **kwargs)
+    with pytest.raises(ValueError, match="not an AutoAmortizedGuide; wrap"):
+        SemiAmortizedGuide(AutoNormal(model))
+
+
+def test_semi_amortized_guide_defaults_are_refines():
+    parameters = inspect.signature(SemiAmortizedGuide).parameters
     assert REFINE_DEFAULTS == {k: parameters[k].default for k in REFINE_DEFAULTS}

@@ -416,3 +416,28 @@ def test_resample_draws_each_epoch_from_fits_generator_and_resumes_exactly(data,
     assert torch.equal(seen[-1], draws[-1])
     with pytest.raises(ValueError, match="resample must be None or a callable"):
         fit(*build()[:3], grey, epochs=1, batch_size=16, optimizer=build()[3], resample=3)
+
+
+def test_validation_runs_the_model_and_guide_in_eval_mode(data):
+    # As torch's convention has it (dropout off; a SemiAmortizedGuide refines); the
+    # training steps stay in training mode, and both are left as they were found.
+    train, valid = data
+    model, guide, loss, optimizer = build()
+    seen = []
+
+    class Recording(nn.Module):
+        def __init__(self, guide):
+            super().__init__()
+            self.guide = guide
+            self.local_plate = guide.local_plate
+
+        def forward(self, *args, **kwargs):
+            seen.append((self.training, model.training, torch.is_grad_enabled()))
+            return self.guide(*args, **kwargs)
+
+    recording = Recording(guide)
+    options = {"valid": valid, "epochs": 1, "batch_size": 30, "progress": False}
+    fit(model, recording, loss, train, optimizer=optimizer, **options)
+    assert (True, True, True) in seen  # the training steps
+    assert seen[-1] == (False, False, False)  # the validation, last
+    assert recording.training and model.training
