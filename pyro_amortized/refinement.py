@@ -274,8 +274,8 @@ class SemiAmortizedGuide(nn.Module):
     ) -> tuple[Tensor, ...]:
         """The guide's encoder output for ``plate``'s datapoints, with the base refined."""
         out = tuple(encode())
-        differentiable = torch.is_grad_enabled()
-        training = self.training and differentiable
+        # under no_grad (a loss's value, fit's warm-up) training mode refines all the same
+        training = self.training and torch.is_grad_enabled()
         unrolled = training and self.mode == "sa-vae"
         data = dict(globals_)
         if plate.subsample_size < plate.size:  # the steps see this call's rows
@@ -292,6 +292,9 @@ class SemiAmortizedGuide(nn.Module):
                 max_grad_norm=self.max_grad_norm,
             )
             for step in range(self.num_steps):
+                if unrolled and self.max_grad_norm is not None:
+                    for t in base:  # Kim et al. clip what flows back into each step
+                        t.register_hook(_ClipRows(self.max_grad_norm))
                 bound = self._bound(base, rest, data, args, kwargs)
                 grads = torch.autograd.grad(-bound.sum(), base, create_graph=unrolled)
                 if step == 0 and training and self.mode == "savi":
@@ -299,9 +302,6 @@ class SemiAmortizedGuide(nn.Module):
                 base = optimizer.update(base, grads)
                 if not unrolled:
                     base = [t.detach().requires_grad_() for t in base]
-                elif self.max_grad_norm is not None:
-                    for t in base:
-                        t.register_hook(_ClipRows(self.max_grad_norm))
         loc, log_scale = base if unrolled else (t.detach() for t in base)
         return (loc, log_scale.exp()) + out[2:]
 

@@ -263,6 +263,20 @@ def test_sa_vae_gradients_match_finite_differences(
     assert (plain - grads).abs().max() > 0.1 * grads.abs().max()
 
 
+def test_sa_vae_clips_what_flows_back_into_each_step(float64):
+    # The encoder's bias c enters only the start loc, one row per datapoint, so with each
+    # row's gradient there clipped to m, |dL/dc| <= B m; unclipped it is 37 here.
+    model, x, guide, _, _ = _wrong_encoder_problem()
+    bias = guide.encoder.linear.bias
+    norms = {}
+    for max_norm in (None, 1e-4):
+        semi = SemiAmortizedGuide(guide, num_steps=3, mode="sa-vae", max_grad_norm=max_norm)
+        pyro.set_rng_seed(1)
+        loss = Trace_IWELBO(1).differentiable_loss(model, semi, x)
+        norms[max_norm] = torch.autograd.grad(loss, bias)[0].norm()
+    assert norms[1e-4] <= len(x) * 1e-4 < 0.01 < norms[None]
+
+
 def test_savi_trains_the_encoder_on_its_own_bound_and_the_model_on_the_refined(float64):
     # At the same draws (K=1, minibatch of 4 of 10 rows, so the N/B scale counts), the
     # encoder's gradient under SAVI is the plain ELBO's: the first inner step draws what
