@@ -225,19 +225,17 @@ def _gradients(loss_fn, params):
 
 
 @pytest.mark.parametrize("guide_class", ["normal", "iaf"])
-@pytest.mark.parametrize("optimizer, step_size, momentum", [("sgd", 0.1, 0.5), ("adam", 0.05, 0)])
-def test_sa_vae_gradients_match_finite_differences(
-    float64, guide_class, optimizer, step_size, momentum
-):
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
+def test_sa_vae_gradients_match_finite_differences(float64, guide_class, momentum):
     # The loss as a function of every parameter, the draws fixed by the seed: SA-VAE's
-    # gradients (through the unrolled steps, into encoder and model alike) are its
+    # gradients (through the unrolled SGD steps, into encoder and model alike) are its
     # derivatives. Those of mode "test" (the plain guide's) are not.
     model, x, guide, _, _ = _wrong_encoder_problem(n=4)
     if guide_class == "iaf":
         guide = AutoAmortizedIAF(model, hidden_dims=(3,), num_transforms=1)
         guide(x)
     params = [*guide.parameters(), *model.parameters()]
-    options = dict(num_steps=3, optimizer=optimizer, step_size=step_size, momentum=momentum)
+    options = dict(num_steps=3, optimizer="sgd", step_size=0.1, momentum=momentum)
     elbo = Trace_IWELBO(2)
 
     def loss(semi):
@@ -261,6 +259,20 @@ def test_sa_vae_gradients_match_finite_differences(
     test = SemiAmortizedGuide(guide, mode="test", **options)
     plain = torch.cat([g.reshape(-1) for g in _gradients(lambda: loss(test), params)])
     assert (plain - grads).abs().max() > 0.1 * grads.abs().max()
+
+
+def test_sa_vae_with_adam_has_finite_gradients_where_the_step_gradient_vanishes(float64):
+    # The exact posterior with STL: every inner gradient is exactly 0. Adam's normalizer
+    # sqrt(v) has an infinite derivative there, so it counts as a constant (the NaN this
+    # guards against ended an MNIST run); the numerator carries the gradient on.
+    model = LinearGaussian()
+    x = model.sample(5)
+    guide = AutoAmortizedNormal(model, encoder=exact_encoder(model))
+    semi = SemiAmortizedGuide(guide, num_steps=3, mode="sa-vae", estimator="stl")
+    loss = Trace_IWELBO(1).differentiable_loss(model, semi, x)
+    grads = torch.autograd.grad(loss, [*guide.parameters(), *model.parameters()])
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert any((g != 0).any() for g in grads)
 
 
 def test_sa_vae_clips_what_flows_back_into_each_step(float64):
