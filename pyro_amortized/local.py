@@ -284,10 +284,11 @@ class _PerDatapointOptimizer:
         r"""The parameters after one step, computed out of place; the state moves on.
 
         Differentiable in ``params`` and ``grads`` (SA-VAE's unrolled steps), except for
-        the clipping factor, which counts as a constant as in Kim et al.'s implementation,
-        and Adam's normalizer :math:`\sqrt{\hat v}`, likewise: its derivative grows as
-        :math:`1/|g|` where a gradient nears zero (infinite at zero), and through 20
-        unrolled steps it sent an MNIST SA-VAE to NaN after 13 epochs.
+        the clipping factor, which counts as a constant as in Kim et al.'s implementation.
+        Adam divides by :math:`\sqrt{\hat v + \epsilon^2}` rather than torch's
+        :math:`\sqrt{\hat v} + \epsilon` (the same to within :math:`\epsilon`): the
+        derivative of :math:`\sqrt{\hat v}` is infinite where a gradient is exactly zero,
+        which sent an MNIST SA-VAE to NaN after 13 epochs.
         """
         if self.max_grad_norm is not None:
             grads = _clip_rows(grads, self.max_grad_norm)
@@ -300,7 +301,7 @@ class _PerDatapointOptimizer:
                 v = beta2 * self.v[i] + (1 - beta2) * g * g
                 c1 = _per_row((1 - beta1**self.steps).clamp_min(1e-12), p)
                 c2 = _per_row((1 - beta2**self.steps).clamp_min(1e-12), p)
-                update = self.lr * (m / c1) / ((v.detach() / c2).sqrt() + eps)
+                update = self.lr * (m / c1) / (v / c2 + eps**2).sqrt()
             else:  # torch.optim.SGD's momentum: m <- mu m + g, p <- p - lr m
                 m, v = self.momentum * self.m[i] + g, None
                 update = self.lr * m

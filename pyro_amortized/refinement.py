@@ -171,9 +171,8 @@ class SemiAmortizedGuide(nn.Module):
     - ``"sa-vae"`` (Kim et al.): the gradient of the refined bound flows back through the
       unrolled steps into the encoder, and into the model through the steps' dependence on
       it (exact Hessian-vector products by autograd, where Kim et al. use finite
-      differences). With SGD (Kim et al.'s choice) the gradient is exact; with Adam its
-      normalizer :math:`\sqrt{\hat v}` counts as a constant in the backward pass, as its
-      derivative is infinite where a step's gradient vanishes. With ``max_grad_norm``,
+      differences). Adam's normalizer is :math:`\sqrt{\hat v + \epsilon^2}`, whose
+      derivative stays finite where a step's gradient is zero. With ``max_grad_norm``,
       each datapoint's step is clipped in the forward pass, and in the backward pass the
       gradient reaching each step's parameters, per datapoint and per tensor, as in Kim
       et al.'s implementation.
