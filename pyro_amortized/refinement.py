@@ -193,9 +193,15 @@ class SemiAmortizedGuide(nn.Module):
             clipping).
 
     Example:
-        >>> guide = SemiAmortizedGuide(AutoAmortizedNormal(model), num_steps=20, mode="savi")
+        >>> from pyro_amortized import AutoAmortizedNormal, Trace_IWELBO
+        >>> def model(x):
+        ...     with pyro.plate("data", x.shape[0]):
+        ...         z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+        ...         pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+        >>> encoder = AutoAmortizedNormal(model, hidden_dims=(8,))
+        >>> guide = SemiAmortizedGuide(encoder, num_steps=5, mode="sa-vae")
         >>> svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_IWELBO())
-        ... # doctest: +SKIP
+        >>> loss = svi.step(torch.randn(10, 2))  # 5 steps per datapoint, then the update
 
     References:
         Semi-Amortized Variational Autoencoders (Kim, Wiseman, Miller, Sontag and Rush, 2018).
