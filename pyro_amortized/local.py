@@ -273,8 +273,9 @@ class _PerDatapointOptimizer:
         self.v = [torch.zeros_like(p) for p in params] if optimizer == "adam" else None
 
     @torch.no_grad()
-    def step(self, grads: Sequence[Tensor], active: Tensor) -> None:
-        """One step in place on the optimizer's own parameters."""
+    def step(self, grads: Sequence[Tensor], active: Tensor | None = None) -> None:
+        """One step in place on the optimizer's own parameters (all rows when ``active``
+        is None)."""
         for p, new in zip(self.params, self.update(self.params, grads, active), strict=True):
             p.copy_(new)
 

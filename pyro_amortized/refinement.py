@@ -133,13 +133,12 @@ def refine(
     step = _PerDatapointOptimizer(
         base, optimizer, step_size, momentum=momentum, max_grad_norm=max_grad_norm
     )
-    active = torch.ones(step.num_rows, dtype=torch.bool, device=base[0].device)
     bounds = []
     for _ in tqdm(range(num_steps), desc="refine", unit="step", disable=not progress):
         terms = elbo._collect(model, local_guide, args, kwargs, stopped=estimator == "stl")
         bound = (terms.model_local - terms.guide_local).mean(0)
         grads = torch.autograd.grad(-bound.sum(), base)
-        step.step(grads, active)
+        step.step(grads)
         bounds.append(bound.detach())
     N = step.num_rows
     bounds = torch.stack(bounds) if bounds else base[0].new_zeros(0, N)
