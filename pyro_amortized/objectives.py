@@ -177,6 +177,28 @@ def _log_prob(site) -> Tensor:
     return torch.where(mask, log_p, log_p.new_zeros(()))
 
 
+def _reads_particles(site, log_p: Tensor, K: int) -> bool:
+    """Whether a site outside the local plate has a batch dimension of size K that none of
+    its plates accounts for: it got the particle dimension from a local latent it reads."""
+    plates = {f.dim: f.size for f in site["cond_indep_stack"] if f.vectorized}
+    return any(
+        size == K and plates.get(dim) != K
+        for dim, size in zip(range(-log_p.dim(), 0), log_p.shape, strict=True)
+    )
+
+
+def _coupled_error(site: str | None, local: str) -> ValueError:
+    where = f"site '{site}'" if site is not None else "a model site"
+    return ValueError(
+        f"Trace_IWELBO: {where} is outside plate '{local}' but depends on its latents "
+        "(its log-density changes from particle to particle), so the datapoints' "
+        "importance weights do not factorize; the per-datapoint bound needs every site that "
+        f"reads a latent of plate '{local}' inside that plate. For latents coupled across "
+        "datapoints (a game between two players, say) use num_particles=1 or Pyro's "
+        "Trace_ELBO / TraceMeanField_ELBO."
+    )
+
+
 def _is_one(scale) -> bool:
     return isinstance(scale, (int, float)) and scale == 1.0
 
@@ -405,6 +427,8 @@ class Trace_IWELBO(ELBO):
         local_sites = []  # (log_p, is_model, is_prior)
         model_global = guide_global = prior_global = 0.0
         track_prior = self.kl_weight != 1.0
+        K = self.num_particles
+        coupled_check = K > 1 and self.vectorize_particles
         local_values = []
         frames = {}
         for is_model, trace in ((True, model_trace), (False, guide_trace)):
@@ -425,6 +449,8 @@ class Trace_IWELBO(ELBO):
                 log_p = _log_prob(site)
                 is_prior = track_prior and is_model and not site["is_observed"]
                 if frame is None:
+                    if is_model and coupled_check and _reads_particles(site, log_p, K):
+                        raise _coupled_error(name, local)
                     scale = site["scale"]
                     total = log_p.sum() if _is_one(scale) else (log_p * scale).sum()
                     if is_model:
@@ -514,6 +540,12 @@ class Trace_IWELBO(ELBO):
         for k in range(1, self.num_particles):
             model_trace, guide_trace = self._traces(model, guide, args, kwargs, shared)
             terms = self._terms(model_trace, guide_trace, stopped)
+            if not torch.equal(
+                torch.as_tensor(terms.model_global), torch.as_tensor(first.model_global)
+            ):
+                # the globals are replayed, so only a site that reads the local latents
+                # can change its log-density between particles
+                raise _coupled_error(None, self._local_name)
             model_local.append(terms.model_local)
             guide_local.append(terms.guide_local)
             prior_local.append(terms.prior_local)

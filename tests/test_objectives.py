@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from linear_gaussian import LinearGaussian, encoder_grad, exact_encoder
 from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule
 from torch import nn
 
@@ -540,3 +541,21 @@ def test_stopped_distribution_has_same_density_and_only_the_value_path(shape, fa
     grads = torch.autograd.grad(stopped.log_prob(value).sum(), [a, b, value], allow_unused=True)
     assert grads[0] is None and grads[1] is None
     assert grads[2] is not None and torch.isfinite(grads[2]).all()
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_a_site_outside_the_local_plate_that_reads_local_latents_is_refused(vectorize):
+    # a "game" between datapoints 0 and 1: its likelihood couples their latents, so no
+    # per-datapoint importance weight exists
+    def model(x):
+        with pyro.plate("players", 3):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("game", dist.Normal(z[..., 0] - z[..., 1], 1.0), obs=x)
+
+    guide = AutoNormal(model)
+    x = torch.tensor(0.5)
+    elbo = Trace_IWELBO(3, local_plate="players", vectorize_particles=vectorize)
+    with pytest.raises(ValueError, match="outside plate 'players' but depends on its latents"):
+        elbo.loss(model, guide, x)
+    # one particle is the plain ELBO, which is right for coupled latents too
+    assert math.isfinite(Trace_IWELBO(1, local_plate="players").loss(model, guide, x))
