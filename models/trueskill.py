@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import math
 import time
 from collections.abc import Sequence
@@ -339,6 +340,21 @@ def initial_skills(
     return (mu + spread * normal.icdf(rate)).to(torch.get_default_dtype())
 
 
+def player_features(games: Tensor, num_players: int) -> Tensor:
+    r"""``[P, 3]``: a summary of each player's record, a context for an amortized guide over
+    the ``"players"`` plate: :math:`\Phi^{-1}` of the smoothed win rate, the mean of that
+    over their opponents (strength of schedule), and :math:`\log(1 + \text{games})`."""
+    standard = (initial_skills(games, num_players, mu=0.0, sigma=1.0, beta=0.0)).double()
+    player = torch.cat([games[:, 0], games[:, 1]])
+    opponent = torch.cat([games[:, 1], games[:, 0]])
+    count = torch.bincount(player, minlength=num_players).double()
+    schedule = torch.zeros(num_players, dtype=torch.float64).index_add_(
+        0, player, standard[opponent]
+    ) / count.clamp(min=1)
+    features = torch.stack([standard, schedule, count.log1p()], dim=-1)
+    return features.to(torch.get_default_dtype())
+
+
 def fit_skills(
     model: SkillModel,
     train: Tournament,
@@ -432,7 +448,14 @@ def linear_response(
     precision.index_put_((second, second), -h_bb, accumulate=True)
     precision.index_put_((first, second), -h_ab, accumulate=True)
     precision.index_put_((second, first), -h_ab, accumulate=True)
-    return torch.cholesky_inverse(torch.linalg.cholesky(precision)).to(loc.dtype)
+    factor, info = torch.linalg.cholesky_ex(precision)
+    if info:
+        raise ValueError(
+            "linear_response: the expected Hessian of the log joint is not negative definite "
+            "at this posterior (a learned likelihood that is not log-concave there), so it "
+            "gives no covariance; use the mean-field scales"
+        )
+    return torch.cholesky_inverse(factor).to(loc.dtype)
 
 
 # ------------------------------------------------------------------------ newcomers
@@ -501,7 +524,7 @@ class GameSetEncoder(nn.Module):
         Deep Sets (Zaheer, Kottur, Ravanbakhsh, Poczos, Salakhutdinov and Smola, 2017).
     """
 
-    def __init__(self, *, mu: float = MU, sigma: float = SIGMA, hidden_dim: int = 64):
+    def __init__(self, *, mu: float = MU, sigma: float = SIGMA, hidden_dim: int = 32):
         super().__init__()
         self.mu, self.sigma = mu, sigma
         self.phi = nn.Sequential(
@@ -577,12 +600,12 @@ def fit_newcomer_encoder(
     model: SkillModel,
     episodes: Tensor,
     *,
-    epochs: int = 40,
+    epochs: int = 100,
     batch_size: int = 256,
-    lr: float = 3e-3,
-    num_particles: int = 8,
-    estimator: str = "dreg",
-    hidden_dim: int = 64,
+    lr: float = 1e-2,
+    num_particles: int = 4,
+    estimator: str = "iwae",
+    hidden_dim: int = 32,
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[NewcomerModel, AutoAmortizedNormal]:
@@ -689,9 +712,10 @@ def _trueskill_env(mu: float, sigma: float, beta: float, draw_probability: float
             "(or pip install -e '.[test]')"
         ) from error
     # static skills: no dynamics (tau = 0)
-    return trueskill.TrueSkill(
+    env = trueskill.TrueSkill(
         mu=mu, sigma=sigma, beta=beta, tau=0.0, draw_probability=draw_probability
     )
+    return trueskill, env
 
 
 def trueskill_ratings(
@@ -704,12 +728,12 @@ def trueskill_ratings(
 ) -> tuple[Tensor, Tensor]:
     """One pass of the ``trueskill`` package's updates over ``train``, in order: each
     player's (mu, sigma)."""
-    env = _trueskill_env(mu, sigma, beta, draw_probability)
+    trueskill, env = _trueskill_env(mu, sigma, beta, draw_probability)
     ratings = [env.create_rating() for _ in range(train.num_players)]
     for w, ell, d in zip(
         train.winner.tolist(), train.loser.tolist(), train.draw.tolist(), strict=True
     ):
-        ratings[w], ratings[ell] = env.rate_1vs1(ratings[w], ratings[ell], drawn=d)
+        ratings[w], ratings[ell] = trueskill.rate_1vs1(ratings[w], ratings[ell], drawn=d, env=env)
     dtype = torch.get_default_dtype()
     return (
         torch.tensor([r.mu for r in ratings], dtype=dtype),
@@ -727,7 +751,7 @@ def trueskill_newcomers(
 ) -> tuple[Tensor, Tensor]:
     """TrueSkill's one-pass update of each newcomer over their records (opponents' ratings
     held fixed): each newcomer's (mu, sigma)."""
-    env = _trueskill_env(mu, sigma, beta, draw_probability)
+    trueskill, env = _trueskill_env(mu, sigma, beta, draw_probability)
     locs, scales = [], []
     for record in records:
         rating = env.create_rating()
@@ -736,9 +760,9 @@ def trueskill_newcomers(
                 continue
             opponent = env.create_rating(opp_loc, opp_scale)
             if result == LOSS:
-                _, rating = env.rate_1vs1(opponent, rating)
+                _, rating = trueskill.rate_1vs1(opponent, rating, env=env)
             else:
-                rating, _ = env.rate_1vs1(rating, opponent, drawn=result == DRAW)
+                rating, _ = trueskill.rate_1vs1(rating, opponent, drawn=result == DRAW, env=env)
         locs.append(rating.mu)
         scales.append(rating.sigma)
     dtype = torch.get_default_dtype()
@@ -783,10 +807,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--particles", type=int, default=4)
     parser.add_argument(
-        "--newcomers", type=float, default=0.1, help="fraction of players held out as newcomers"
+        "--newcomers", type=float, default=0.2, help="fraction of players held out as newcomers"
     )
     parser.add_argument("--first-games", type=int, default=5, help="newcomer games to read")
-    parser.add_argument("--encoder-epochs", type=int, default=40)
+    parser.add_argument("--encoder-epochs", type=int, default=100)
     parser.add_argument("--refine-steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/trueskill", help="directory for the figure")
@@ -808,6 +832,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             seed=args.seed,
         )
     train, test = tournament.split(args.train_fraction)
+    if not args.no_baseline and importlib.util.find_spec("trueskill") is None:
+        print("(the trueskill package is not installed: pip install trueskill for its rows)")
+        args.no_baseline = True
     draws = tournament.has_draws
     draw_rate = float(train.draw.double().mean())
     skills = tournament.skills
@@ -881,84 +908,132 @@ def newcomers(
     likelihood: str,
     draw_rate: float,
 ) -> dict[str, dict[str, float]]:
-    """Hold out some players, fit the rest, and score the held-out ones as newcomers."""
-    generator = torch.Generator().manual_seed(args.seed + 1)
+    """The newcomer experiment of the CLI, printed; see :func:`newcomer_experiment`."""
+    began = time.perf_counter()
+    out = newcomer_experiment(
+        tournament,
+        train,
+        fraction=args.newcomers,
+        first_games=args.first_games,
+        likelihood=likelihood,
+        draw_rate=draw_rate,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        encoder_epochs=args.encoder_epochs,
+        refine_steps=args.refine_steps,
+        baseline=not args.no_baseline,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    info = out.pop("info")
+    print(
+        f"\nNewcomers: {info['newcomers']:.0f} held-out players; their first "
+        f"{args.first_games} games read, their next {info['games']:.0f} games predicted "
+        f"(established players fitted and encoder trained in "
+        f"{time.perf_counter() - began:.0f} s)"
+    )
+    print(f"{'method':<42}{'log-loss':>10}{'time (s)':>10}")
+    for name, row in out.items():
+        timing = f"{row['time (s)']:10.3f}" if "time (s)" in row else ""
+        print(f"{name:<42}{row['log-loss']:10.4f}{timing}")
+    return {f"newcomers: {name}": row for name, row in out.items()}
+
+
+def newcomer_experiment(
+    tournament: Tournament,
+    train: Tournament,
+    *,
+    fraction: float = 0.2,
+    first_games: int = 5,
+    likelihood: str = "probit",
+    draw_rate: float = 0.0,
+    epochs: int = 200,
+    batch_size: int = 4000,
+    encoder_epochs: int = 100,
+    refine_steps: int = 50,
+    baseline: bool = True,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Hold out ``fraction`` of the players, fit the rest, then score the held-out ones as
+    newcomers from their first ``first_games`` games and predict the rest of their games.
+
+    Every method works from its own fit of the established players on the ``train`` games
+    without the newcomers: ours (mean-field SVI, the newcomer encoder, optionally
+    refined), and TrueSkill (one pass over the same games, then its one-pass update of
+    each newcomer). Only the newcomers' games against established players are used.
+
+    Returns:
+        Rows of ``{"log-loss": ..., "time (s)": ...}`` by method, and ``"info"``: the
+        number of newcomers and of predicted games.
+    """
+    generator = torch.Generator().manual_seed(seed + 1)
     P = tournament.num_players
-    held_out = torch.randperm(P, generator=generator)[: max(1, int(args.newcomers * P))]
+    held_out = torch.randperm(P, generator=generator)[: max(1, int(fraction * P))]
     established = torch.ones(P, dtype=torch.bool)
     established[held_out] = False
     old = train.subset(~train.involving(held_out))
+    newcomer = ~established
+    versus = tournament.subset(
+        tournament.involving(held_out) & ~(newcomer[tournament.winner] & newcomer[tournament.loser])
+    )
+
+    def split(records: Tensor) -> tuple[Tensor, Tensor]:
+        first, rest = records.clone(), records.clone()
+        first[:, first_games:, 3] = 0
+        rest[:, :first_games, 3] = 0
+        return first, rest
+
     pyro.clear_param_store()
     model = SkillModel(P, likelihood=likelihood, draws=tournament.has_draws)
-    guide = fit_skills(
-        model,
-        old,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        num_particles=args.particles,
-        seed=args.seed,
-    )
+    guide = fit_skills(model, old, epochs=epochs, batch_size=batch_size, seed=seed)
     loc, scale = skill_posterior(guide)
     scale = linear_response(model, loc, scale, old.games).diagonal().sqrt()
-    began = time.perf_counter()
     episodes = newcomer_episodes(
-        game_records(old, established.nonzero().squeeze(-1), loc, scale), seed=args.seed
+        game_records(old, established.nonzero().squeeze(-1), loc, scale, max_games=32),
+        seed=seed,
     )
     newcomer_model, newcomer_guide = fit_newcomer_encoder(
-        model, episodes, epochs=args.encoder_epochs, seed=args.seed, progress=not args.no_progress
+        model, episodes, epochs=encoder_epochs, seed=seed, progress=progress
     )
-    train_time = time.perf_counter() - began
-
-    # newcomers' games against established players, in order: the first few, then the rest
-    versus = tournament.subset(tournament.involving(held_out) & ~_both(tournament, held_out))
-    records = game_records(versus, held_out, loc, scale)
-    k = args.first_games
-    first, rest = records.clone(), records.clone()
-    first[:, k:, 3] = 0
-    rest[:, :k, 3] = 0
+    first, rest = split(game_records(versus, held_out, loc, scale))
     keep = rest[..., 3].sum(-1) > 0
     first, rest = first[keep], rest[keep]
-    out = {}
+    out: dict[str, dict[str, float]] = {
+        "info": {"newcomers": len(first), "games": float(rest[..., 3].sum())}
+    }
     began = time.perf_counter()
     q_loc, q_scale = encode_newcomers(newcomer_guide, first)
-    encode_time = time.perf_counter() - began
     out["ours, amortized encoder"] = {
         "log-loss": record_log_loss(record_probs(model.outcome, q_loc, q_scale, rest), rest),
-        "time (s)": encode_time,
-    }
-    began = time.perf_counter()
-    r_loc, r_scale = refine_newcomers(
-        newcomer_guide, newcomer_model, first, num_steps=args.refine_steps
-    )
-    out[f"ours, encoder + {args.refine_steps} refinement steps"] = {
-        "log-loss": record_log_loss(record_probs(model.outcome, r_loc, r_scale, rest), rest),
         "time (s)": time.perf_counter() - began,
     }
-    if not args.no_baseline:
+    if refine_steps:
         began = time.perf_counter()
-        t_loc, t_scale = trueskill_newcomers(first, draw_probability=draw_rate)
+        r_loc, r_scale = refine_newcomers(
+            newcomer_guide, newcomer_model, first, num_steps=refine_steps
+        )
+        out[f"ours, encoder + {refine_steps} refinement steps"] = {
+            "log-loss": record_log_loss(record_probs(model.outcome, r_loc, r_scale, rest), rest),
+            "time (s)": time.perf_counter() - began,
+        }
+    if baseline:
+        ts_loc, ts_scale = trueskill_ratings(old, draw_probability=draw_rate)
+        ts_first, ts_rest = split(game_records(versus, held_out, ts_loc, ts_scale))
+        ts_first, ts_rest = ts_first[keep], ts_rest[keep]
+        began = time.perf_counter()
+        t_loc, t_scale = trueskill_newcomers(ts_first, draw_probability=draw_rate)
         elapsed = time.perf_counter() - began
         outcome = _fixed_probit(BETA, draw_rate, versus.games)
         out["trueskill, one-pass update"] = {
-            "log-loss": record_log_loss(record_probs(outcome, t_loc, t_scale, rest), rest),
+            "log-loss": record_log_loss(record_probs(outcome, t_loc, t_scale, ts_rest), ts_rest),
             "time (s)": elapsed,
         }
-    prior = torch.full((len(first),), MU), torch.full((len(first),), SIGMA)
+    prior = torch.full((len(first),), model.mu), torch.full((len(first),), model.sigma)
     out["prior (no games read)"] = {
         "log-loss": record_log_loss(record_probs(model.outcome, *prior, rest), rest)
     }
-    games = int(rest[..., 3].sum())
-    print(
-        f"\nNewcomers: {len(first)} held-out players; their first {k} games read, their next "
-        f"{games} games predicted (encoder trained in {train_time:.1f} s on "
-        f"{len(episodes)} episodes of the other players' games)"
-    )
-    print(f"{'method':<40} {'log-loss':>9} {'time (s)':>9}")
-    for name, row in out.items():
-        timing = f"{row['time (s)']:9.3f}" if "time (s)" in row else f"{'':>9}"
-        print(f"{name:<40} {row['log-loss']:9.4f} {timing}")
-    return {f"newcomers: {name}": row for name, row in out.items()}
+    return out
 
 
 def _both(tournament: Tournament, players: Tensor) -> Tensor:

@@ -1,0 +1,298 @@
+import math
+
+import pyro
+import pytest
+import torch
+from pyro.infer import MCMC, NUTS, Trace_ELBO
+from pyro.ops.stats import effective_sample_size
+from torch.special import ndtr
+
+from models.tournaments import BETA, MU, SIGMA, generate_tournament
+from models.trueskill import (
+    DRAW,
+    LOSS,
+    WIN,
+    AntisymmetricScore,
+    GameSetEncoder,
+    Outcome,
+    SkillModel,
+    encode_newcomers,
+    fit_newcomer_encoder,
+    fit_skills,
+    game_records,
+    linear_response,
+    main,
+    newcomer_episodes,
+    player_features,
+    scores,
+    skill_posterior,
+    spearman,
+)
+from pyro_amortized import AutoAmortizedNormal, fit
+from pyro_amortized.optim import Adam
+
+
+def _perturbed(module: torch.nn.Module, seed: int = 0, std: float = 1.0) -> torch.nn.Module:
+    """Random weights everywhere, so no symmetry comes from the zero initialization."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(std * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return module
+
+
+@pytest.mark.parametrize("draws", [False, True])
+def test_learned_score_is_antisymmetric_and_probabilities_are_complementary(draws):
+    torch.manual_seed(0)
+    score = _perturbed(AntisymmetricScore().double())
+    a, b = 25 + 8 * torch.randn(2, 1000, dtype=torch.float64)
+    assert torch.equal(score(a, b), -score(b, a))
+    outcome = _perturbed(Outcome("learned", draws=draws).double())
+    ij, ji = outcome.log_probs(a, b).exp(), outcome.log_probs(b, a).exp()
+    # p(i beats j) + p(j beats i) + p(draw) = 1; i's win is j's loss; a draw is shared
+    assert torch.allclose(ij.sum(-1), torch.ones(1000, dtype=torch.float64), atol=1e-14)
+    assert torch.allclose(ij[:, WIN], ji[:, LOSS], atol=1e-15, rtol=0)
+    assert torch.allclose(ij[:, DRAW], ji[:, DRAW], atol=1e-15, rtol=0)
+    if not draws:
+        assert torch.allclose(ij[:, WIN] + ji[:, WIN], torch.ones(1000, dtype=torch.float64))
+        assert (ij[:, DRAW] == 0).all()
+
+
+def test_probit_outcome_is_trueskills_formula_and_integrates_in_closed_form():
+    outcome = Outcome("probit", draws=True).double()
+    with torch.no_grad():
+        outcome.raw_margin.fill_(0.7)
+    margin = float(outcome.margin.detach())
+    a, b = 25 + 8 * torch.randn(2, 20, dtype=torch.float64)
+    c = math.sqrt(2) * BETA
+    p = outcome.log_probs(a, b).exp()
+    assert torch.allclose(p[:, WIN], ndtr((a - b - margin) / c))
+    assert torch.allclose(p[:, LOSS], ndtr((b - a - margin) / c))
+    assert torch.allclose(p[:, DRAW], ndtr((margin - a + b) / c) - ndtr((-margin - a + b) / c))
+    # E over independent Normal skills, by the closed form and by brute-force averaging
+    sa, sb = (
+        torch.full((20,), 2.0, dtype=torch.float64),
+        torch.full((20,), 3.0, dtype=torch.float64),
+    )
+    closed = outcome.expected_probs(a, sa, b, sb)
+    z = torch.randn(2, 200_000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sampled = outcome.log_probs(a + sa * z[0], b + sb * z[1]).exp().mean(0)
+    assert torch.allclose(closed, sampled, atol=5 * 0.5 / math.sqrt(200_000))
+
+
+def test_learned_expectation_by_quadrature_matches_averaging():
+    # a smooth network, as a trained one is (quadrature cannot resolve a near-step)
+    outcome = _perturbed(Outcome("learned", draws=True).double(), seed=1, std=0.3)
+    a, b = torch.tensor([20.0, 30.0], dtype=torch.float64), torch.tensor([25.0, 22.0])
+    sa, sb = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 0.5])
+    sa, sb, b = sa.double(), sb.double(), b.double()
+    quadrature = outcome.expected_probs(a, sa, b, sb)
+    z = torch.randn(2, 400_000, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        samples = outcome.log_probs(a + sa * z[0], b + sb * z[1]).exp()
+    se = samples.std(0) / math.sqrt(400_000)
+    assert ((quadrature - samples.mean(0)).abs() < 5 * se + 1e-6).all()
+
+
+def test_the_model_refuses_draws_it_was_not_built_for():
+    t = generate_tournament(10, 100, draw_probability=0.5, seed=0)
+    with pytest.raises(ValueError, match="draws=True"):
+        SkillModel(10)(t.games)
+
+
+@pytest.mark.slow
+def test_probit_posterior_matches_nuts():
+    torch.set_default_dtype(torch.float64)
+    try:
+        t = generate_tournament(6, 60, seed=0)
+        pyro.set_rng_seed(0)
+        pyro.clear_param_store()
+        model = SkillModel(6, learn_beta=False)
+        mcmc = MCMC(NUTS(model), num_samples=2000, warmup_steps=500, disable_progbar=True)
+        mcmc.run(t.games)
+        samples = mcmc.get_samples()["skill"]
+        ess = effective_sample_size(samples[None], 0, 1)
+        mean, sd = samples.mean(0), samples.std(0)
+        assert (ess > 400).all()
+        guide = fit_skills(
+            model, t, epochs=2000, batch_size=60, lr=0.05, final_lr=1e-3, num_particles=16
+        )
+        loc, scale = skill_posterior(guide)
+        # the issue's bar: posterior means within 0.1 sd (NUTS's own error is sd / sqrt(ESS))
+        assert ((loc - mean).abs() < 0.1 * sd).all(), (loc - mean) / sd
+        # the mean-field sds understate a posterior this correlated (6 players share 60
+        # games); linear response recovers them, within 5 standard errors of NUTS's sd
+        assert (scale < 0.8 * sd).all()
+        corrected = linear_response(model, loc, scale, t.games, num_samples=64).diagonal().sqrt()
+        assert ((corrected / sd - 1).abs() < 5 * (1 / (2 * ess)).sqrt()).all(), corrected / sd
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_linear_response_assembles_the_hessian_of_the_log_joint():
+    torch.set_default_dtype(torch.float64)
+    try:
+        t = generate_tournament(5, 40, draw_probability=0.3, seed=1)
+        model = SkillModel(5, likelihood="learned", draws=True).double()
+        _perturbed(model, seed=2, std=0.3)
+        with torch.no_grad():
+            model.outcome.raw_margin.fill_(-1.0)
+        loc = MU + SIGMA * torch.randn(5, generator=torch.Generator().manual_seed(3))
+
+        def log_joint(z):
+            prior = torch.distributions.Normal(MU, SIGMA).log_prob(z).sum()
+            log_p = model.outcome.log_probs(z[t.winner], z[t.loser])
+            observed = torch.where(t.draw, DRAW, WIN)
+            return prior + log_p.gather(-1, observed[:, None]).sum()
+
+        hessian = torch.autograd.functional.hessian(log_joint, loc)
+        # with zero scale every draw sits at loc: the covariance is the inverse Hessian
+        covariance = linear_response(model, loc, torch.zeros(5), t.games, num_samples=2)
+        assert torch.allclose(covariance, torch.linalg.inv(-hessian), rtol=1e-10, atol=1e-12)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_game_records_list_each_players_games_in_order_from_their_side():
+    t = generate_tournament(6, 40, draw_probability=0.3, seed=2)
+    loc, scale = torch.arange(6.0), torch.arange(6.0) / 10
+    players = torch.tensor([4, 1])
+    records = game_records(t, players, loc, scale)
+    for row, p in zip(records, players.tolist(), strict=True):
+        games = [g for g in range(len(t)) if p in (int(t.winner[g]), int(t.loser[g]))]
+        assert int(row[:, 3].sum()) == len(games)
+        for slot, g in enumerate(games):
+            won = int(t.winner[g]) == p
+            opponent = int(t.loser[g]) if won else int(t.winner[g])
+            result = DRAW if t.draw[g] else (WIN if won else LOSS)
+            assert row[slot].tolist() == [loc[opponent], scale[opponent], result, 1.0]
+        assert (row[len(games) :, 3] == 0).all()
+    assert game_records(t, players, loc, scale, max_games=3).shape == (2, 3, 4)
+
+
+def test_newcomer_episodes_are_prefixes_of_every_length():
+    records = torch.zeros(2, 30, 4)
+    records[0, :30, 3] = 1
+    records[1, :4, 3] = 1
+    episodes = newcomer_episodes(records, copies=200, seed=0)
+    lengths = episodes[..., 3].sum(-1)
+    mask = episodes[..., 3]
+    # every episode is a prefix: its mask is non-increasing along the games
+    assert (mask[:, 1:] <= mask[:, :-1]).all()
+    assert lengths.min() == 1 and lengths[0::2].max() == 30 and lengths[1::2].max() == 4
+
+
+def test_set_encoder_is_permutation_invariant_and_ignores_padding():
+    torch.manual_seed(0)
+    encoder = _perturbed(GameSetEncoder())
+    records = torch.zeros(3, 7, 4)
+    records[..., 0] = MU + SIGMA * torch.randn(3, 7)
+    records[..., 1] = torch.rand(3, 7) * 3
+    records[..., 2] = torch.randint(3, (3, 7)).float()
+    records[..., 3] = (torch.arange(7) < torch.tensor([[7], [4], [1]])).float()
+    loc, scale = encoder(records)
+    # shuffle each player's games (padding stays last), then add more padding
+    shuffled = records.clone()
+    for i, n in enumerate([7, 4, 1]):
+        shuffled[i, :n] = records[i, torch.randperm(n)]
+    padded = torch.cat([shuffled, torch.zeros(3, 5, 4)], dim=1)
+    padded[:, 7:, 0] = 99.0  # what sits in the padding does not matter
+    loc2, scale2 = encoder(padded)
+    assert torch.allclose(loc, loc2, atol=1e-5) and torch.allclose(scale, scale2, atol=1e-6)
+    # and it is a set function of the games, not of the row: a player's games decide
+    assert not torch.allclose(loc[0], loc[1])
+    # a fresh encoder starts at the prior
+    fresh_loc, fresh_scale = GameSetEncoder()(records)
+    assert torch.allclose(fresh_loc, torch.full_like(fresh_loc, MU))
+    assert torch.allclose(fresh_scale, torch.full_like(fresh_scale, SIGMA))
+
+
+@pytest.mark.slow
+def test_newcomer_encoder_on_held_out_players_agrees_with_the_full_fit():
+    t = generate_tournament(200, 8000, seed=3)
+    train, _ = t.split(0.8)
+    pyro.clear_param_store()
+    model = SkillModel(200)
+    guide = fit_skills(model, train, seed=0)
+    loc, scale = skill_posterior(guide)
+    scale = linear_response(model, loc, scale, train.games).diagonal().sqrt()
+    held_out = torch.arange(160, 200)
+    seen = torch.arange(160)
+    episodes = newcomer_episodes(game_records(train, seen, loc, scale, max_games=32), seed=0)
+    newcomers, newcomer_guide = fit_newcomer_encoder(model, episodes, epochs=60, seed=0)
+    q_loc, q_scale = encode_newcomers(newcomer_guide, game_records(train, held_out, loc, scale))
+    r = torch.corrcoef(torch.stack([q_loc, loc[held_out]]))[0, 1]
+    assert r >= 0.9, r
+    # training the encoder left the skill model's parameters alone
+    assert newcomers.outcome is not model.outcome
+    assert not any(p.requires_grad for p in newcomers.outcome.parameters())
+
+
+def test_amortized_guide_over_the_players_plate_with_minibatches_of_games():
+    t = generate_tournament(100, 4000, seed=4)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    model = SkillModel(100)
+    features = player_features(t.games, 100)
+    guide = AutoAmortizedNormal(
+        model,
+        local_plate="players",
+        context=lambda games, idx=None: features,
+        hidden_dims=(32,),
+        init_scale=1.0,
+    )
+    history = fit(
+        model,
+        guide,
+        Trace_ELBO(),
+        t.games,
+        epochs=40,
+        batch_size=500,
+        optimizer=Adam({"lr": 0.02}),
+        progress=False,
+    )
+    assert history.step_losses[-1] < history.step_losses[0]
+    q = guide.encode(t.games)["skill"]
+    assert q.mean.shape == (100,)
+    assert spearman(q.mean, t.skills) > 0.9
+
+
+def test_scores_of_a_perfect_and_of_an_uninformed_forecast():
+    t = generate_tournament(10, 50, seed=5)
+    sure = torch.zeros(50, 3)
+    sure[:, WIN] = 1.0
+    assert scores(sure, t.games) == {"log-loss": 0.0, "accuracy": 1.0, "Brier": 0.0}
+    coin = torch.tensor([[0.5, 0.0, 0.5]]).expand(50, 3)
+    s = scores(coin, t.games, skills=t.skills, loc=t.skills, scale=torch.full((10,), 1e-9))
+    assert s["log-loss"] == pytest.approx(math.log(2)) and s["Brier"] == pytest.approx(0.25)
+    assert s["Spearman"] == pytest.approx(1.0) and s["coverage"] == 1.0
+
+
+def test_cli_fits_compares_and_plots(tmp_path, capsys):
+    results = main(
+        ["--players", "40", "--games", "800", "--epochs", "20", "--encoder-epochs", "3"]
+        + ["--refine-steps", "2", "--out", str(tmp_path), "--no-progress"]
+    )
+    printed = capsys.readouterr().out
+    for name in ("oracle (true skills)", "trueskill, one pass", "ours, probit, mean-field"):
+        assert name in printed and math.isfinite(results[name]["log-loss"])
+    assert "ours, learned θ, + linear response" in results
+    assert "newcomers: ours, amortized encoder" in results
+    assert (tmp_path / "skills.png").stat().st_size > 1000
+
+
+def test_cli_reads_a_csv_with_draws(tmp_path, capsys):
+    path = tmp_path / "games.csv"
+    path.write_text(
+        "".join(
+            f"p{i % 7},p{(i * 3 + 1) % 7},{int(i % 5 == 0)}\n"
+            for i in range(120)
+            if i % 7 != (i * 3 + 1) % 7
+        )
+    )
+    results = main(
+        ["--games-file", str(path), "--likelihood", "probit", "--epochs", "5"]
+        + ["--newcomers", "0", "--out", str(tmp_path), "--no-progress"]
+    )
+    assert math.isfinite(results["ours, probit, mean-field"]["log-loss"])
+    assert "oracle (true skills)" not in results
