@@ -645,10 +645,19 @@ def encode_newcomers(guide: AutoAmortizedNormal, records: Tensor) -> tuple[Tenso
 
 
 def refine_newcomers(
-    guide: AutoAmortizedNormal, newcomers: NewcomerModel, records: Tensor, *, num_steps: int = 50
+    guide: AutoAmortizedNormal,
+    newcomers: NewcomerModel,
+    records: Tensor,
+    *,
+    num_steps: int = 50,
+    step_size: float = 0.1,
 ) -> tuple[Tensor, Tensor]:
-    """The encoder's posteriors topped up by ``num_steps`` per-newcomer gradient steps."""
-    refined = refine(guide, newcomers, records, num_steps=num_steps, num_particles=8)
+    """The encoder's posteriors topped up by ``num_steps`` per-newcomer gradient steps
+    (:func:`~pyro_amortized.refinement.refine`: Adam, 8 draws a step; the step size is in
+    skill units, which are large)."""
+    refined = refine(
+        guide, newcomers, records, num_steps=num_steps, step_size=step_size, num_particles=8
+    )
     return refined.loc.reshape(-1), refined.scale.reshape(-1)
 
 
@@ -777,6 +786,12 @@ def record_probs(outcome: Outcome, loc: Tensor, scale: Tensor, records: Tensor) 
         return outcome.expected_probs(
             loc[:, None].expand_as(opp_loc), scale[:, None].expand_as(opp_loc), opp_loc, opp_scale
         )
+
+
+def _per_row_log_loss(probs: Tensor, records: Tensor) -> Tensor:
+    mask = records[..., 3]
+    p = probs.gather(-1, records[..., 2].long()[..., None]).squeeze(-1)
+    return -(p.log() * mask).sum(-1) / mask.sum(-1)
 
 
 def record_log_loss(probs: Tensor, records: Tensor) -> float:
@@ -926,6 +941,7 @@ def newcomers(
         progress=not args.no_progress,
     )
     info = out.pop("info")
+    difference = out.pop("difference", None)
     print(
         f"\nNewcomers: {info['newcomers']:.0f} held-out players; their first "
         f"{args.first_games} games read, their next {info['games']:.0f} games predicted "
@@ -936,6 +952,12 @@ def newcomers(
     for name, row in out.items():
         timing = f"{row['time (s)']:10.3f}" if "time (s)" in row else ""
         print(f"{name:<42}{row['log-loss']:10.4f}{timing}")
+    if difference is not None:
+        se = float(difference.std() / len(difference) ** 0.5)
+        print(
+            f"encoder minus trueskill, per newcomer: {float(difference.mean()):+.4f} "
+            f"(standard error {se:.4f})"
+        )
     return {f"newcomers: {name}": row for name, row in out.items()}
 
 
@@ -1004,10 +1026,9 @@ def newcomer_experiment(
     }
     began = time.perf_counter()
     q_loc, q_scale = encode_newcomers(newcomer_guide, first)
-    out["ours, amortized encoder"] = {
-        "log-loss": record_log_loss(record_probs(model.outcome, q_loc, q_scale, rest), rest),
-        "time (s)": time.perf_counter() - began,
-    }
+    elapsed = time.perf_counter() - began
+    ours = record_probs(model.outcome, q_loc, q_scale, rest)
+    out["ours, amortized encoder"] = {"log-loss": record_log_loss(ours, rest), "time (s)": elapsed}
     if refine_steps:
         began = time.perf_counter()
         r_loc, r_scale = refine_newcomers(
@@ -1025,10 +1046,13 @@ def newcomer_experiment(
         t_loc, t_scale = trueskill_newcomers(ts_first, draw_probability=draw_rate)
         elapsed = time.perf_counter() - began
         outcome = _fixed_probit(BETA, draw_rate, versus.games)
+        theirs = record_probs(outcome, t_loc, t_scale, ts_rest)
         out["trueskill, one-pass update"] = {
-            "log-loss": record_log_loss(record_probs(outcome, t_loc, t_scale, ts_rest), ts_rest),
+            "log-loss": record_log_loss(theirs, ts_rest),
             "time (s)": elapsed,
         }
+        # the same games, newcomer by newcomer: a paired comparison
+        out["difference"] = _per_row_log_loss(ours, rest) - _per_row_log_loss(theirs, ts_rest)
     prior = torch.full((len(first),), model.mu), torch.full((len(first),), model.sigma)
     out["prior (no games read)"] = {
         "log-loss": record_log_loss(record_probs(model.outcome, *prior, rest), rest)
