@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from models.tournaments import BETA, generate_tournament  # noqa: E402
 from models.trueskill import (  # noqa: E402
     SkillModel,
-    _fixed_probit,
     fit_skills,
     linear_response,
     newcomer_experiment,
     oracle_probs,
     predict,
+    probit_outcome,
     scores,
     skill_posterior,
     trueskill_ratings,
@@ -55,7 +55,7 @@ def fit_method(method: str, train):
     if method == "trueskill":
         loc, scale = trueskill_ratings(train)
         return (
-            _fixed_probit(BETA, 0.0, train.games),
+            probit_outcome(BETA),
             loc,
             {"one pass": scale},
             (time.perf_counter() - began),

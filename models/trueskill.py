@@ -697,14 +697,19 @@ def spearman(x: Tensor, y: Tensor) -> float:
 
 def oracle_probs(tournament: Tournament, games: Tensor, draw_probability: float = 0.0) -> Tensor:
     """The generator's own probabilities: true skills and true beta."""
-    outcome = _fixed_probit(tournament.beta, draw_probability, games)
+    outcome = probit_outcome(tournament.beta, draw_probability)
     s = tournament.skills.to(torch.get_default_dtype())
     zero = torch.zeros(len(games))
     return outcome.expected_probs(s[games[:, 0]], zero, s[games[:, 1]], zero)
 
 
-def _fixed_probit(beta: float, draw_probability: float, games: Tensor) -> Outcome:
-    draws = bool(games[:, 2].any()) or draw_probability > 0
+def probit_outcome(beta: float, draw_probability: float = 0.0) -> Outcome:
+    """TrueSkill's likelihood with a fixed :math:`\beta` and the draw margin of
+    ``draw_probability`` (:func:`~models.tournaments.draw_margin`): the generator's, or
+    the one the ``trueskill`` package predicts with. Without draws, ``expected_probs``
+    is the package's documented win probability
+    :math:`\\Phi(\\Delta\\mu / \\sqrt{2\beta^2 + \\sigma_i^2 + \\sigma_j^2})`."""
+    draws = draw_probability > 0
     outcome = Outcome("probit", draws=draws, beta=beta, learn_beta=False)
     if draws:
         with torch.no_grad():
@@ -861,7 +866,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         began = time.perf_counter()
         loc, scale = trueskill_ratings(train, draw_probability=draw_rate)
         elapsed = time.perf_counter() - began
-        outcome = _fixed_probit(BETA, draw_rate, test.games)
+        outcome = probit_outcome(BETA, draw_rate)
         probs = predict(outcome, loc, scale, test.games)
         results["trueskill, one pass"] = scores(
             probs, test.games, skills=skills, loc=loc, scale=scale
@@ -1045,7 +1050,7 @@ def newcomer_experiment(
         began = time.perf_counter()
         t_loc, t_scale = trueskill_newcomers(ts_first, draw_probability=draw_rate)
         elapsed = time.perf_counter() - began
-        outcome = _fixed_probit(BETA, draw_rate, versus.games)
+        outcome = probit_outcome(BETA, draw_rate)
         theirs = record_probs(outcome, t_loc, t_scale, ts_rest)
         out["trueskill, one-pass update"] = {
             "log-loss": record_log_loss(theirs, ts_rest),
