@@ -11,7 +11,7 @@ r"""Skill ratings on synthetic tournaments: ours against the ``trueskill`` packa
 3. Newcomers on the same tournaments: 20% of the players held out; each method fits the
    others on the training games without them, reads each newcomer's first 5 games
    against them and predicts the rest of the newcomer's games against them. Ours: the
-   amortized set encoder (and 50 refinement steps); TrueSkill: its one-pass update. The
+   amortized set encoder (and 100 refinement steps); TrueSkill: its one-pass update. The
    per-newcomer log-loss difference is reported with its standard error.
 
 Run it alone on the machine (``python benchmarks/skill_ratings.py``); it writes
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--games", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tournaments", type=int, default=5)
+    parser.add_argument("--tournaments", type=int, default=10)
     parser.add_argument("--out", default="runs/benchmarks")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small tensors: a second thread only adds contention
