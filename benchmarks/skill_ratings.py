@@ -163,13 +163,17 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 cells.append("")
         print(f"| {name} | {' | '.join(cells)} |")
-    diffs = torch.cat(differences)
-    se = float(diffs.std() / len(diffs) ** 0.5)
-    report["newcomer_difference"] = {"mean": float(diffs.mean()), "se": se, "n": len(diffs)}
-    print(
-        f"\nNewcomers, encoder minus trueskill, log-loss per newcomer: {float(diffs.mean()):+.5f} "
-        f"(standard error {se:.5f}, {len(diffs)} newcomers over {args.tournaments} tournaments)"
-    )
+    report["newcomer_difference"] = {}
+    print()
+    for name in differences[0]:
+        diffs = torch.cat([d[name] for d in differences])
+        se = float(diffs.std() / len(diffs) ** 0.5)
+        report["newcomer_difference"][name] = {"mean": float(diffs.mean()), "se": se}
+        print(
+            f"Newcomers, {name} minus trueskill, log-loss per newcomer: "
+            f"{float(diffs.mean()):+.5f} (standard error {se:.5f}, {len(diffs)} newcomers over "
+            f"{args.tournaments} tournaments)"
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "skill_ratings.json").write_text(json.dumps(report, indent=1))

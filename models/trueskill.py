@@ -972,10 +972,10 @@ def newcomers(
     for name, row in out.items():
         timing = f"{row['time (s)']:10.3f}" if "time (s)" in row else ""
         print(f"{name:<42}{row['log-loss']:10.4f}{timing}")
-    if difference is not None:
-        se = float(difference.std() / len(difference) ** 0.5)
+    for name, values in (difference or {}).items():
+        se = float(values.std() / len(values) ** 0.5)
         print(
-            f"encoder minus trueskill, per newcomer: {float(difference.mean()):+.4f} "
+            f"{name} minus trueskill, per newcomer: {float(values.mean()):+.4f} "
             f"(standard error {se:.4f})"
         )
     return {f"newcomers: {name}": row for name, row in out.items()}
@@ -1006,8 +1006,9 @@ def newcomer_experiment(
     each newcomer). Only the newcomers' games against established players are used.
 
     Returns:
-        Rows of ``{"log-loss": ..., "time (s)": ...}`` by method, and ``"info"``: the
-        number of newcomers and of predicted games.
+        Rows of ``{"log-loss": ..., "time (s)": ...}`` by method; ``"info"``: the number
+        of newcomers and of predicted games; with the baseline, ``"difference"``: each
+        newcomer's log-loss minus TrueSkill's, for the encoder and the refined posterior.
     """
     generator = torch.Generator().manual_seed(seed + 1)
     P = tournament.num_players
@@ -1054,9 +1055,11 @@ def newcomer_experiment(
         r_loc, r_scale = refine_newcomers(
             newcomer_guide, newcomer_model, first, num_steps=refine_steps
         )
+        elapsed = time.perf_counter() - began
+        refined = record_probs(model.outcome, r_loc, r_scale, rest)
         out[f"ours, encoder + {refine_steps} refinement steps"] = {
-            "log-loss": record_log_loss(record_probs(model.outcome, r_loc, r_scale, rest), rest),
-            "time (s)": time.perf_counter() - began,
+            "log-loss": record_log_loss(refined, rest),
+            "time (s)": elapsed,
         }
     if baseline:
         ts_loc, ts_scale = trueskill_ratings(old, draw_probability=draw_rate)
@@ -1071,8 +1074,11 @@ def newcomer_experiment(
             "log-loss": record_log_loss(theirs, ts_rest),
             "time (s)": elapsed,
         }
-        # the same games, newcomer by newcomer: a paired comparison
-        out["difference"] = _per_row_log_loss(ours, rest) - _per_row_log_loss(theirs, ts_rest)
+        # the same games, newcomer by newcomer: paired comparisons
+        baseline_loss = _per_row_log_loss(theirs, ts_rest)
+        out["difference"] = {"encoder": _per_row_log_loss(ours, rest) - baseline_loss}
+        if refine_steps:
+            out["difference"]["refined"] = _per_row_log_loss(refined, rest) - baseline_loss
     prior = torch.full((len(first),), model.mu), torch.full((len(first),), model.sigma)
     out["prior (no games read)"] = {
         "log-loss": record_log_loss(record_probs(model.outcome, *prior, rest), rest)
