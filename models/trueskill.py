@@ -385,7 +385,9 @@ def fit_skills(
     )
     steps = epochs * max(1, math.ceil(len(games) / batch_size))
     optimizer = pyro.optim.ClippedAdam({"lr": lr, "lrd": (final_lr / lr) ** (1 / steps)})
-    loss = TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=True)
+    loss = TraceMeanField_ELBO(
+        num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1
+    )
     fit(
         model,
         guide,
