@@ -258,6 +258,12 @@ class Trace_IWELBO(ELBO):
 
     At the exact posterior the ``"stl"`` and ``"dreg"`` guide gradients are exactly zero.
 
+    The bound needs each datapoint's likelihood to read only its own latents. A model site
+    outside the local plate that reads the plate's latents (a game between two players
+    of a ``"players"`` plate, say) couples the datapoints, so no per-datapoint weight
+    exists: with ``num_particles > 1`` such a site raises ``ValueError``. One particle is
+    the plain ELBO, which is right for coupled latents too.
+
     Arguments:
         num_particles: Number of importance samples :math:`K` per datapoint.
         estimator: One of ``"iwae"``, ``"stl"``, ``"dreg"``.
