@@ -322,21 +322,23 @@ class SkillModel(PyroModule):
 def initial_skills(
     games: Tensor, num_players: int, *, mu: float = MU, sigma: float = SIGMA, beta: float = BETA
 ) -> Tensor:
-    r"""A data-driven starting point: :math:`\mu + \sigma \Phi^{-1}(\text{smoothed win rate})`.
+    r"""A data-driven starting point for the skills:
+    :math:`\mu + \sqrt{\sigma^2 + 2\beta^2}\, \Phi^{-1}(r)`, with :math:`r` the win rate
+    (a draw counts half) smoothed as (wins + 1) / (games + 2).
 
-    Starting every skill at the prior mean leaves SVI a long way along a flat ridge (all
-    skills spread out while :math:`\beta` grows); this start is already spread.
+    Against opponents drawn from the prior, a player of skill :math:`z` wins a share
+    :math:`\Phi((z - \mu) / \sqrt{\sigma^2 + 2\beta^2})` of games, which this inverts.
+    Starting every skill at the prior mean instead leaves SVI a long way along a flat
+    ridge (all skills spreading out while :math:`\beta` grows).
     """
-    wins = torch.bincount(games[:, 0], minlength=num_players).double()
-    losses = torch.bincount(games[:, 1], minlength=num_players).double()
-    draws = games[:, 2].bool()
-    half = 0.5 * (
-        torch.bincount(games[draws, 0], minlength=num_players)
-        + torch.bincount(games[draws, 1], minlength=num_players)
-    )
-    rate = (wins - half + 1) / (wins + losses + 2)
+    first = torch.bincount(games[:, 0], minlength=num_players).double()
+    second = torch.bincount(games[:, 1], minlength=num_players).double()
+    drawn = games[:, 2].bool()
+    drawn_first = torch.bincount(games[drawn, 0], minlength=num_players).double()
+    drawn_second = torch.bincount(games[drawn, 1], minlength=num_players).double()
+    wins = first - drawn_first + 0.5 * (drawn_first + drawn_second)
+    rate = (wins + 1) / (first + second + 2)
     normal = torch.distributions.Normal(0.0, 1.0)
-    # against uniformly drawn opponents E[win rate] = Phi((z - mu) / sqrt(sigma² + 2 beta²))
     spread = math.sqrt(sigma**2 + 2 * beta**2)
     return (mu + spread * normal.icdf(rate)).to(torch.get_default_dtype())
 

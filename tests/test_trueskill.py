@@ -20,6 +20,7 @@ from models.trueskill import (
     fit_newcomer_encoder,
     fit_skills,
     game_records,
+    initial_skills,
     linear_response,
     main,
     newcomer_episodes,
@@ -297,3 +298,13 @@ def test_cli_reads_a_csv_with_draws(tmp_path, capsys):
     )
     assert math.isfinite(results["ours, probit, mean-field"]["log-loss"])
     assert "oracle (true skills)" not in results
+
+
+def test_initial_skills_count_a_draw_as_half_a_win():
+    # player 0: one win, one draw (listed first), one draw (listed second), one loss
+    games = torch.tensor([[0, 1, 0], [0, 2, 1], [3, 0, 1], [1, 0, 0]])
+    start = initial_skills(games, 4, mu=0.0, sigma=1.0, beta=0.0)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    assert start[0] == pytest.approx(float(normal.icdf(torch.tensor((2.0 + 1) / (4 + 2)))))
+    # player 2 drew its only game: a win rate of 1/2, the prior mean
+    assert start[2] == pytest.approx(0.0, abs=1e-7)
