@@ -35,14 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from models.tournaments import BETA, generate_tournament  # noqa: E402
 from models.trueskill import (  # noqa: E402
     SkillModel,
-    fit_skills,
-    linear_response,
+    fit_posterior,
     newcomer_experiment,
     oracle_probs,
     predict,
     probit_outcome,
     scores,
-    skill_posterior,
     trueskill_ratings,
 )
 
@@ -62,19 +60,12 @@ def fit_method(method: str, train):
         )
     pyro.clear_param_store()
     model = SkillModel(train.num_players, likelihood=method)
-    guide = fit_skills(model, train)
-    loc, scale = skill_posterior(guide)
-    mean_field = time.perf_counter() - began
-    corrected = linear_response(model, loc, scale, train.games).diagonal().sqrt()
-    elapsed = time.perf_counter() - began
+    posterior = fit_posterior(model, train)
     return (
         model.outcome,
-        loc,
-        {"mean-field": scale, "+ linear response": corrected},
-        (
-            mean_field,
-            elapsed,
-        ),
+        posterior.loc,
+        {"mean-field": posterior.scale, "+ linear response": posterior.corrected},
+        (posterior.fit_time, posterior.total_time),
     )
 
 

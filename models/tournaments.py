@@ -105,9 +105,18 @@ class Tournament:
 
     def involving(self, players: Tensor) -> Tensor:
         """Bool mask of the games in which any of ``players`` took part."""
+        member = self._members(players)
+        return member[self.winner] | member[self.loser]
+
+    def among(self, players: Tensor) -> Tensor:
+        """Bool mask of the games between two of ``players``."""
+        member = self._members(players)
+        return member[self.winner] & member[self.loser]
+
+    def _members(self, players: Tensor) -> Tensor:
         member = torch.zeros(self.num_players, dtype=torch.bool)
         member[players] = True
-        return member[self.winner] | member[self.loser]
+        return member
 
 
 def draw_margin(draw_probability: float, beta: float) -> float:

@@ -34,6 +34,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyro
@@ -402,6 +403,26 @@ def fit_skills(
         progress=progress,
     )
     return guide
+
+
+class SkillPosterior(NamedTuple):
+    """A fitted posterior's per-player mean, mean-field sd and linear-response sd, with the
+    seconds the mean-field fit took and those with the correction."""
+
+    loc: Tensor
+    scale: Tensor
+    corrected: Tensor
+    fit_time: float
+    total_time: float
+
+
+def fit_posterior(model: SkillModel, train: Tournament, **kwargs) -> SkillPosterior:
+    """:func:`fit_skills` (``kwargs`` go to it), then :func:`linear_response` on its fit."""
+    began = time.perf_counter()
+    loc, scale = skill_posterior(fit_skills(model, train, **kwargs))
+    fit_time = time.perf_counter() - began
+    corrected = linear_response(model, loc, scale, train.games).diagonal().sqrt()
+    return SkillPosterior(loc, scale, corrected, fit_time, time.perf_counter() - began)
 
 
 def skill_posterior(guide: AutoNormal) -> tuple[Tensor, Tensor]:
@@ -812,17 +833,19 @@ def record_probs(outcome: Outcome, loc: Tensor, scale: Tensor, records: Tensor) 
         )
 
 
+def _game_log_loss(probs: Tensor, records: Tensor) -> Tensor:
+    """``[N, T]``: minus the log-probability of each recorded result (padding included)."""
+    return -probs.gather(-1, records[..., 2].long()[..., None]).squeeze(-1).log()
+
+
 def _per_row_log_loss(probs: Tensor, records: Tensor) -> Tensor:
     mask = records[..., 3]
-    p = probs.gather(-1, records[..., 2].long()[..., None]).squeeze(-1)
-    return -(p.log() * mask).sum(-1) / mask.sum(-1)
+    return (_game_log_loss(probs, records) * mask).sum(-1) / mask.sum(-1)
 
 
 def record_log_loss(probs: Tensor, records: Tensor) -> float:
     """Mean log-loss over the recorded (unpadded) games."""
-    mask = records[..., 3].bool()
-    p = probs.gather(-1, records[..., 2].long()[..., None]).squeeze(-1)
-    return float(-p.log()[mask].mean())
+    return float(_game_log_loss(probs, records)[records[..., 3].bool()].mean())
 
 
 # --------------------------------------------------------------------------- main
@@ -896,8 +919,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     for likelihood in likelihoods:
         pyro.clear_param_store()
         model = SkillModel(tournament.num_players, likelihood=likelihood, draws=draws)
-        began = time.perf_counter()
-        guide = fit_skills(
+        posterior = fit_posterior(
             model,
             train,
             epochs=args.epochs,
@@ -907,21 +929,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             seed=args.seed,
             progress=not args.no_progress,
         )
-        loc, scale = skill_posterior(guide)
-        fit_time = time.perf_counter() - began
-        cov = linear_response(model, loc, scale, train.games)
-        lr_scale = cov.diagonal().sqrt()
-        lr_time = time.perf_counter() - began
+        loc = posterior.loc
         name = "probit" if likelihood == "probit" else "learned θ"
         for label, sd, elapsed in (
-            ("mean-field", scale, fit_time),
-            ("+ linear response", lr_scale, lr_time),
+            ("mean-field", posterior.scale, posterior.fit_time),
+            ("+ linear response", posterior.corrected, posterior.total_time),
         ):
             probs = predict(model.outcome, loc, sd, test.games)
             results[f"ours, {name}, {label}"] = scores(
                 probs, test.games, skills=skills, loc=loc, scale=sd
             ) | {"time (s)": elapsed}
-        fitted[likelihood] = (model, loc, lr_scale)
+        fitted[likelihood] = (model, loc, posterior.corrected)
 
     print_table(results, tournament, train, test)
     model, loc, scale = fitted[likelihoods[0]]
@@ -1020,10 +1038,7 @@ def newcomer_experiment(
     established = torch.ones(P, dtype=torch.bool)
     established[held_out] = False
     old = train.subset(~train.involving(held_out))
-    newcomer = ~established
-    versus = tournament.subset(
-        tournament.involving(held_out) & ~(newcomer[tournament.winner] & newcomer[tournament.loser])
-    )
+    versus = tournament.subset(tournament.involving(held_out) & ~tournament.among(held_out))
 
     def split(records: Tensor) -> tuple[Tensor, Tensor]:
         first, rest = records.clone(), records.clone()
@@ -1033,9 +1048,8 @@ def newcomer_experiment(
 
     pyro.clear_param_store()
     model = SkillModel(P, likelihood=likelihood, draws=tournament.has_draws)
-    guide = fit_skills(model, old, epochs=epochs, batch_size=batch_size, seed=seed)
-    loc, scale = skill_posterior(guide)
-    scale = linear_response(model, loc, scale, old.games).diagonal().sqrt()
+    posterior = fit_posterior(model, old, epochs=epochs, batch_size=batch_size, seed=seed)
+    loc, scale = posterior.loc, posterior.corrected
     episodes = newcomer_episodes(
         game_records(old, established.nonzero().squeeze(-1), loc, scale, max_games=32),
         seed=seed,
@@ -1088,12 +1102,6 @@ def newcomer_experiment(
         "log-loss": record_log_loss(record_probs(model.outcome, *prior, rest), rest)
     }
     return out
-
-
-def _both(tournament: Tournament, players: Tensor) -> Tensor:
-    member = torch.zeros(tournament.num_players, dtype=torch.bool)
-    member[players] = True
-    return member[tournament.winner] & member[tournament.loser]
 
 
 def print_table(results, tournament: Tournament, train: Tournament, test: Tournament) -> None:

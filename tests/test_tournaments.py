@@ -150,6 +150,9 @@ def test_split_subset_and_involving():
     assert torch.equal(torch.cat([train.winner, test.winner]), t.winner)
     mask = t.involving(torch.tensor([3]))
     assert torch.equal(mask, (t.winner == 3) | (t.loser == 3))
+    pair = torch.tensor([3, 5])
+    among = t.among(pair)
+    assert torch.equal(among, torch.isin(t.winner, pair) & torch.isin(t.loser, pair))
     with pytest.raises(ValueError, match="fraction"):
         t.split(1.0)
 
