@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
         for key in ("log-loss", "coverage"):
             if key in row:
                 values = row[key]
-                cells.append(f"{statistics.mean(values):.4f} ({statistics.stdev(values):.4f})")
+                spread = statistics.stdev(values) if len(values) > 1 else math.nan
+                cells.append(f"{statistics.mean(values):.4f} ({spread:.4f})")
             else:
                 cells.append("")
         print(f"| {name} | {' | '.join(cells)} |")
