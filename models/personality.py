@@ -24,6 +24,9 @@ synthetic questionnaire with known loadings.
 from __future__ import annotations
 
 import math
+import time
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pyro
@@ -32,6 +35,8 @@ import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from pyro_amortized import AutoAmortizedNormal, History, Trace_IWELBO, fit
 
 __all__ = [
     "LIKELIHOODS",
@@ -244,6 +249,131 @@ def _softplus_inverse(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
+# ----------------------------------------------------------------- missing answers
+def hide_answers(answers: Tensor, fraction: float, *, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Hide ``fraction`` of the observed answers, chosen at random, for held-out scoring.
+
+    Returns:
+        ``(shown, hidden)``: the answers with the chosen cells set to NaN, and the
+        ``[N, D]`` boolean mask of those cells.
+    """
+    if not 0 <= fraction < 1:
+        raise ValueError(f"hide_answers: fraction must be in [0, 1), got {fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    cells = (~torch.isnan(answers)).flatten().nonzero().squeeze(-1)
+    chosen = cells[torch.randperm(len(cells), generator=generator)[: round(fraction * len(cells))]]
+    hidden = torch.zeros(answers.numel(), dtype=torch.bool)
+    hidden[chosen] = True
+    hidden = hidden.reshape(answers.shape)
+    return answers.masked_fill(hidden, math.nan), hidden
+
+
+def drop_answers(rate: float = 0.1, empty_rows: float = 0.02):
+    """A ``resample`` for :func:`~pyro_amortized.fit` that hides answers at random each epoch.
+
+    Every observed answer is hidden with probability ``rate``, and every row is emptied
+    with probability ``empty_rows``; the hidden answers leave the likelihood and the
+    encoder's input alike (both read the same NaNs). Answers missing completely at random
+    leave the likelihood's optimum where it was, and the encoder learns rows with more
+    missing answers than the data holds, down to empty ones, whose posterior is the prior.
+
+    References:
+        EDDI: Efficient Dynamic Discovery of High-Value Information with Partial VAE
+        (Ma et al., 2019), the artificial missingness of its training.
+    """
+    if not (0 <= rate < 1 and 0 <= empty_rows < 1):
+        raise ValueError(
+            f"drop_answers: rate and empty_rows must be in [0, 1), got {rate} and {empty_rows}"
+        )
+
+    def resample(answers: Tensor, generator: torch.Generator) -> Tensor:
+        N, D = answers.shape
+        hide = torch.rand(N, D, generator=generator) < rate
+        hide |= (torch.rand(N, 1, generator=generator) < empty_rows).expand(N, D)
+        return answers.masked_fill(hide.to(answers.device), math.nan)
+
+    return resample
+
+
+# ----------------------------------------------------------------- fitting
+@dataclass(eq=False)
+class FactorFit:
+    """A fitted :class:`FactorModel` with its guide.
+
+    Attributes:
+        model: The model; its parameters are the fitted item parameters.
+        guide: The :class:`~pyro_amortized.AutoAmortizedNormal` that scores people.
+        history: :func:`~pyro_amortized.fit`'s history.
+        fit_time: Training time in seconds.
+    """
+
+    model: FactorModel
+    guide: AutoAmortizedNormal
+    history: History = field(repr=False)
+    fit_time: float
+
+
+def fit_factor_model(
+    answers: Tensor,
+    *,
+    num_factors: int = 5,
+    likelihood: str = "grm",
+    categories: int = 6,
+    epochs: int = 100,
+    batch_size: int = 128,
+    num_particles: int = 5,
+    lr: float = 1e-2,
+    final_lr: float = 1e-3,
+    hidden_dims: tuple[int, ...] = (128,),
+    drop: tuple[float, float] | None = (0.1, 0.02),
+    seed: int = 0,
+    progress: bool = False,
+) -> FactorFit:
+    """Fit :class:`FactorModel` to ``answers`` by amortized importance-weighted VI.
+
+    The guide is :class:`~pyro_amortized.AutoAmortizedNormal` over the ``"people"`` plate
+    with its default context, the answers (NaNs zeroed, plus the observed mask); the
+    objective :class:`~pyro_amortized.Trace_IWELBO` with the DReG estimator; the
+    optimizer Adam with the learning rate decaying geometrically from ``lr`` to
+    ``final_lr``. ``drop = (rate, empty_rows)`` hides answers at random each epoch
+    (:func:`drop_answers`); ``None`` trains on the answers as they are. Clears Pyro's
+    parameter store and seeds Pyro's RNG with ``seed``.
+
+    References:
+        Tighter Variational Bounds are Not Necessarily Better (Rainforth et al., 2018) and
+        Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives (Tucker et
+        al., 2019), the DReG gradient; A Machine Learning Approach to Exploratory Factor
+        Analysis: Importance-Weighted Amortized Variational Inference (Urban and Bauer,
+        2021), the same approach to item factor analysis.
+    """
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    model = FactorModel(
+        answers.shape[1],
+        num_factors,
+        likelihood=likelihood,
+        categories=categories,
+        item_means=answers.nanmean(0),
+    )
+    guide = AutoAmortizedNormal(model, local_plate="people", hidden_dims=hidden_dims)
+    steps = epochs * math.ceil(len(answers) / batch_size)
+    optimizer = pyro.optim.ClippedAdam({"lr": lr, "lrd": (final_lr / lr) ** (1 / steps)})
+    began = time.perf_counter()
+    history = fit(
+        model,
+        guide,
+        Trace_IWELBO(num_particles, estimator="dreg"),
+        answers,
+        epochs=epochs,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        seed=seed,
+        progress=progress,
+        resample=None if drop is None else drop_answers(*drop),
+    )
+    return FactorFit(model, guide, history, time.perf_counter() - began)
+
+
 # ----------------------------------------------------------------- rotations
 def varimax(loadings: Tensor, *, max_iter: int = 500, tol: float = 1e-8) -> tuple[Tensor, Tensor]:
     """Kaiser's varimax rotation: ``(rotated, rotation)`` with ``rotated = loadings @ rotation``.
@@ -270,10 +400,11 @@ def oblimin(
 ) -> tuple[Tensor, Tensor]:
     r"""Oblique oblimin rotation (quartimin at ``gamma = 0``) by gradient projection.
 
-    Returns ``(rotated, phi)``: the pattern matrix ``loadings @ inv(T).T`` and the factors'
-    correlation matrix ``T.T @ T``, for the column-normalized ``T`` that minimizes the
+    Returns ``(rotated, rotation)`` with ``rotated = loadings @ rotation`` the pattern
+    matrix: ``rotation = inv(T).T`` for the column-normalized ``T`` that minimizes the
     oblimin criterion (Jennrich's GPA algorithm, as in R's ``GPArotation`` and
-    ``factor_analyzer``).
+    ``factor_analyzer``). The rotated factors' correlation matrix is
+    :func:`factor_correlation` ``(rotation)`` ``= T.T @ T``.
 
     References:
         Gradient Projection Algorithms and Software for Arbitrary Rotation Criteria in
@@ -309,7 +440,14 @@ def oblimin(
             alpha /= 2
         T, f = Tt, ft
         G = -(L.T @ gq @ torch.linalg.inv(T)).T
-    return L.to(loadings.dtype), (T.T @ T).to(loadings.dtype)
+    return L.to(loadings.dtype), torch.linalg.inv(T).T.to(loadings.dtype)
+
+
+def factor_correlation(rotation: Tensor) -> Tensor:
+    """The rotated factors' correlation matrix, ``inv(rotation) @ inv(rotation).T`` (the
+    identity for an orthogonal rotation such as :func:`varimax`)."""
+    inverse = torch.linalg.inv(rotation)
+    return inverse @ inverse.T
 
 
 def congruence(estimate: Tensor, reference: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -336,3 +474,235 @@ def congruence(estimate: Tensor, reference: Tensor) -> tuple[Tensor, Tensor, Ten
         order,
         signs.to(estimate.dtype),
     )
+
+
+# ----------------------------------------------------------------- post-processing
+def standardized_loadings(model: FactorModel) -> Tensor:
+    r"""``[D, Q]`` loadings on the correlation scale of each item's latent response.
+
+    Item d's latent response :math:`\Lambda_d^\top z + \epsilon_d` has variance
+    :math:`\lVert\Lambda_d\rVert^2 + \psi_d^2`, with :math:`\psi_d^2 = \pi^2/3` for the
+    graded response model's logistic noise and the residual variance for the linear one;
+    dividing each row by its sd makes the loadings comparable with those of a factor
+    analysis of the correlation matrix, and between items.
+    """
+    loadings = model.loadings.detach()
+    if model.likelihood == "grm":
+        residual = torch.full((loadings.shape[0],), math.pi**2 / 3, dtype=loadings.dtype)
+    else:
+        residual = model.noise_scale.detach() ** 2
+    return loadings / ((loadings**2).sum(-1) + residual).sqrt()[:, None]
+
+
+def rotate_scores(z: Tensor, rotation: Tensor) -> Tensor:
+    """Personalities ``z`` (``[..., Q]``) in the basis of ``loadings @ rotation``.
+
+    ``rotate_scores(z, rotation) @ (loadings @ rotation).T == z @ loadings.T``.
+    """
+    return z @ torch.linalg.inv(rotation).T.to(z.dtype)
+
+
+def align_to_traits(
+    loadings: Tensor, traits: Sequence[int], num_traits: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Order and sign the factors so factor t is the one most congruent with trait t's items.
+
+    Returns:
+        ``(aligned, order, signs)`` with ``aligned = loadings[:, order] * signs``, matched
+        against the ``[D, T]`` indicator matrix of the items' traits by :func:`congruence`.
+    """
+    traits = torch.as_tensor(traits)
+    T = num_traits or int(traits.max()) + 1
+    indicator = F.one_hot(traits, T).to(loadings.dtype)
+    _, order, signs = congruence(loadings, indicator)
+    return loadings[:, order] * signs, order, signs
+
+
+def items_on_trait(aligned: Tensor, traits: Sequence[int]) -> int:
+    """How many items have their largest absolute loading on their own trait's factor."""
+    return int((aligned.abs().argmax(-1) == torch.as_tensor(traits)).sum())
+
+
+def factor_scores(
+    guide: AutoAmortizedNormal, answers: Tensor, rotation: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Posterior means and sds of the people's personalities, ``[N, Q]`` each.
+
+    Encoded by the guide in one pass (new people included); with ``rotation`` in the
+    rotated factors' basis (:func:`rotate_scores`), where the sds come from the rotated
+    posterior covariance.
+    """
+    with torch.no_grad():
+        posterior = guide.encode(answers)["z"]
+    mean, sd = posterior.mean, posterior.stddev
+    if rotation is None:
+        return mean, sd
+    inverse = torch.linalg.inv(rotation).to(mean.dtype)
+    return mean @ inverse.T, ((sd**2) @ (inverse**2).T).sqrt()
+
+
+def category_probs(model: FactorModel, z: Tensor) -> Tensor:
+    """``[..., D, C]``: P(answer = category) given personalities ``z`` (``[..., Q]``).
+
+    For the linear model, the Normal's mass on each category's interval
+    (k - 1/2, k + 1/2], the end categories taking the tails.
+    """
+    answer = model.answer_distribution(z)
+    if model.likelihood == "grm":
+        return answer.probs
+    edges = torch.arange(1.5, model.categories, dtype=z.dtype)
+    cdf = dist.Normal(answer.loc[..., None], answer.scale[..., None]).cdf(edges)
+    cdf = F.pad(F.pad(cdf, (1, 0), value=0.0), (0, 1), value=1.0)
+    return cdf.diff(dim=-1)
+
+
+def _coded(model: FactorModel, answers: Tensor) -> Tensor:
+    if model.likelihood == "grm":
+        return (answers.nan_to_num(1.0) - 1).long()
+    return answers.nan_to_num(0.0)
+
+
+def posterior_predictive(
+    model: FactorModel, guide: AutoAmortizedNormal, answers: Tensor, *, num_samples: int = 64
+) -> Tensor:
+    r"""``[N, D, C]``: each person's posterior predictive distribution of every item.
+
+    :math:`p(x_{id} \mid x_{i,\mathrm{obs}}) \approx \sum_s \bar w_s\, p(x_{id} \mid z_s)`
+    with :math:`z_s \sim q(z \mid x_{i,\mathrm{obs}})` from the guide and self-normalized
+    importance weights :math:`w_s \propto p(z_s)\, p(x_{i,\mathrm{obs}} \mid z_s) / q(z_s)`,
+    which correct the guide towards the exact posterior as ``num_samples`` grows. Missing
+    answers (NaN) are predicted; the observed ones are predicted too (then they are part
+    of the conditioning set).
+    """
+    with torch.no_grad():
+        z, log_w = _importance_samples(model, guide, answers, num_samples)
+        return torch.einsum("sn,sndc->ndc", log_w.softmax(0), category_probs(model, z))
+
+
+def _importance_samples(
+    model: FactorModel, guide: AutoAmortizedNormal, answers: Tensor, num_samples: int
+) -> tuple[Tensor, Tensor]:
+    """``z ~ q(z | x_obs)``, ``[S, N, Q]``, and ``log p(z, x_obs) - log q(z)``, ``[S, N]``."""
+    posterior = guide.encode(answers)["z"]
+    z = posterior.sample((num_samples,))
+    prior = dist.Normal(torch.zeros_like(z), 1.0).to_event(1)
+    answer = model.answer_distribution(z).mask(~torch.isnan(answers))
+    log_lik = answer.log_prob(_coded(model, answers)).sum(-1)
+    return z, prior.log_prob(z) + log_lik - posterior.log_prob(z)
+
+
+def impute(
+    answers: Tensor,
+    predictive: Tensor,
+    *,
+    method: str = "mode",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``answers`` with every missing cell filled from the posterior predictive.
+
+    Arguments:
+        answers: ``[N, D]``, NaN where missing.
+        predictive: ``[N, D, C]`` from :func:`posterior_predictive`.
+        method: ``"mode"`` (the most probable answer), ``"mean"`` (the expected answer,
+            not a whole number) or ``"sample"`` (a draw, for multiple imputation).
+        generator: Random generator for ``"sample"``.
+    """
+    C = predictive.shape[-1]
+    if method == "mode":
+        filled = predictive.argmax(-1).to(answers.dtype) + 1
+    elif method == "mean":
+        filled = predictive @ torch.arange(1, C + 1, dtype=predictive.dtype)
+    elif method == "sample":
+        draws = torch.multinomial(predictive.reshape(-1, C), 1, generator=generator)
+        filled = draws.reshape(predictive.shape[:-1]).to(answers.dtype) + 1
+    else:
+        raise ValueError(f"impute: method must be 'mode', 'mean' or 'sample', got {method!r}")
+    return torch.where(torch.isnan(answers), filled.to(answers.dtype), answers)
+
+
+def heldout_log_likelihood(predictive: Tensor, answers: Tensor, hidden: Tensor) -> float:
+    """Mean log-probability of the ``hidden`` answers under ``predictive``.
+
+    Arguments:
+        predictive: ``[N, D, C]`` category probabilities, or ``[D, C]`` shared by all.
+        answers: ``[N, D]`` true answers in 1..C.
+        hidden: ``[N, D]`` mask of the held-out cells.
+    """
+    predictive = predictive.expand(*answers.shape, predictive.shape[-1])
+    values = (answers[hidden] - 1).long()
+    return float(predictive[hidden].gather(-1, values[:, None]).log().mean())
+
+
+def item_frequencies(answers: Tensor, categories: int) -> Tensor:
+    """``[D, C]``: each item's answer frequencies over the observed answers (plus one per
+    category, so no answer gets probability 0): the baseline that ignores the person."""
+    counts = torch.stack([(answers == k).sum(0) for k in range(1, categories + 1)], -1)
+    counts = counts.to(torch.get_default_dtype()) + 1
+    return counts / counts.sum(-1, keepdim=True)
+
+
+def item_mean_normal(answers: Tensor, categories: int) -> Tensor:
+    """``[D, C]``: a Normal with each item's mean and sd, discretized like the linear
+    model's answers (:func:`category_probs`): the item-mean baseline."""
+    observed = ~torch.isnan(answers)
+    mean = answers.nanmean(0)
+    variance = ((answers - mean).nan_to_num(0.0) ** 2).sum(0) / (observed.sum(0) - 1)
+    edges = torch.arange(1.5, categories, dtype=mean.dtype)
+    # a constant item's Normal would have sd 0: keep it a valid, narrow distribution
+    sd = variance.sqrt().clamp_min(1e-3)
+    cdf = dist.Normal(mean[:, None], sd[:, None]).cdf(edges)
+    return F.pad(F.pad(cdf, (1, 0), value=0.0), (0, 1), value=1.0).diff(dim=-1)
+
+
+def factor_analyzer_loadings(answers: Tensor, num_factors: int = 5) -> Tensor:
+    """The reference: ``factor_analyzer``'s minres factor analysis with oblimin rotation.
+
+    Fitted to the items' pairwise-complete correlation matrix, so missing answers drop out
+    pair by pair (nothing is imputed).
+
+    Raises:
+        ImportError: ``factor_analyzer`` is not installed (``pip install factor_analyzer
+            "scikit-learn<1.8"``, or this project's ``bench`` extra).
+    """
+    try:
+        from factor_analyzer import FactorAnalyzer
+    except ImportError as error:
+        raise ImportError(
+            "factor_analyzer_loadings needs factor_analyzer, which needs scikit-learn < 1.8: "
+            'pip install factor_analyzer "scikit-learn<1.8" (or pip install -e ".[bench]")'
+        ) from error
+    import pandas
+
+    correlation = pandas.DataFrame(answers.double().numpy()).corr().to_numpy()
+    analyzer = FactorAnalyzer(
+        n_factors=num_factors, rotation="oblimin", method="minres", is_corr_matrix=True
+    )
+    with warnings.catch_warnings():
+        # factor_analyzer 0.5.1 calls check_array(force_all_finite=...), renamed in sklearn 1.6
+        warnings.filterwarnings("ignore", message=".*force_all_finite", category=FutureWarning)
+        analyzer.fit(correlation)
+    return torch.as_tensor(analyzer.loadings_, dtype=answers.dtype)
+
+
+def plot_loadings(loadings: Tensor, items: Sequence[str], factor_names: Sequence[str]):
+    """A heat map of the ``[D, Q]`` loadings, items down and factors across, each cell
+    labelled with its value. Returns the matplotlib ``Figure``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    D, Q = loadings.shape
+    fig = Figure(figsize=(1.1 * Q + 2, 0.28 * D + 1))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    bound = float(loadings.abs().max())
+    image = ax.imshow(loadings.numpy(), cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto")
+    for d in range(D):
+        for q in range(Q):
+            value = float(loadings[d, q])
+            color = "white" if abs(value) > 0.6 * bound else "black"
+            ax.text(q, d, f"{value:.2f}", ha="center", va="center", fontsize=7, color=color)
+    ax.set_xticks(range(Q), factor_names, rotation=30, ha="right")
+    ax.set_yticks(range(D), items)
+    fig.colorbar(image, ax=ax, label="loading")
+    fig.tight_layout()
+    return fig

