@@ -433,3 +433,21 @@ def test_heldout_answers_are_predicted_better_than_by_the_item_baselines(synthet
     assert ours > frequencies + 0.1, (ours, frequencies)
     imputed = impute(shown, predictive)
     assert not torch.isnan(imputed[hidden | ~torch.isnan(q.answers)]).any()
+
+
+@pytest.mark.parametrize("likelihood", ["grm", "linear"])
+def test_cli_prints_the_comparison_and_writes_the_heat_map(likelihood, tmp_path, capsys):
+    from models.personality import main
+
+    comparison = main(
+        ["--synthetic", "300", "--model", likelihood, "--epochs", "2", "--no-progress"]
+        + ["--out", str(tmp_path)]
+    )
+    out = capsys.readouterr().out
+    assert "congruence with factor_analyzer" in out and "item frequencies" in out
+    assert (tmp_path / f"loadings_{likelihood}.png").stat().st_size > 0
+    assert comparison.loadings.shape == (25, 5) and comparison.reference is not None
+    assert set(comparison.heldout) == {"ours", "item frequencies", "item mean"}
+    # the rotation maps the standardized loadings to the reported (aligned) ones
+    std = standardized_loadings(comparison.fitted.model)
+    assert torch.allclose(std @ comparison.rotation, comparison.loadings, atol=1e-5)
