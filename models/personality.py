@@ -785,8 +785,10 @@ def compare(
 ) -> Comparison:
     """Hide ``heldout`` of the answers, fit, and score the fit (see :class:`Comparison`).
 
-    ``fit_kwargs`` go to :func:`fit_factor_model`. The reference ``factor_analyzer`` fit
-    sees the same answers (the held-out ones hidden); its time is the median of 5 fits.
+    ``fit_kwargs`` go to :func:`fit_factor_model` (which clears Pyro's parameter store and
+    seeds its RNG with ``seed``). The reference ``factor_analyzer`` fit sees the same
+    answers (the held-out ones hidden); its time is the median of 5 fits. The posterior
+    predictive draws 64 samples per person.
     """
     shown, hidden = hide_answers(q.answers, heldout, seed=seed)
     fitted = fit_factor_model(
