@@ -593,10 +593,15 @@ def category_probs(model: FactorModel, z: Tensor) -> Tensor:
     answer = model.answer_distribution(z)
     if model.likelihood == "grm":
         return answer.probs
-    edges = torch.arange(1.5, model.categories, dtype=z.dtype)
-    cdf = dist.Normal(answer.loc[..., None], answer.scale[..., None]).cdf(edges)
-    cdf = F.pad(F.pad(cdf, (1, 0), value=0.0), (0, 1), value=1.0)
-    return cdf.diff(dim=-1)
+    return _discretized_normal(answer.loc, answer.scale, model.categories)
+
+
+def _discretized_normal(loc: Tensor, scale: Tensor, categories: int) -> Tensor:
+    """``[..., C]``: the mass of ``Normal(loc, scale)`` on each answer's interval
+    (k - 1/2, k + 1/2], the end categories taking the tails."""
+    edges = torch.arange(1.5, categories, dtype=loc.dtype)
+    cdf = dist.Normal(loc[..., None], scale[..., None]).cdf(edges)
+    return F.pad(F.pad(cdf, (1, 0), value=0.0), (0, 1), value=1.0).diff(dim=-1)
 
 
 def posterior_predictive(
@@ -684,11 +689,8 @@ def item_mean_normal(answers: Tensor, categories: int) -> Tensor:
     observed = ~torch.isnan(answers)
     mean = answers.nanmean(0)
     variance = ((answers - mean).nan_to_num(0.0) ** 2).sum(0) / (observed.sum(0) - 1)
-    edges = torch.arange(1.5, categories, dtype=mean.dtype)
     # a constant item's Normal would have sd 0: keep it a valid, narrow distribution
-    sd = variance.sqrt().clamp_min(1e-3)
-    cdf = dist.Normal(mean[:, None], sd[:, None]).cdf(edges)
-    return F.pad(F.pad(cdf, (1, 0), value=0.0), (0, 1), value=1.0).diff(dim=-1)
+    return _discretized_normal(mean, variance.sqrt().clamp_min(1e-3), categories)
 
 
 def factor_analyzer_loadings(answers: Tensor, num_factors: int = 5) -> Tensor:
@@ -805,12 +807,8 @@ def compare(
     if by_trait:
         rotated, order, signs = align_to_traits(rotated, q.traits, num_factors)
         rotation = rotation[:, order] * signs
-    times = []
-    for _ in range(5):
-        began = time.perf_counter()
-        with torch.no_grad():
-            fitted.guide.encode(q.answers)
-        times.append(time.perf_counter() - began)
+    with torch.no_grad():
+        score_time, _ = _median_time(lambda: fitted.guide.encode(q.answers))
     pyro.set_rng_seed(seed)
     predictive = posterior_predictive(fitted.model, fitted.guide, shown)
     scores = {
@@ -824,11 +822,7 @@ def compare(
     }
     result = None
     if reference and importlib.util.find_spec("factor_analyzer") is not None:
-        fa_times = []
-        for _ in range(5):
-            began = time.perf_counter()
-            theirs = factor_analyzer_loadings(shown, num_factors)
-            fa_times.append(time.perf_counter() - began)
+        fa_time, theirs = _median_time(lambda: factor_analyzer_loadings(shown, num_factors))
         if by_trait:
             theirs, _, _ = align_to_traits(theirs, q.traits, num_factors)
         per_factor, _, _ = congruence(rotated, theirs)
@@ -836,7 +830,7 @@ def compare(
             "loadings": theirs,
             "items_on_trait": items_on_trait(theirs, q.traits) if by_trait else None,
             "congruence": per_factor,
-            "fit_time": statistics.median(fa_times),
+            "fit_time": fa_time,
         }
     return Comparison(
         fitted,
@@ -844,9 +838,19 @@ def compare(
         rotation,
         items_on_trait(rotated, q.traits) if by_trait else None,
         scores,
-        statistics.median(times),
+        score_time,
         result,
     )
+
+
+def _median_time(call: Callable[[], object], repeats: int = 5) -> tuple[float, object]:
+    """The median of ``repeats`` timings of ``call()``, and its last result."""
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        result = call()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times), result
 
 
 def print_comparison(comparison: Comparison, q: Questionnaire) -> None:
