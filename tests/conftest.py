@@ -12,3 +12,9 @@ def _fresh_state():
     yield
     torch.set_default_dtype(dtype)
     pyro.clear_param_store()
+
+
+@pytest.fixture
+def float64():
+    """float64 defaults for this test; ``_fresh_state`` restores the dtype after it."""
+    torch.set_default_dtype(torch.float64)

@@ -16,11 +16,6 @@ from pyro_amortized.diagnostics import (
 )
 
 
-@pytest.fixture
-def float64():
-    torch.set_default_dtype(torch.float64)
-
-
 @pytest.mark.parametrize("chunk_size, batch_size", [(3, 2), (7, None), (100, 5)])
 def test_log_marginal_likelihood_is_exact_at_the_exact_posterior(float64, chunk_size, batch_size):
     model = LinearGaussian()

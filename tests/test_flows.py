@@ -19,11 +19,6 @@ from pyro_amortized import (
 from pyro_amortized.objectives import _stop_distribution
 
 
-@pytest.fixture
-def float64():
-    torch.set_default_dtype(torch.float64)
-
-
 def gaussian_model(x):
     with pyro.plate("data", x.shape[0]):
         z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([3]).to_event(1))

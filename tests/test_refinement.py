@@ -19,11 +19,6 @@ from pyro_amortized import (
 from pyro_amortized.refinement import MODES, REFINE_DEFAULTS, refine
 
 
-@pytest.fixture
-def float64():
-    torch.set_default_dtype(torch.float64)
-
-
 def _wrong_encoder_problem(n=10):
     """Linear-Gaussian data, a guide whose encoder is shifted and too wide, and the exact
     posterior's means [n, 2] and variances [2] (A^T A diagonal: q* is the posterior)."""
