@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from pyro_amortized import AutoAmortizedNormal, History, Trace_IWELBO, fit
+from pyro_amortized.optim import decaying_adam
 
 __all__ = [
     "BFI_TRAITS",
@@ -385,10 +386,8 @@ def fit_factor_model(
         A Deep Learning Algorithm for High-Dimensional Exploratory Item Factor Analysis
         (Urban and Bauer, 2021), the same approach to item factor analysis (deepirtools).
     """
-    if not 0 < final_lr <= lr:
-        raise ValueError(
-            f"fit_factor_model needs 0 < final_lr <= lr, got lr={lr} and final_lr={final_lr}"
-        )
+    steps = epochs * math.ceil(len(answers) / batch_size)
+    optimizer = decaying_adam(lr, final_lr=final_lr, steps=steps)
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     model = FactorModel(
@@ -399,8 +398,6 @@ def fit_factor_model(
         item_means=answers.nanmean(0),
     )
     guide = AutoAmortizedNormal(model, local_plate="people", hidden_dims=hidden_dims)
-    steps = epochs * math.ceil(len(answers) / batch_size)
-    optimizer = pyro.optim.ClippedAdam({"lr": lr, "lrd": (final_lr / lr) ** (1 / steps)})
     began = time.perf_counter()
     history = fit(
         model,

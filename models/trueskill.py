@@ -57,6 +57,7 @@ from models.tournaments import (
     read_games,
 )
 from pyro_amortized import AutoAmortizedNormal, Trace_IWELBO, fit
+from pyro_amortized.optim import decaying_adam
 from pyro_amortized.refinement import refine
 
 LIKELIHOODS = ("probit", "learned")
@@ -387,7 +388,7 @@ def fit_skills(
         model, init_loc_fn=init_to_value(values={"skill": start}), init_scale=init_scale
     )
     steps = epochs * max(1, math.ceil(len(games) / batch_size))
-    optimizer = pyro.optim.ClippedAdam({"lr": lr, "lrd": (final_lr / lr) ** (1 / steps)})
+    optimizer = decaying_adam(lr, final_lr=final_lr, steps=steps)
     loss = TraceMeanField_ELBO(
         num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1
     )
@@ -664,7 +665,7 @@ def fit_newcomer_encoder(
         episodes,
         epochs=epochs,
         batch_size=batch_size,
-        optimizer=pyro.optim.ClippedAdam({"lr": lr, "lrd": (final_lr / lr) ** (1 / steps)}),
+        optimizer=decaying_adam(lr, final_lr=final_lr, steps=steps),
         seed=seed,
         progress=progress,
     )

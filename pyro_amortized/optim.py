@@ -1,4 +1,5 @@
-"""A :class:`~pyro.optim.PyroOptim` that steps every parameter with one torch optimizer."""
+"""A :class:`~pyro.optim.PyroOptim` that steps every parameter with one torch optimizer,
+and Pyro's ``ClippedAdam`` with a learning rate decaying from a start to an end value."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from torch.optim import AdamW as _TorchAdamW
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-__all__ = ["Adam", "AdamW", "JointOptim"]
+__all__ = ["Adam", "AdamW", "JointOptim", "decaying_adam"]
 
 OptimArgs = dict | Callable[..., dict]
 
@@ -209,3 +210,20 @@ def Adam(optim_args: OptimArgs, clip_args: OptimArgs | None = None) -> JointOpti
 def AdamW(optim_args: OptimArgs, clip_args: OptimArgs | None = None) -> JointOptim:
     """:class:`JointOptim` of :class:`torch.optim.AdamW`."""
     return JointOptim(_TorchAdamW, optim_args, clip_args)
+
+
+def decaying_adam(lr: float, *, final_lr: float, steps: int) -> pyro.optim.ClippedAdam:
+    """Pyro's ``ClippedAdam`` whose learning rate decays geometrically from ``lr`` to
+    ``final_lr`` over ``steps`` steps (its ``lrd = (final_lr / lr) ** (1 / steps)``), so
+    the last iterates of a stochastic optimization settle.
+
+    Raises:
+        ValueError: Unless ``0 < final_lr <= lr`` and ``steps >= 1``.
+    """
+    if not 0 < final_lr <= lr:
+        raise ValueError(
+            f"decaying_adam needs 0 < final_lr <= lr, got lr={lr} and final_lr={final_lr}"
+        )
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"decaying_adam needs an int steps >= 1, got {steps!r}")
+    return pyro.optim.ClippedAdam({"lr": lr, "lrd": (final_lr / lr) ** (1 / steps)})

@@ -8,7 +8,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from torch import nn
 
-from pyro_amortized.optim import Adam, AdamW, JointOptim
+from pyro_amortized.optim import Adam, AdamW, JointOptim, decaying_adam
 
 
 def _regression():
@@ -243,3 +243,17 @@ def test_bad_optim_args(bad):
 def test_bad_clip_args():
     with pytest.raises(ValueError, match="clip_args must be None, a dict or a callable"):
         JointOptim(torch.optim.Adam, {"lr": 0.01}, clip_args=0.5)
+
+
+def test_decaying_adam_reaches_final_lr_after_its_steps():
+    param = torch.nn.Parameter(torch.zeros(3))
+    optim = decaying_adam(0.1, final_lr=0.001, steps=50)
+    for _ in range(50):
+        param.grad = torch.ones(3)
+        optim([param])
+    (torch_optim,) = optim.optim_objs.values()
+    assert torch_optim.param_groups[0]["lr"] == pytest.approx(0.001, rel=1e-10)
+    with pytest.raises(ValueError, match="final_lr <= lr"):
+        decaying_adam(0.01, final_lr=0.1, steps=10)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        decaying_adam(0.01, final_lr=0.001, steps=0)
