@@ -18,7 +18,8 @@ import datetime
 import json
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import pyro
@@ -224,6 +225,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--trainer",
+        default="fit",
+        choices=["fit", "lightning"],
+        help="fit: pyro_amortized.fit in this process; lightning: PyTorch Lightning's "
+        "Trainer, on --devices processes or GPUs (needs the lightning extra)",
+    )
+    parser.add_argument(
+        "--devices", type=int, default=1, help="--trainer lightning: processes (or GPUs)"
+    )
+    parser.add_argument(
+        "--strategy",
+        default="auto",
+        help="--trainer lightning: Lightning's strategy, e.g. ddp (gloo on CPUs, NCCL on GPUs)",
+    )
+    parser.add_argument(
+        "--accelerator",
+        default="auto",
+        help="--trainer lightning: cpu, gpu, or auto (a GPU when there is one)",
+    )
+    parser.add_argument(
         "--validate",
         action="store_true",
         help="Pyro's validation of every distribution's arguments and values at every step "
@@ -232,6 +253,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="output directory (default runs/<time>)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    if args.trainer == "fit" and (
+        args.devices != 1 or args.strategy != "auto" or args.accelerator != "auto"
+    ):
+        parser.error("--devices, --strategy and --accelerator need --trainer lightning")
+    if args.devices < 1:
+        parser.error(f"--devices must be >= 1, got {args.devices}")
     if args.refine_mode != "test" and args.refine_steps < 1:
         parser.error(
             f"--refine-mode {args.refine_mode} trains with refinement: pass --refine-steps N"
@@ -240,34 +267,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Trains, prints a results table and writes figures; returns the table's numbers."""
+    """Trains, prints a results table and writes figures; returns the table's numbers.
+
+    With ``--trainer lightning`` under DDP every worker runs this function; the workers
+    other than rank 0 return an empty dict after training.
+    """
     args = parse_args(argv)
     out = Path(args.out or Path("runs") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    out.mkdir(parents=True, exist_ok=True)
-    pyro.set_rng_seed(args.seed)
-    pyro.clear_param_store()
-
-    data = load_dataset(args.dataset, root=args.root, download=args.download)
-    print(data.description)
-    model, guide, loss = build(args, data.train)
-    trained = guide
-    if args.refine_mode != "test":
-        trained = SemiAmortizedGuide(
-            guide, num_steps=args.refine_steps, step_size=args.refine_lr, mode=args.refine_mode
-        )
-    history = train(args, model, trained, loss, data, out / "checkpoint.pt")
-    results = evaluate(args, model, guide, data)
-    if args.refine_steps:
-        results.update(refined_bounds(args, model, guide, data.test))
-    units = active_units(guide, data.test)
-    print_table(results, units, args.latent, history, args)
-    write_figures(out, model, guide, data.test, history, data.image_shape)
-    if args.gaps:
-        report = gaps(args, model, guide, data.test[: args.gaps], out)
-        results.update({f"gaps: {label}": value for label, value in report.rows()})
+    # Lightning needs the parameters in the modules, where its optimizer and DDP see them
+    lightning = args.trainer == "lightning"
+    with pyro.settings.context(module_local_params=True) if lightning else nullcontext():
+        pyro.set_rng_seed(args.seed)
+        pyro.clear_param_store()
+        data = load_dataset(args.dataset, root=args.root, download=args.download)
+        say = _rank_zero_print() if lightning else print
+        say(data.description)
+        model, guide, loss = build(args, data.train)
+        trained = guide
+        if args.refine_mode != "test":
+            trained = SemiAmortizedGuide(
+                guide, num_steps=args.refine_steps, step_size=args.refine_lr, mode=args.refine_mode
+            )
+        if lightning:
+            history, rank_zero = train_lightning(args, model, trained, loss, data, out)
+            if not rank_zero:
+                return {}
+        else:
+            history = train(args, model, trained, loss, data, out / "checkpoint.pt")
+        out.mkdir(parents=True, exist_ok=True)
+        results = evaluate(args, model, guide, data)
+        if args.refine_steps:
+            results.update(refined_bounds(args, model, guide, data.test))
+        units = active_units(guide, data.test)
+        print_table(results, units, args.latent, history, args)
+        write_figures(out, model, guide, data.test, history, data.image_shape)
+        if args.gaps:
+            report = gaps(args, model, guide, data.test[: args.gaps], out)
+            results.update({f"gaps: {label}": value for label, value in report.rows()})
     print(f"figures and checkpoint in {out}/")
     results["active units"] = units.count
     return results
+
+
+def _rank_zero_print() -> Callable[..., None]:
+    # Lightning's DDP workers run this script too; they know their rank from the environment
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return rank_zero_only(print)
 
 
 def gaps(
@@ -345,24 +391,7 @@ def train(
 
     With an existing ``checkpoint`` it resumes from it, as :func:`fit` does.
     """
-    schedule = valid_loss = None
-    steps_per_epoch = math.ceil(len(data.train) / args.batch_size)
-    ramps = [
-        LinearSchedule(0.0, 1.0, epochs * steps_per_epoch, attribute=attribute)
-        for attribute, epochs in (
-            ("entropy_weight", args.anneal_entropy),
-            ("kl_weight", args.warmup),
-        )
-        if epochs > 0
-    ]
-    if ramps:
-
-        def schedule(epoch: int, step: int, objective: Trace_IWELBO) -> None:
-            for ramp in ramps:
-                ramp(epoch, step, objective)
-
-        # the validation bound, and early stopping, stay on the unannealed bound
-        valid_loss = Trace_IWELBO(args.num_particles, estimator=args.estimator)
+    schedule, valid_loss = annealing(args, math.ceil(len(data.train) / args.batch_size))
     with pyro.validation_enabled(args.validate):
         return fit(
             model,
@@ -382,6 +411,94 @@ def train(
             progress=not args.no_progress,
             resample=_binarize if data.dynamic_binarization else None,
         )
+
+
+def annealing(
+    args: argparse.Namespace, steps_per_epoch: int
+) -> tuple[Callable | None, Trace_IWELBO | None]:
+    """The schedule of ``--anneal-entropy`` and ``--warmup`` (ramps given in epochs, applied
+    per step), and the unannealed validation objective it needs; ``(None, None)`` without."""
+    ramps = [
+        LinearSchedule(0.0, 1.0, epochs * steps_per_epoch, attribute=attribute)
+        for attribute, epochs in (
+            ("entropy_weight", args.anneal_entropy),
+            ("kl_weight", args.warmup),
+        )
+        if epochs > 0
+    ]
+    if not ramps:
+        return None, None
+
+    def schedule(epoch: int, step: int, objective: Trace_IWELBO) -> None:
+        for ramp in ramps:
+            ramp(epoch, step, objective)
+
+    # the validation bound, and early stopping, stay on the unannealed bound
+    return schedule, Trace_IWELBO(args.num_particles, estimator=args.estimator)
+
+
+def train_lightning(
+    args: argparse.Namespace,
+    model: VAE,
+    guide: AutoAmortizedNormal,
+    loss: Trace_IWELBO,
+    data: Dataset,
+    out: Path,
+) -> tuple[History, bool]:
+    """Trains with PyTorch Lightning's ``Trainer`` (:class:`PyroLightningModule`) on
+    ``args.devices`` processes or GPUs; returns the history and whether this is rank 0.
+
+    Lightning writes ``out/checkpoints/last.ckpt`` after every epoch and
+    ``out/checkpoints/best.ckpt`` at the best validation bound, and logs to
+    ``out/lightning/version_V/metrics.csv`` (V counts the runs). Given an ``out`` that
+    holds a ``last.ckpt`` it resumes from it, as :func:`train` does from its checkpoint.
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from pyro_amortized.lightning import PyroLightningModule, steps_per_epoch
+
+    # ramps and log intervals in steps: a worker takes 1/devices of the epoch's steps
+    steps = steps_per_epoch(len(data.train), args.batch_size, args.devices)
+    schedule, valid_loss = annealing(args, steps)
+    checkpoints = out / "checkpoints"
+    callbacks: list[pl.Callback] = [
+        ModelCheckpoint(checkpoints, "best", monitor="valid_bound", mode="max", save_last=True)
+    ]
+    if args.patience:
+        callbacks.append(EarlyStopping("valid_bound", mode="max", patience=args.patience))
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        accelerator=args.accelerator,
+        devices=args.devices,
+        strategy=args.strategy,
+        callbacks=callbacks,
+        logger=CSVLogger(out, name="lightning"),
+        enable_progress_bar=not args.no_progress,
+        enable_model_summary=False,
+        log_every_n_steps=min(50, steps),
+    )
+    module = PyroLightningModule(
+        model,
+        guide,
+        loss,
+        data.train,
+        batch_size=args.batch_size,
+        valid=data.valid,
+        valid_batch_size=VALID_BATCH_SIZE,
+        valid_loss=valid_loss,
+        optimizer=lambda params: torch.optim.Adam(params, **adam_options(args.lr)),
+        schedule=schedule,
+        seed=args.seed,
+        resample=_binarize if data.dynamic_binarization else None,
+    )
+    last = checkpoints / "last.ckpt"
+    with pyro.validation_enabled(args.validate):
+        trainer.fit(module, ckpt_path=last if last.exists() else None)
+    # the evaluation runs on rank 0 alone, on the CPU, where the data is
+    module.cpu()
+    return module.history, trainer.is_global_zero
 
 
 def adam_options(lr: float) -> dict:

@@ -15,7 +15,10 @@ their parameters live in the modules, where the optimizer, DDP and checkpoints s
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import lightning.pytorch as pl
 import pyro
@@ -25,9 +28,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from .diagnostics import log_marginal_likelihood
-from .training import Schedule
+from .training import History, Schedule
 
-__all__ = ["PyroLightningModule"]
+__all__ = ["PyroLightningModule", "steps_per_epoch"]
 
 
 class PyroLightningModule(pl.LightningModule):
@@ -39,25 +42,46 @@ class PyroLightningModule(pl.LightningModule):
     lazily built encoder exists before ``configure_optimizers`` (and before DDP wraps the
     module and broadcasts rank 0's parameters).
 
-    Each training step calls ``schedule(epoch, step, loss)`` (e.g. to anneal
-    ``loss.entropy_weight``) and minimizes ``loss(model, guide)(data, idx)``. It logs
-    ``"bound"``, the negative loss per datapoint (per step and per epoch), and with
-    ``valid`` the ``"valid_bound"`` per datapoint after every epoch, averaged over the
-    validation chunks with weights chunk size / ``len(valid)`` and over the workers; with
-    ``log_marginal_every = k`` also ``"valid_log_px"``, the mean
+    **Training.** Minibatches come from a ``DistributedSampler`` seeded with ``seed``
+    (under DDP it gives each of the W workers its own ``N // W`` rows per epoch, none
+    drawn twice). Each step calls ``schedule(epoch, step, loss)`` (``step`` is the global
+    step, e.g. to anneal ``loss.entropy_weight``) and minimizes ``loss(model,
+    guide)(data, idx)``, which estimates the loss of the whole training set; DDP
+    averages the workers' gradients. Under DDP, workers other than rank 0 reseed torch's
+    RNG with ``torch.initial_seed() + rank`` when fitting starts, so their Monte Carlo
+    draws are independent.
+
+    **Validation** is :func:`~pyro_amortized.fit`'s: every validation row once (worker r
+    takes rows r, r + W, ...), in chunks of ``valid_batch_size`` rows with the model and
+    guide in ``.eval()`` mode and gradients off (but out of ``torch.inference_mode``, so a
+    :class:`~pyro_amortized.SemiAmortizedGuide` can refine), chunk losses weighted by
+    chunk size / ``len(valid)`` and summed over the workers. Lightning's sanity check
+    leaves torch's RNG as it found it.
+
+    **Logged** (to Lightning's loggers and progress bar): ``"bound"``, the negative loss
+    per datapoint of each step on this worker; ``"train_bound"``, the epoch's mean over all
+    workers' steps; ``"valid_bound"``; and with ``log_marginal_every = k``, every k-th
+    epoch, ``"valid_log_px"``, the mean
     :func:`~pyro_amortized.diagnostics.log_marginal_likelihood` of the first
-    ``log_marginal_rows`` validation rows, every k-th epoch.
+    ``log_marginal_rows`` validation rows. :attr:`history` holds the same figures as the
+    :class:`~pyro_amortized.History` that ``fit`` returns.
+
+    **Checkpoints** are Lightning's (``ModelCheckpoint``, ``trainer.fit(ckpt_path=...)``)
+    and also hold :attr:`history` and every worker's torch RNG state (and CUDA's), so a
+    resumed run continues exactly as the uninterrupted one, given the same arguments and
+    number of workers. The data is kept out of them.
 
     Arguments:
         model: A Pyro model following the convention above, an ``nn.Module``.
         guide: Its guide, an ``nn.Module`` (e.g. ``AutoAmortizedNormal``).
         loss: The objective, a :class:`pyro.infer.ELBO` such as
             :class:`~pyro_amortized.Trace_IWELBO`.
-        train: Training data, one row per datapoint. It stays out of checkpoints.
+        train: Training data, one row per datapoint.
         batch_size: Rows per step on each worker.
         valid: Validation data with the same row shape, or ``None``.
         valid_batch_size: Rows per validation chunk; defaults to ``batch_size``.
-        valid_loss: Objective of the validation bound; defaults to ``loss``.
+        valid_loss: Objective of the validation bound; defaults to ``loss``. Pass an
+            unannealed one when ``schedule`` anneals ``loss``.
         optimizer: ``optimizer(parameters) -> torch.optim.Optimizer``; defaults to Adam
             with learning rate ``lr``.
         lr: Adam's learning rate when ``optimizer`` is ``None``.
@@ -65,7 +89,13 @@ class PyroLightningModule(pl.LightningModule):
         log_marginal_every: Every how many epochs to log ``"valid_log_px"``; 0 never.
         log_marginal_samples: Importance samples per datapoint for it.
         log_marginal_rows: Validation rows it uses.
-        seed: Seed of the shuffling (the ``DistributedSampler``'s seed under DDP).
+        seed: Seed of the shuffling.
+        resample: ``resample(train, generator)`` gives the data each epoch trains on, as
+            in ``fit`` (e.g. dynamic binarization); the generator is seeded by ``seed`` and
+            the epoch, so every worker, and a resumed run, draws the same data.
+
+    Attributes:
+        history: The run's :class:`~pyro_amortized.History`, resumed epochs included.
 
     Raises:
         ValueError: ``module_local_params`` is off, ``model`` or ``guide`` is not an
@@ -73,7 +103,7 @@ class PyroLightningModule(pl.LightningModule):
 
     References:
         Pyro's example ``svi_lightning.py``, which this generalizes to minibatch indices,
-        validation and schedules.
+        validation, schedules and exact resumption.
     """
 
     def __init__(
@@ -94,6 +124,7 @@ class PyroLightningModule(pl.LightningModule):
         log_marginal_samples: int = 100,
         log_marginal_rows: int = 1000,
         seed: int = 0,
+        resample: Callable[[Tensor, torch.Generator], Tensor] | None = None,
     ):
         super().__init__()
         if not pyro.settings.get("module_local_params"):
@@ -134,101 +165,229 @@ class PyroLightningModule(pl.LightningModule):
         self.log_marginal_samples = log_marginal_samples
         self.log_marginal_rows = log_marginal_rows
         self.seed = seed
+        self.resample = resample
+        self.history = History()
+        self._epoch: _Epoch | None = None
         with torch.no_grad():
-            self.elbo(train, torch.arange(min(batch_size, len(train))))
+            warm = (
+                train if resample is None else resample(train, torch.Generator().manual_seed(seed))
+            )
+            self.elbo(warm, _subsample(torch.arange(min(batch_size, len(train))), len(train)))
 
     # ------------------------------------------------------------- data
-    def _loader(self, rows: int, batch_size: int, *, shuffle: bool) -> DataLoader:
-        indices = TensorDataset(torch.arange(rows))
+    def _world(self) -> tuple[int, int]:
         trainer = self._trainer
-        world_size, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        # a DistributedSampler even in one process: its order depends on (seed, epoch) only,
-        # so a resumed run draws the same minibatches; drop_last (when shuffling) leaves out
-        # the padding by which two workers would draw the same datapoint
-        sampler = DistributedSampler(
-            indices,
-            num_replicas=world_size,
-            rank=rank,
-            shuffle=shuffle,
-            seed=self.seed,
-            drop_last=shuffle and world_size > 1,
-        )
-        return DataLoader(indices, batch_size=batch_size, sampler=sampler)
+        return (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(len(self.train_data), self.batch_size, shuffle=True)
+        world_size, rank = self._world()
+        indices = TensorDataset(torch.arange(len(self.train_data)))
+        # a DistributedSampler even in one process: its order depends on (seed, epoch) only,
+        # so a resumed run draws the same minibatches; drop_last leaves out the padding by
+        # which two workers would draw the same datapoint
+        sampler = DistributedSampler(
+            indices, world_size, rank, shuffle=True, seed=self.seed, drop_last=world_size > 1
+        )
+        return _loader(indices, self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.valid_data is None:
             return []
-        return self._loader(len(self.valid_data), self.valid_batch_size, shuffle=False)
+        world_size, rank = self._world()
+        indices = TensorDataset(torch.arange(len(self.valid_data)))
+        return _loader(indices, self.valid_batch_size, _EveryRowOnce(indices, world_size, rank))
 
     def setup(self, stage: str) -> None:
         # the data follows the module to its device (a GPU per worker under DDP)
         self.train_data = self.train_data.to(self.device)
         if self.valid_data is not None:
             self.valid_data = self.valid_data.to(self.device)
+        world_size, rank = self._world()
+        if stage == "fit" and rank > 0:
+            # the workers were seeded alike (and built alike: DDP also broadcasts rank 0's
+            # parameters); their Monte Carlo draws must be independent all the same
+            torch.manual_seed((torch.initial_seed() + rank) % 2**64)
 
-    # ------------------------------------------------------------- steps
+    # ------------------------------------------------------------- training
+    def on_train_epoch_start(self) -> None:
+        self._epoch = _Epoch(time.perf_counter())
+        if self.resample is not None:
+            # seeded by (seed, epoch): every worker, and a resumed run, draws the same data
+            generator = torch.Generator(self.device)
+            generator.manual_seed(self.seed * 1_000_003 + self.current_epoch)
+            self._train_epoch_data = self.resample(self.train_data, generator)
+        else:
+            self._train_epoch_data = self.train_data
+
     def training_step(self, batch: list[Tensor], batch_idx: int) -> Tensor:
         (idx,) = batch
         if self.schedule is not None:
             self.schedule(self.current_epoch, self.global_step, self.loss)
-        loss = self.elbo(self.train_data, idx)
-        self.log(
-            "bound",
-            -loss.detach() / len(self.train_data),
-            on_step=True,
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(idx),
-            sync_dist=True,
-        )
+        loss = self.elbo(self._train_epoch_data, _subsample(idx, len(self.train_data)))
+        value = loss.detach() / len(self.train_data)
+        self._epoch.step_losses.append(value)
+        self._epoch.rows.append(len(idx))
+        self.log("bound", -value, prog_bar=True, batch_size=len(idx))
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self._epoch is not None:  # no validation at this epoch's end
+            self._end_epoch(None)
+
+    def _end_epoch(self, valid_bound: float | None) -> None:
+        """Appends the epoch to :attr:`history`, with the workers' values averaged."""
+        epoch, self._epoch = self._epoch, None
+        history = self.history
+        if epoch.step_losses:
+            # one collective per epoch: the workers took the same number of steps
+            losses = self._reduce(torch.stack(epoch.step_losses), "mean").tolist()
+            rows = epoch.rows
+            history.step_losses.extend(losses)
+            history.train_loss.append(
+                sum(v * r for v, r in zip(losses, rows, strict=True)) / sum(rows)
+            )
+        else:
+            history.train_loss.append(math.nan)
+        history.valid_bound.append(valid_bound)
+        history.epoch_time.append(time.perf_counter() - epoch.began)
+        history.steps = self.global_step
+        if valid_bound is not None and (
+            history.best_epoch is None or valid_bound > history.valid_bound[history.best_epoch]
+        ):
+            history.best_epoch = history.epochs - 1
+        self.log("train_bound", -history.train_loss[-1], sync_dist=True)
+
+    def _reduce(self, value: Tensor, op: str) -> Tensor:
+        return self.trainer.strategy.reduce(value, reduce_op=op) if self._trainer else value
+
+    # ------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._valid_total = torch.zeros((), device=self.device)
+        if self.trainer.sanity_checking:
+            # Lightning's sanity check draws nothing in an uninterrupted run's later epochs,
+            # so it must not move the RNG (a resumed run checks again)
+            self._sanity_rng = _rng_state(self.device)
 
     def validation_step(self, batch: list[Tensor], batch_idx: int) -> None:
         (idx,) = batch
-        # each chunk's loss is already scaled up to the whole set (N / B)
-        loss = self.valid_elbo(self.valid_data, idx)
-        self.log(
-            "valid_bound",
-            -loss / len(self.valid_data),
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=len(idx),
-            sync_dist=True,
-        )
+        # Lightning validates under torch.inference_mode, in which no gradient can be taken,
+        # and a SemiAmortizedGuide's refinement needs some: no_grad instead, as fit does
+        with torch.inference_mode(False), torch.no_grad():
+            # each chunk's loss is scaled up to the whole set (N / B); weighted by B / N
+            loss = self.valid_elbo(self.valid_data, _subsample(idx.clone(), len(self.valid_data)))
+        self._valid_total -= loss * len(idx) / len(self.valid_data) ** 2
 
     def on_validation_epoch_end(self) -> None:
-        every = self.log_marginal_every
-        if not every or self.trainer.sanity_checking or (self.current_epoch + 1) % every:
+        if self.trainer.sanity_checking:
+            _set_rng_state(self._sanity_rng, self.device)
             return
+        bound = self._reduce(self._valid_total, "sum")
+        self.log("valid_bound", bound, prog_bar=True, sync_dist=True)
+        every = self.log_marginal_every
+        if every and (self.current_epoch + 1) % every == 0:
+            self.log("valid_log_px", self._mean_log_marginal(), sync_dist=True)
+        if self.trainer.state.fn == "fit" and self._epoch is not None:
+            if self.trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+                self._end_epoch(bound.item())
+
+    def _mean_log_marginal(self) -> Tensor:
+        world_size, rank = self._world()
         rows = self.valid_data[: self.log_marginal_rows]
-        with torch.no_grad():
-            log_px = log_marginal_likelihood(
+        with torch.inference_mode(False), torch.no_grad():
+            total = log_marginal_likelihood(
                 self.model,
                 self.guide,
-                rows,
+                rows[rank::world_size].clone(),
                 num_samples=self.log_marginal_samples,
                 chunk_size=min(self.log_marginal_samples, 100),
                 progress=False,
-            )
-        self.log("valid_log_px", log_px.mean(), sync_dist=True)
+            ).sum()
+        return self._reduce(total, "sum") / len(rows)
 
     # ------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Lightning keeps no RNG state; every worker's torch RNG (Pyro's draws) is saved so
-        # a resumed run continues as the uninterrupted one would have
-        state = torch.get_rng_state()
-        states = self.all_gather(state) if self.trainer.world_size > 1 else state[None]
-        checkpoint["torch_rng_states"] = states.cpu()
+        # Lightning keeps no RNG state; every worker's (Pyro's draws) is saved so a resumed
+        # run continues as the uninterrupted one would have
+        state = {k: _gather(v.to(self.device)).cpu() for k, v in _rng_state(self.device).items()}
+        checkpoint["rng_states"] = state
+        checkpoint["history"] = self.history.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        states = checkpoint.get("torch_rng_states")
-        world_size = self._trainer.world_size if self._trainer else 1
-        if states is not None and len(states) == world_size:
-            rank = self._trainer.global_rank if self._trainer else 0
-            torch.set_rng_state(states[rank].to(torch.uint8))
+        states = checkpoint.get("rng_states")
+        world_size, rank = self._world()
+        if states is not None and len(states["cpu"]) == world_size:
+            _set_rng_state({k: v[rank] for k, v in states.items()}, self.device)
+        if "history" in checkpoint:
+            self.history = History.from_dict(checkpoint["history"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return self.make_optimizer(self.elbo.parameters())
+
+
+@dataclass
+class _Epoch:
+    """The running record of a training epoch on this worker."""
+
+    began: float
+    step_losses: list[Tensor] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+
+
+def steps_per_epoch(num_data: int, batch_size: int, world_size: int = 1) -> int:
+    """Training steps per epoch of :class:`PyroLightningModule` on each of ``world_size``
+    workers, e.g. to size an annealing schedule given in epochs.
+
+    Arguments:
+        num_data: Rows of the training data.
+        batch_size: Rows per step on each worker.
+        world_size: Number of workers (``trainer.world_size``).
+    """
+    rows = num_data // world_size if world_size > 1 else num_data  # the sampler's drop_last
+    return math.ceil(rows / batch_size)
+
+
+class _EveryRowOnce(DistributedSampler):
+    """Worker r's rows r, r + W, r + 2W, ... in order: every row once, none padded in.
+
+    A ``DistributedSampler``, so Lightning does not shard it a second time.
+    """
+
+    def __iter__(self):
+        return iter(range(self.rank, len(self.dataset), self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.num_replicas))
+
+
+def _gather(value: Tensor) -> Tensor:
+    """``value`` of every worker, stacked in rank order."""
+    if not torch.distributed.is_initialized():
+        return value[None]
+    values = [torch.empty_like(value) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(values, value)
+    return torch.stack(values)
+
+
+def _subsample(idx: Tensor, rows: int) -> Tensor | None:
+    # all rows: no subsampling (as fit does), which an amortized guide could not tell from
+    # a context holding only the minibatch's rows
+    return None if len(idx) == rows else idx
+
+
+def _loader(indices: TensorDataset, batch_size: int, sampler) -> DataLoader:
+    # a generator of its own: a DataLoader otherwise draws its workers' base seed from
+    # torch's global RNG, which Pyro's draws (and a resumed run's) depend on
+    return DataLoader(indices, batch_size, sampler=sampler, generator=torch.Generator())
+
+
+def _rng_state(device: torch.device) -> dict[str, Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"].to(torch.uint8))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].to(torch.uint8), device)

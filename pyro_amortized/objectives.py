@@ -344,8 +344,14 @@ class Trace_IWELBO(ELBO):
 
     # ----------------------------------------------------------------- setup
     def _setup(self, model: Callable, guide: Callable, args, kwargs) -> None:
-        """One unbatched run of model and guide: plate nesting and the local plate's name."""
-        with poutine.block():
+        """One unbatched run of model and guide: plate nesting and the local plate's name.
+
+        The run leaves torch's RNG as it found it, so the draws of a computation do not
+        depend on whether this objective had been set up before (a resumed run's first
+        validation, say).
+        """
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(cuda), poutine.block():
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
                 *args, **kwargs

@@ -279,12 +279,14 @@ def test_inference_gaps_approximation_gap_is_the_mean_field_kl(float64):
     assert kl > 0.1  # the check has teeth
     # The report's gap uses log p̂, the best IWAE estimate (here q*'s), which is below
     # log p(x) in expectation: q* is narrower than p(z | x) along the correlation, so the
-    # weights are heavy-tailed and IWAE-4000 falls short by a few hundredths of a nat.
+    # weights are heavy-tailed and IWAE-4000 falls short, in expectation, by a few hundredths.
     assert torch.equal(
         report.log_px, torch.maximum(report.iwae["amortized"], report.iwae["normal"])
     )
-    shortfall = (model.log_evidence(x) - report.log_px).mean()
-    assert 0.0 < shortfall < 0.1
+    errors = model.log_evidence(x) - report.log_px
+    shortfall = errors.mean()
+    # below in expectation, not in every draw: within 5 standard errors of the rows' mean
+    assert -5 * errors.std() / math.sqrt(len(x)) < shortfall < 0.1, (shortfall, errors.std())
     torch.testing.assert_close(report.approximation_gap.mean(), exact_gap - shortfall)
 
 

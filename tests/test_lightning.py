@@ -6,7 +6,9 @@ import pyro
 import pytest
 import torch
 
-from pyro_amortized.lightning import PyroLightningModule
+from pyro_amortized import SemiAmortizedGuide, Trace_IWELBO
+from pyro_amortized.lightning import PyroLightningModule, steps_per_epoch
+from pyro_amortized.training import _valid_bound
 
 JOB = Path(__file__).resolve().parent / "lightning_job.py"
 ROOT = JOB.parents[1]
@@ -26,6 +28,11 @@ def _run(out: Path, *args: str) -> dict:
         int(path.stem[4:]): torch.load(path, weights_only=False)
         for path in sorted(out.glob("rank*.pt"))
     }
+
+
+def _figures(history: dict) -> dict:
+    """A history without its epoch times, which no two runs share."""
+    return {k: v for k, v in history.items() if k != "epoch_time"}
 
 
 def test_the_module_needs_module_local_params():
@@ -66,8 +73,13 @@ def test_two_ddp_workers_draw_disjoint_rows_and_end_with_identical_parameters(tm
     # DDP averages the gradients, so every step leaves the same parameters on both workers
     assert first["params"].keys() == second["params"].keys()
     assert all(torch.equal(first["params"][k], second["params"][k]) for k in first["params"])
-    # the logged bounds are averaged over the workers
-    assert first["epoch_bounds"] == second["epoch_bounds"]
+    # the history's bounds are averaged over the workers, so every worker has the same
+    assert _figures(first["history"]) == _figures(second["history"])
+    history = first["history"]
+    assert len(history["train_loss"]) == 2 and len(history["step_losses"]) == 12
+    assert history["steps"] == 12 and all(v is not None for v in history["valid_bound"])
+    # the epoch's loss is the mean of its steps' (six steps of equal size)
+    assert history["train_loss"][0] == pytest.approx(sum(history["step_losses"][:6]) / 6)
 
 
 @pytest.mark.slow
@@ -84,13 +96,97 @@ def test_the_ddp_validation_bound_equals_the_single_process_one(tmp_path):
 
 @pytest.mark.slow
 def test_resuming_from_a_checkpoint_continues_the_run_exactly(tmp_path):
-    whole = _run(tmp_path / "whole", "--epochs", "4")[0]
-    checkpoint = tmp_path / "two_epochs.ckpt"
-    first = _run(tmp_path / "first", "--epochs", "2", "--save", str(checkpoint))[0]
-    resumed = _run(tmp_path / "resumed", "--epochs", "4", "--ckpt-path", str(checkpoint))[0]
-    assert first["epoch_bounds"] == whole["epoch_bounds"][:2]
+    # Lightning's ModelCheckpoint writes epoch=E.ckpt at the end of every epoch
+    whole = _run(tmp_path / "whole", "--epochs", "4", "--checkpoint-dir", str(tmp_path))[0]
+    resumed = _run(
+        tmp_path / "resumed", "--epochs", "4", "--ckpt-path", str(tmp_path / "epoch=1.ckpt")
+    )[0]
     # the same minibatches (the sampler's order depends on seed and epoch) and the same
-    # draws (the checkpoint keeps torch's RNG state): the resumed epochs are the whole run's
-    assert resumed["epoch_bounds"] == whole["epoch_bounds"][2:]
+    # draws (the checkpoint keeps torch's RNG state, and the resumed run's sanity check
+    # leaves it alone): the resumed epochs are the whole run's, and so is the history the
+    # checkpoint carried over
+    assert sorted(resumed["seen"]) == [2, 3]
+    assert _figures(resumed["history"]) == _figures(whole["history"])
     assert resumed["global_step"] == whole["global_step"] == 48
     assert all(torch.equal(resumed["params"][k], whole["params"][k]) for k in whole["params"])
+
+
+def _trainer(**kwargs):
+    import lightning.pytorch as pl
+
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False)
+    options.update(enable_progress_bar=False, enable_model_summary=False)
+    return pl.Trainer(**options, **kwargs)
+
+
+def test_the_validation_bound_is_fits_even_for_a_refining_guide():
+    from lightning_job import build
+
+    with pyro.settings.context(module_local_params=True):
+        built, data = build()
+        refining = SemiAmortizedGuide(built.guide, num_steps=3)
+        train, valid = data[:96], data[96:]
+        module = PyroLightningModule(
+            built.model,
+            refining,
+            Trace_IWELBO(4),
+            train,
+            valid=valid,
+            batch_size=8,
+            valid_batch_size=24,
+        )
+        # Lightning validates under torch.inference_mode (its default), where the
+        # refinement's gradient steps could not run
+        torch.manual_seed(3)
+        bound = _trainer().validate(module, verbose=False)[0]["valid_bound"]
+        torch.manual_seed(3)
+        expected = _valid_bound(module.model, refining, module.valid_loss, valid, 24, 96)
+    # the same chunks and draws: equal up to the order of the float sums
+    assert bound == pytest.approx(expected, rel=1e-6, abs=0)
+
+
+def test_schedule_history_and_resample_per_step_and_epoch():
+    from lightning_job import build
+
+    calls, seeds = [], []
+
+    def schedule(epoch, step, loss):
+        calls.append((epoch, step))
+        loss.kl_weight = min(step / 10, 1.0)
+
+    def resample(x, generator):
+        seeds.append(generator.initial_seed())
+        return x + 0.1 * torch.randn(x.shape, generator=generator)
+
+    with pyro.settings.context(module_local_params=True):
+        built, data = build()
+        module = PyroLightningModule(
+            built.model,
+            built.guide,
+            Trace_IWELBO(2),
+            data[:96],
+            valid=data[96:],
+            batch_size=8,
+            schedule=schedule,
+            resample=resample,
+            seed=7,
+        )
+        _trainer(max_epochs=2, num_sanity_val_steps=0).fit(module)
+    steps = steps_per_epoch(96, 8)
+    assert steps == 12 and calls == [(s // steps, s) for s in range(2 * steps)]
+    assert module.loss.kl_weight == 1.0
+    # a generator per epoch, seeded by (seed, epoch); the warm-up's by the seed alone
+    assert len(seeds) == 3 and seeds[0] == 7 and len(set(seeds)) == 3
+    history = module.history
+    assert history.epochs == 2 and history.steps == 24 and len(history.step_losses) == 24
+    for epoch in range(2):  # twelve steps of eight rows each
+        steps_of_epoch = history.step_losses[epoch * steps : (epoch + 1) * steps]
+        assert history.train_loss[epoch] == pytest.approx(sum(steps_of_epoch) / steps)
+    assert history.best_epoch == max(range(2), key=history.valid_bound.__getitem__)
+    assert len(history.epoch_time) == 2 and all(t > 0 for t in history.epoch_time)
+
+
+def test_steps_per_epoch_drops_the_rows_ddp_cannot_share():
+    assert steps_per_epoch(96, 8, 2) == 6
+    assert steps_per_epoch(97, 8, 2) == 6  # 48 rows per worker
+    assert steps_per_epoch(100, 8, 1) == 13  # one process keeps the short last step

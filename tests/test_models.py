@@ -1,12 +1,16 @@
+import csv
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pyro
 import pytest
 import torch
 
 from models.datasets import load_dataset
-from models.vae import VAE, build, main, parse_args, train
+from models.vae import VAE, build, main, parse_args, train, train_lightning
 from pyro_amortized import AutoAmortizedNormal, Trace_IWELBO
 
 
@@ -45,18 +49,66 @@ def test_vae_cli_with_flow_guides(tmp_path, guide):
         assert (tmp_path / "posteriors.png").stat().st_size > 1000
 
 
-def test_vae_cli_warmup_and_entropy_annealing_ramp_per_step(tmp_path):
+@pytest.mark.parametrize("trainer", ["fit", "lightning"])
+def test_vae_cli_warmup_and_entropy_annealing_ramp_per_step(tmp_path, trainer):
     args = parse_args(
         ["--epochs", "1", "--warmup", "2", "--anneal-entropy", "1", "--no-progress"]
-        + ["--hidden", "8", "--latent", "2"]
+        + ["--hidden", "8", "--latent", "2", "--trainer", trainer]
     )
     data = load_dataset("digits")
-    model, guide, loss = build(args, data.train)
-    history = train(args, model, guide, loss, data, tmp_path / "checkpoint.pt")
+    with pyro.settings.context(module_local_params=trainer == "lightning"):
+        model, guide, loss = build(args, data.train)
+        if trainer == "fit":
+            history = train(args, model, guide, loss, data, tmp_path / "checkpoint.pt")
+        else:
+            history, rank_zero = train_lightning(args, model, guide, loss, data, tmp_path)
+            assert rank_zero
     steps = math.ceil(len(data.train) / args.batch_size)  # one epoch; the last step is steps - 1
+    assert history.steps == steps
     assert loss.kl_weight == pytest.approx((steps - 1) / (2 * steps))
     assert loss.entropy_weight == pytest.approx((steps - 1) / steps)
     assert math.isfinite(history.valid_bound[0])
+
+
+# resuming, Lightning warns that it writes into a directory of checkpoints
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_vae_cli_on_lightning_writes_checkpoints_and_logs_and_resumes(tmp_path, capsys):
+    common = ["--trainer", "lightning", "--out", str(tmp_path), "--no-progress"]
+    common += ["--eval-samples", "5", "--hidden", "8", "--latent", "2"]
+    results = main(common + ["--epochs", "1"])
+    assert all(math.isfinite(v) for v in results.values())
+    assert "| epochs | 1 (best 0) |" in capsys.readouterr().out
+    assert (tmp_path / "checkpoints" / "best.ckpt").exists()
+    # the same --out again: Lightning resumes from last.ckpt and trains the second epoch only
+    main(common + ["--epochs", "2"])
+    assert "| epochs | 2 (best " in capsys.readouterr().out
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["epoch"] == 1 and len(state["history"]["train_loss"]) == 2
+    logged = []
+    for run in ("version_0", "version_1"):
+        with open(tmp_path / "lightning" / run / "metrics.csv") as file:
+            logged.append([int(r["epoch"]) for r in csv.DictReader(file) if r["valid_bound"]])
+    assert logged == [[0], [1]]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_vae_cli_on_two_ddp_processes(tmp_path):
+    from pyro_amortized.lightning import steps_per_epoch
+
+    command = [sys.executable, "-m", "models.vae", "--trainer", "lightning", "--devices", "2"]
+    command += ["--strategy", "ddp", "--accelerator", "cpu", "--epochs", "2", "--warmup", "1"]
+    command += ["--out", str(tmp_path), "--no-progress", "--eval-samples", "5"]
+    command += ["--hidden", "8", "--latent", "2"]
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # both workers ran the script; rank 0 alone reports
+    assert result.stdout.count("scikit-learn's bundled") == 1
+    assert result.stdout.count("| test log p(x) (IWAE-5) |") == 1
+    history = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["history"]
+    assert history["steps"] == 2 * steps_per_epoch(1297, 100, 2) == 14
+    assert len(history["train_loss"]) == 2 and all(map(math.isfinite, history["valid_bound"]))
 
 
 @pytest.mark.parametrize("guide", ["normal", "iaf"])
@@ -122,6 +174,14 @@ def test_vae_cli_trains_with_refinement(tmp_path, capsys, mode):
     assert all(math.isfinite(v) for v in results.values())
     printed = capsys.readouterr().out
     assert "test log p(x) (IWAE-5), refined 2 steps" in printed and "test ELBO |" in printed
+
+
+def test_vae_cli_devices_need_the_lightning_trainer(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--devices", "2"])
+    assert "--devices, --strategy and --accelerator need --trainer lightning" in (
+        capsys.readouterr().err
+    )
 
 
 def test_vae_cli_refine_mode_needs_refine_steps(capsys):

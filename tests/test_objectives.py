@@ -215,6 +215,18 @@ def test_vectorized_and_looped_particles_agree_in_value(float64):
     assert looped == pytest.approx(vectorized, abs=1e-6)
 
 
+def test_the_setup_run_leaves_the_rng_alone(float64):
+    # the first call runs model and guide once more, to find the plates; a computation's
+    # draws must not depend on whether it was the objective's first
+    model, guide, x = _setup()
+    fresh, used = Trace_IWELBO(4), Trace_IWELBO(4)
+    used.loss(model, guide, x)
+    torch.manual_seed(5)
+    first = fresh.loss(model, guide, x)
+    torch.manual_seed(5)
+    assert used.loss(model, guide, x) == first
+
+
 # ---------------------------------------------------------------- global latents
 def _global_local_model(tau=2.0, a=1.0, sigma=0.5):
     def model(x):
