@@ -44,7 +44,7 @@ def build(seed: int = 0):
             self.seen: dict[int, list] = {}
 
         def training_step(self, batch, batch_idx):
-            self.seen.setdefault(self.current_epoch, []).append(batch[0].cpu())
+            self.seen.setdefault(self.current_epoch, []).append(batch.cpu())
             return super().training_step(batch, batch_idx)
 
     pyro.settings.set(module_local_params=True)
