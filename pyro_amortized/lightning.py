@@ -48,7 +48,7 @@ class PyroLightningModule(pl.LightningModule):
     step, e.g. to anneal ``loss.entropy_weight``) and minimizes ``loss(model,
     guide)(data, idx)``, which estimates the loss of the whole training set; DDP
     averages the workers' gradients. Under DDP, workers other than rank 0 reseed torch's
-    RNG with ``torch.initial_seed() + rank`` when fitting starts, so their Monte Carlo
+    RNG with ``torch.initial_seed() + rank`` in ``setup``, so their Monte Carlo
     draws are independent.
 
     **Validation** is :func:`~pyro_amortized.fit`'s: every validation row once (worker r
@@ -59,8 +59,9 @@ class PyroLightningModule(pl.LightningModule):
     leaves torch's RNG as it found it.
 
     **Logged** (to Lightning's loggers and progress bar): ``"bound"``, the negative loss
-    per datapoint of each step on this worker; ``"train_bound"``, the epoch's mean over all
-    workers' steps; ``"valid_bound"``; and with ``log_marginal_every = k``, every k-th
+    per datapoint of the step on this worker, at every ``log_every_n_steps``-th step (the
+    ``Trainer``'s; the steps its loggers write); ``"train_bound"``, the epoch's mean over
+    all workers' steps; ``"valid_bound"``; and with ``log_marginal_every = k``, every k-th
     epoch, ``"valid_log_px"``, the mean
     :func:`~pyro_amortized.diagnostics.log_marginal_likelihood` of the first
     ``log_marginal_rows`` validation rows. :attr:`history` holds the same figures as the
@@ -138,7 +139,14 @@ class PyroLightningModule(pl.LightningModule):
                 "PyroLightningModule needs the model and guide as nn.Modules (a PyroModule "
                 f"model, an autoguide), got {type(model).__name__} and {type(guide).__name__}"
             )
-        for name, value in (("batch_size", batch_size), ("valid_batch_size", valid_batch_size)):
+        if not isinstance(train, Tensor) or train.dim() == 0 or len(train) < 1:
+            raise ValueError("PyroLightningModule: train must be a tensor with one row or more")
+        for name, value in (
+            ("batch_size", batch_size),
+            ("valid_batch_size", valid_batch_size),
+            ("log_marginal_samples", log_marginal_samples),
+            ("log_marginal_rows", log_marginal_rows),
+        ):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"PyroLightningModule: {name} must be an int >= 1, got {value!r}")
         if valid is not None and valid.shape[1:] != train.shape[1:]:
@@ -146,20 +154,22 @@ class PyroLightningModule(pl.LightningModule):
                 f"PyroLightningModule: valid rows have shape {tuple(valid.shape[1:])}, train "
                 f"rows {tuple(train.shape[1:])}"
             )
+        if not lr > 0:
+            raise ValueError(f"PyroLightningModule: lr must be > 0, got {lr!r}")
         if log_marginal_every < 0 or (log_marginal_every and valid is None):
             raise ValueError(
                 "PyroLightningModule: log_marginal_every must be >= 0, and > 0 only with valid "
                 f"data; got {log_marginal_every}"
             )
         self.model, self.guide, self.loss = model, guide, loss
-        self.valid_loss = valid_loss or loss
+        self.valid_loss = loss if valid_loss is None else valid_loss
         self.elbo = loss(model, guide)
         self.valid_elbo = self.valid_loss(model, guide)
         # plain attributes, not buffers: the data stays out of state_dict and checkpoints
         self.train_data, self.valid_data = train, valid
         self.batch_size = batch_size
         self.valid_batch_size = valid_batch_size or batch_size
-        self.make_optimizer = optimizer or (lambda params: torch.optim.Adam(params, lr=lr))
+        self.make_optimizer, self.lr = optimizer, lr
         self.schedule = schedule
         self.log_marginal_every = log_marginal_every
         self.log_marginal_samples = log_marginal_samples
@@ -169,9 +179,8 @@ class PyroLightningModule(pl.LightningModule):
         self.history = History()
         self._epoch: _Epoch | None = None
         with torch.no_grad():
-            warm = (
-                train if resample is None else resample(train, torch.Generator().manual_seed(seed))
-            )
+            generator = torch.Generator(train.device).manual_seed(seed)
+            warm = train if resample is None else resample(train, generator)
             self.elbo(warm, _subsample(torch.arange(min(batch_size, len(train))), len(train)))
 
     # ------------------------------------------------------------- data
@@ -203,7 +212,7 @@ class PyroLightningModule(pl.LightningModule):
         if self.valid_data is not None:
             self.valid_data = self.valid_data.to(self.device)
         world_size, rank = self._world()
-        if stage == "fit" and rank > 0:
+        if rank > 0:
             # the workers were seeded alike (and built alike: DDP also broadcasts rank 0's
             # parameters); their Monte Carlo draws must be independent all the same
             torch.manual_seed((torch.initial_seed() + rank) % 2**64)
@@ -294,11 +303,14 @@ class PyroLightningModule(pl.LightningModule):
     def _mean_log_marginal(self) -> Tensor:
         world_size, rank = self._world()
         rows = self.valid_data[: self.log_marginal_rows]
+        mine = rows[rank::world_size]
+        if not len(mine):  # fewer rows than workers
+            return self._reduce(torch.zeros((), device=self.device), "sum") / len(rows)
         with torch.inference_mode(False), torch.no_grad():
             total = log_marginal_likelihood(
                 self.model,
                 self.guide,
-                rows[rank::world_size].clone(),
+                mine.clone(),
                 num_samples=self.log_marginal_samples,
                 chunk_size=min(self.log_marginal_samples, 100),
                 progress=False,
@@ -322,6 +334,8 @@ class PyroLightningModule(pl.LightningModule):
             self.history = History.from_dict(checkpoint["history"])
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.make_optimizer is None:  # a method, not a lambda: ddp_spawn pickles the module
+            return torch.optim.Adam(self.elbo.parameters(), lr=self.lr)
         return self.make_optimizer(self.elbo.parameters())
 
 

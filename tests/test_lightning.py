@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pyro_amortized import SemiAmortizedGuide, Trace_IWELBO
+from pyro_amortized.diagnostics import log_marginal_likelihood
 from pyro_amortized.lightning import PyroLightningModule, steps_per_epoch
 from pyro_amortized.training import _valid_bound
 
@@ -44,6 +45,26 @@ def test_the_module_needs_module_local_params():
         with pytest.raises(ValueError, match="module_local_params=True"):
             PyroLightningModule(
                 module.model, module.guide, module.loss, module.train_data, batch_size=8
+            )
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(batch_size=0), "batch_size must be an int >= 1"),
+        (dict(batch_size=8, lr=0.0), "lr must be > 0"),
+        (dict(batch_size=8, log_marginal_every=2), "log_marginal_every must be >= 0"),
+        (dict(batch_size=8, valid=torch.zeros(3, 4)), r"valid rows have shape \(4,\)"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, match):
+    from lightning_job import build
+
+    with pyro.settings.context(module_local_params=True):
+        module, _ = build()
+        with pytest.raises(ValueError, match=match):
+            PyroLightningModule(
+                module.model, module.guide, module.loss, module.train_data, **kwargs
             )
 
 
@@ -134,15 +155,23 @@ def test_the_validation_bound_is_fits_even_for_a_refining_guide():
             valid=valid,
             batch_size=8,
             valid_batch_size=24,
+            log_marginal_every=1,
+            log_marginal_samples=8,
+            log_marginal_rows=40,
         )
         # Lightning validates under torch.inference_mode (its default), where the
         # refinement's gradient steps could not run
         torch.manual_seed(3)
-        bound = _trainer().validate(module, verbose=False)[0]["valid_bound"]
+        logged = _trainer().validate(module, verbose=False)[0]
         torch.manual_seed(3)
-        expected = _valid_bound(module.model, refining, module.valid_loss, valid, 24, 96)
+        bound = _valid_bound(module.model, refining, module.valid_loss, valid, 24, 96)
+        refining.eval()  # as Lightning leaves it for on_validation_epoch_end
+        log_px = log_marginal_likelihood(
+            module.model, refining, valid[:40], num_samples=8, progress=False
+        )
     # the same chunks and draws: equal up to the order of the float sums
-    assert bound == pytest.approx(expected, rel=1e-6, abs=0)
+    assert logged["valid_bound"] == pytest.approx(bound, rel=1e-6, abs=0)
+    assert logged["valid_log_px"] == pytest.approx(log_px.mean().item(), rel=1e-6, abs=0)
 
 
 def test_schedule_history_and_resample_per_step_and_epoch():
