@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import statistics
@@ -259,6 +260,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--devices, --strategy and --accelerator need --trainer lightning")
     if args.devices < 1:
         parser.error(f"--devices must be >= 1, got {args.devices}")
+    if "spawn" in args.strategy:
+        parser.error(
+            f"--strategy {args.strategy} pickles the guide, and a pickled Pyro autoguide drops "
+            "its model (on the original too), which the evaluation needs: use --strategy ddp"
+        )
     if args.refine_mode != "test" and args.refine_steps < 1:
         parser.error(
             f"--refine-mode {args.refine_mode} trains with refinement: pass --refine-steps N"
@@ -428,13 +434,19 @@ def annealing(
     ]
     if not ramps:
         return None, None
-
-    def schedule(epoch: int, step: int, objective: Trace_IWELBO) -> None:
-        for ramp in ramps:
-            ramp(epoch, step, objective)
-
     # the validation bound, and early stopping, stay on the unannealed bound
-    return schedule, Trace_IWELBO(args.num_particles, estimator=args.estimator)
+    return _Ramps(ramps), Trace_IWELBO(args.num_particles, estimator=args.estimator)
+
+
+class _Ramps:
+    """Schedules applied in turn before every step."""
+
+    def __init__(self, ramps: list[LinearSchedule]):
+        self.ramps = ramps
+
+    def __call__(self, epoch: int, step: int, objective: Trace_IWELBO) -> None:
+        for ramp in self.ramps:
+            ramp(epoch, step, objective)
 
 
 def train_lightning(
@@ -488,7 +500,7 @@ def train_lightning(
         valid=data.valid,
         valid_batch_size=VALID_BATCH_SIZE,
         valid_loss=valid_loss,
-        optimizer=lambda params: torch.optim.Adam(params, **adam_options(args.lr)),
+        optimizer=functools.partial(torch.optim.Adam, **adam_options(args.lr)),
         schedule=schedule,
         seed=args.seed,
         resample=_binarize if data.dynamic_binarization else None,

@@ -67,6 +67,11 @@ class PyroLightningModule(pl.LightningModule):
     ``log_marginal_rows`` validation rows. :attr:`history` holds the same figures as the
     :class:`~pyro_amortized.History` that ``fit`` returns.
 
+    Strategies that pickle the module (``ddp_spawn``) train as well, but Pyro's autoguides
+    drop their reference to the model when pickled, on the original object too, so
+    ``guide.model`` is gone afterwards in the launching process; ``ddp`` (which runs the
+    script once per worker) and ``ddp_notebook`` (fork) pickle nothing.
+
     **Checkpoints** are Lightning's (``ModelCheckpoint``, ``trainer.fit(ckpt_path=...)``)
     and also hold :attr:`history` and every worker's torch RNG state (and CUDA's), so a
     resumed run continues exactly as the uninterrupted one, given the same arguments and

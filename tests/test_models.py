@@ -184,6 +184,12 @@ def test_vae_cli_devices_need_the_lightning_trainer(capsys):
     )
 
 
+def test_vae_cli_refuses_spawning_strategies(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--trainer", "lightning", "--devices", "2", "--strategy", "ddp_spawn"])
+    assert "use --strategy ddp" in capsys.readouterr().err
+
+
 def test_vae_cli_refine_mode_needs_refine_steps(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--refine-mode", "savi"])
