@@ -254,23 +254,15 @@ class PyroLightningModule(pl.LightningModule):
         """Appends the epoch to :attr:`history`, with the workers' values averaged."""
         epoch, self._epoch = self._epoch, None
         history = self.history
+        train_loss = math.nan
         if epoch.step_losses:
             # one collective per epoch: the workers took the same number of steps
             losses = self._reduce(torch.stack(epoch.step_losses), "mean").tolist()
             rows = epoch.rows
             history.step_losses.extend(losses)
-            history.train_loss.append(
-                sum(v * r for v, r in zip(losses, rows, strict=True)) / sum(rows)
-            )
-        else:
-            history.train_loss.append(math.nan)
-        history.valid_bound.append(valid_bound)
-        history.epoch_time.append(time.perf_counter() - epoch.began)
+            train_loss = sum(v * r for v, r in zip(losses, rows, strict=True)) / sum(rows)
+        history.add_epoch(train_loss, valid_bound, time.perf_counter() - epoch.began)
         history.steps = self.global_step
-        if valid_bound is not None and (
-            history.best_epoch is None or valid_bound > history.valid_bound[history.best_epoch]
-        ):
-            history.best_epoch = history.epochs - 1
         self.log("train_bound", -history.train_loss[-1], sync_dist=True)
 
     def _reduce(self, value: Tensor, op: str) -> Tensor:

@@ -63,6 +63,16 @@ class History:
         """Number of completed epochs."""
         return len(self.train_loss)
 
+    def add_epoch(self, train_loss: float, valid_bound: float | None, seconds: float) -> None:
+        """Records a completed epoch, and makes it ``best_epoch`` if its bound is the highest."""
+        self.train_loss.append(train_loss)
+        self.valid_bound.append(valid_bound)
+        self.epoch_time.append(seconds)
+        if valid_bound is not None and (
+            self.best_epoch is None or valid_bound > self.valid_bound[self.best_epoch]
+        ):
+            self.best_epoch = self.epochs - 1
+
     def to_dict(self) -> dict[str, Any]:
         """The history as a dict of plain Python values (lists, floats, ints, None)."""
         return dataclasses.asdict(self)
@@ -288,13 +298,7 @@ def fit(
                         f"the validation bound became {bound} at epoch {epoch} (global step "
                         f"{history.steps}); {_last_good(path, written)}"
                     )
-            history.train_loss.append(epoch_loss / num_data)
-            history.valid_bound.append(bound)
-            history.epoch_time.append(time.perf_counter() - began)
-            if bound is not None and (
-                history.best_epoch is None or bound > history.valid_bound[history.best_epoch]
-            ):
-                history.best_epoch = epoch
+            history.add_epoch(epoch_loss / num_data, bound, time.perf_counter() - began)
             if patience is not None and _since_best(history) >= patience:
                 history.stopped_early = True
             bar.set_postfix(_postfix(history.train_loss[-1], history))

@@ -441,3 +441,14 @@ def test_validation_runs_the_model_and_guide_in_eval_mode(data):
     assert (True, True, True) in seen  # the training steps
     assert seen[-1] == (False, False, False)  # the validation, last
     assert recording.training and model.training
+
+
+def test_history_add_epoch_keeps_the_best_bound():
+    history = History()
+    history.add_epoch(5.0, None, 0.1)
+    assert history.best_epoch is None
+    for loss, bound in ((4.0, -3.0), (3.0, -2.0), (2.5, -2.5), (2.0, -2.0)):
+        history.add_epoch(loss, bound, 0.1)
+    # the first epoch of the highest bound: a tie does not move it
+    assert history.best_epoch == 2 and history.epochs == 5
+    assert history.valid_bound == [None, -3.0, -2.0, -2.5, -2.0]
