@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 from pyro import poutine
 from torch import Tensor
+from torch.distributions import TransformedDistribution
+from torch.distributions.transforms import ComposeTransform, IndependentTransform, Transform
 from tqdm import tqdm
 
 from .guides import AutoAmortizedGuide
@@ -24,7 +26,7 @@ from .local import (
     _fix_globals,
     _optimize_local,
 )
-from .objectives import Trace_IWELBO
+from .objectives import ParticleVectorizationError, Trace_IWELBO
 from .refinement import REFINE_DEFAULTS, _check_refine_options, refine
 
 __all__ = [
@@ -46,6 +48,7 @@ def log_marginal_likelihood(
     chunk_size: int = 500,
     batch_size: int | None = None,
     progress: bool = True,
+    local_plate: str | None = None,
     **kwargs,
 ) -> Tensor:
     r"""Importance-sampling estimate of :math:`\log p(x_i)` for every datapoint.
@@ -75,10 +78,15 @@ def log_marginal_likelihood(
             ``model(*args, idx, **kwargs)`` with ``idx`` the batch's rows of ``args[0]``
             (the plate takes ``subsample=idx``). ``None`` runs all datapoints at once.
         progress: Show a ``tqdm`` progress bar over the chunks (on stderr).
+        local_plate: The plate over datapoints, found as
+            :class:`~pyro_amortized.objectives.Trace_IWELBO` finds it when None (the
+            guide's ``local_plate`` first). A model without one gets a single estimate of
+            :math:`\log p(x)` for the whole data set.
         **kwargs: The model's keyword arguments.
 
     Returns:
-        ``[N]`` estimates, in nats, in the order of the local plate.
+        ``[N]`` estimates, in nats, in the order of the local plate (``[1]`` without one).
+        A network that cannot take a particle dimension is run with looped particles.
 
     References:
         Importance Weighted Autoencoders (Burda, Grosse and Salakhutdinov, 2016).
@@ -95,8 +103,12 @@ def log_marginal_likelihood(
                 "log_marginal_likelihood: batch_size needs the data as the first argument, "
                 "model(data, idx), as fit calls it"
             )
+    if local_plate is not None and (not isinstance(local_plate, str) or not local_plate):
+        raise ValueError(
+            f"log_marginal_likelihood: local_plate must be a plate name, got {local_plate!r}"
+        )
     model, guide, local_plate, _ = _fix_globals(
-        model, guide, args, kwargs, "log_marginal_likelihood"
+        model, guide, args, kwargs, "log_marginal_likelihood", local_plate
     )
     return _chunked_estimate(
         model,
@@ -122,7 +134,7 @@ def _chunked_estimate(
     num_samples: int,
     chunk_size: int,
     batch_size: int | None,
-    local_plate: str,
+    local_plate: str | None,
     reduce: str,
     desc: str,
     progress: bool,
@@ -148,10 +160,17 @@ def _chunked_estimate(
                 elbo = objectives.get(k)
                 if elbo is None:
                     elbo = objectives[k] = Trace_IWELBO(k, local_plate=local_plate)
-                    with torch.random.fork_rng(devices=[]):
-                        elbo._setup(model, guide, call_args, kwargs)
-                terms = elbo._collect(model, guide, call_args, kwargs, stopped=False)
-                log_w = terms.model_local - terms.guide_local
+                state = _rng_state()
+                try:
+                    log_w = elbo.log_weights(model, guide, *call_args, **kwargs).log_w
+                except ParticleVectorizationError:
+                    # a network that cannot take a particle dimension: loop instead, on
+                    # the draws the vectorized pass would have had
+                    _set_rng_state(state)
+                    elbo = objectives[k] = Trace_IWELBO(
+                        k, local_plate=local_plate, vectorize_particles=False
+                    )
+                    log_w = elbo.log_weights(model, guide, *call_args, **kwargs).log_w
                 if reduce == "logmeanexp":
                     chunk = torch.logsumexp(log_w, 0)
                     total = chunk if total is None else torch.logaddexp(total, chunk)
@@ -159,10 +178,22 @@ def _chunked_estimate(
                     chunk = log_w.sum(0)
                     total = chunk if total is None else total + chunk
                 bar.update()
-            results.append(
+            estimate = (
                 total - math.log(num_samples) if reduce == "logmeanexp" else total / num_samples
             )
+            results.append(estimate.reshape(-1))
     return torch.cat(results)
+
+
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
 
 
 class ActiveUnits(NamedTuple):
@@ -200,7 +231,8 @@ def active_units(
         The count, the per-dimension activity and, for a guide with ``encode`` (the
         Normal guide), each dimension's mean KL from the posterior to the prior,
         :math:`\mathbb{E}_x \mathrm{KL}(q(z_u \mid x) \,\|\, p(z_u))`: an inactive unit's is
-        near 0. The priors come from running the guide's model on the datapoints.
+        near 0 (NaN for the coordinates of a site whose support ties them together, such
+        as a simplex). The priors come from running the guide's model on the datapoints.
 
     References:
         Importance Weighted Autoencoders (Burda, Grosse and Salakhutdinov, 2016), Sec. 5.2.
@@ -250,6 +282,11 @@ def _kl_per_dimension(guide, posteriors: dict, num_samples: int, args, kwargs) -
     for name, q in posteriors.items():
         p = model_trace.nodes[name]["fn"]
         q_dims, p_dims = _elementwise(q), _elementwise(p)
+        if q_dims is None:  # a support that ties the coordinates together, e.g. a simplex
+            base = q.base_dist if isinstance(q, TransformedDistribution) else q
+            width = base.batch_shape[1:].numel() * base.event_shape.numel()
+            result.append(torch.full((width,), math.nan, dtype=base.mean.dtype))
+            continue
         try:
             kl = torch.distributions.kl_divergence(q_dims, p_dims)
         except NotImplementedError:
@@ -260,10 +297,30 @@ def _kl_per_dimension(guide, posteriors: dict, num_samples: int, args, kwargs) -
     return torch.cat(result)
 
 
-def _elementwise(d: torch.distributions.Distribution) -> torch.distributions.Distribution:
+def _elementwise(d: torch.distributions.Distribution) -> torch.distributions.Distribution | None:
+    """``d`` with its coordinates as independent batch elements (None where it cannot be:
+    a constrained site whose bijection mixes coordinates)."""
     while isinstance(d, torch.distributions.Independent):
         d = d.base_dist
+    if isinstance(d, TransformedDistribution):
+        transforms = []
+        for t in d.transforms:
+            t = _elementwise_transform(t)
+            if t is None:
+                return None
+            transforms.append(t)
+        base = _elementwise(d.base_dist)
+        return None if base is None else TransformedDistribution(base, transforms)
     return d
+
+
+def _elementwise_transform(t: Transform) -> Transform | None:
+    while isinstance(t, IndependentTransform):
+        t = t.base_transform
+    if isinstance(t, ComposeTransform):
+        parts = [_elementwise_transform(p) for p in t.parts]
+        return None if any(p is None for p in parts) else ComposeTransform(parts)
+    return t if t.domain.event_dim == 0 and t.codomain.event_dim == 0 else None
 
 
 @dataclass

@@ -158,8 +158,7 @@ def _optimize_local(
     since = torch.zeros(N, dtype=torch.long, device=params[0].device)
     with tqdm(total=max_steps, desc=f"local q*_{family}", unit="step", disable=not progress) as bar:
         for _ in range(max_steps):
-            terms = elbo._collect(model, local_guide, args, kwargs, stopped=False)
-            bound = (terms.model_local - terms.guide_local).mean(0)
+            bound = elbo.log_weights(model, local_guide, *args, **kwargs).log_w.mean(0)
             grads = torch.autograd.grad(-(bound * active).sum(), params)
             with torch.no_grad():
                 optimizer.step(grads, active)
@@ -466,20 +465,28 @@ def _check_local_options(
         raise ValueError(f"{owner}: lr must be > 0, got {lr!r}")
 
 
-def _fix_globals(model: Callable, guide: Callable, args, kwargs, owner: str = "optimize_local"):
+def _fix_globals(
+    model: Callable,
+    guide: Callable,
+    args,
+    kwargs,
+    owner: str = "optimize_local",
+    local_plate: str | None = None,
+):
     """Model and guide with the global latents fixed at the guide's median.
 
     Returns ``(model, guide, local_plate, globals)``; model and guide come back unchanged
-    when there are no globals.
+    when there are no globals, or no local plate (every latent is then the trace's own).
     """
-    probe = Trace_IWELBO(1, local_plate=getattr(guide, "local_plate", None))
-    with torch.random.fork_rng(devices=[]):  # the setup's draws leave the estimate's alone
-        probe._setup(model, guide, args, kwargs)
-    local_plate = probe._local_name
+    probe = Trace_IWELBO(1, local_plate=local_plate or getattr(guide, "local_plate", None))
+    local_plate = probe.find_local_plate(model, guide, *args, **kwargs)  # draws nothing
+    if local_plate is None:
+        return model, guide, None, {}
     globals_ = _global_medians(guide, local_plate, args, kwargs, owner)
     if globals_:
         model = poutine.condition(model, data=globals_)
-        guide = poutine.condition(guide, data=globals_)
+        # fixed, the globals are the model's observations; the guide only reads them
+        guide = poutine.block(poutine.condition(guide, data=globals_), hide=list(globals_))
     return model, guide, local_plate, globals_
 
 

@@ -9,22 +9,32 @@ import types
 from collections.abc import Callable
 from typing import NamedTuple
 
+import pyro
 import torch
 from pyro import poutine
 from pyro.distributions import Delta
 from pyro.infer import ELBO
-from pyro.infer.util import torch_item
+from pyro.infer.util import MultiFrameTensor, is_validation_enabled, torch_item
 from pyro.poutine.broadcast_messenger import BroadcastMessenger
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.util import prune_subsample_sites
+from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape, warn_if_nan
 from torch import Tensor, nn
 from torch.distributions import Bernoulli, Distribution, Independent
 from torch.distributions.transforms import Transform, _InverseTransform
 from torch.distributions.utils import _sum_rightmost, broadcast_all
 from torch.nn import functional as F
 
-__all__ = ["ESTIMATORS", "Trace_IWELBO"]
+__all__ = [
+    "ESTIMATORS",
+    "LocalParticlePlate",
+    "LogWeights",
+    "ParticleVectorizationError",
+    "Trace_IWELBO",
+    "log_weights",
+]
 
 #: Gradient estimators of :class:`Trace_IWELBO`.
 ESTIMATORS = ("iwae", "stl", "dreg")
@@ -32,10 +42,16 @@ ESTIMATORS = ("iwae", "stl", "dreg")
 PARTICLE_PLATE = "num_particles_vectorized"
 
 
-class _LocalParticlePlate(Messenger):
+class LocalParticlePlate(Messenger):
     """Adds a particle dimension to the sites inside the local plate, and only to them.
 
-    Global sites stay un-batched, so one draw of the globals is shared by all particles.
+    Global sites stay un-batched, so one draw of the globals is shared by all particles:
+    the particles of :class:`Trace_IWELBO`.
+
+    Arguments:
+        local_plate: Name of the plate over datapoints.
+        size: Number of particles.
+        dim: The particle dimension, left of every plate (``-max_plate_nesting - 1``).
     """
 
     def __init__(self, local_plate: str, size: int, dim: int):
@@ -203,29 +219,127 @@ def _is_one(scale) -> bool:
     return isinstance(scale, (int, float)) and scale == 1.0
 
 
-def _per_datapoint(log_p: Tensor, particle_dim: int, data_dim: int) -> Tensor:
-    """Sums a site's log-density over every batch dim but (particle, datapoint): ``[K, B]``."""
+def _per_datapoint(log_p: Tensor, particle_dim: int, data_dim: int | tuple[int, ...]) -> Tensor:
+    """Sums a site's log-density over every batch dim but the particle and datapoint
+    dims: ``[K, B]`` (or ``[K, *sizes]`` for a tuple of datapoint dims)."""
     if not isinstance(log_p, Tensor):
         log_p = torch.as_tensor(log_p)
     if log_p.dim() < -particle_dim:
         log_p = log_p.reshape((1,) * (-particle_dim - log_p.dim()) + log_p.shape)
-    other = [d for d in range(-log_p.dim(), 0) if d != particle_dim and d != data_dim]
+    keep = data_dim if isinstance(data_dim, tuple) else (data_dim,)
+    other = [d for d in range(-log_p.dim(), 0) if d != particle_dim and d not in keep]
     return log_p.sum(other) if other else log_p
 
 
-class _Terms(NamedTuple):
-    model_local: Tensor  # [K, B] log p(x_i, z_ik | beta), unscaled
-    guide_local: Tensor  # [K, B] log q(z_ik | x_i), unscaled
-    model_global: Tensor | float  # scalar, scaled; 0.0 without global sites
-    guide_global: Tensor | float  # scalar, scaled; 0.0 without global sites
-    # the latent sites' share of model_local and model_global (log-priors), tracked only
-    # when kl_weight != 1; 0.0 otherwise
+class LogWeights(NamedTuple):
+    r"""The log-densities behind one draw of :math:`K` particles, split as the bound needs them.
+
+    With a local plate (``local_plate`` set), ``model_local`` and ``guide_local`` are
+    ``[K, B]``: for particle :math:`k` and datapoint :math:`i` of the minibatch, the
+    unscaled :math:`\log p(x_i, z_{ik} \mid \beta)` and :math:`\log q(z_{ik} \mid x_i)`
+    summed over every site inside the plate; the sites outside it (the globals
+    :math:`\beta`, drawn once and shared by the particles) are summed, scaled, into
+    ``model_global`` and ``guide_global``. Without a local plate (``local_plate`` None)
+    they are ``[K]``, each particle's whole scaled trace, and the globals are 0; or,
+    when some plates hold every site, ``[K, B]`` over the elements of those plates
+    (flattened), which the model then factorizes over.
+    """
+
+    model_local: Tensor
+    guide_local: Tensor
+    model_global: Tensor | float
+    guide_global: Tensor | float
+    #: The latent sites' share of ``model_local`` and ``model_global`` (the log-priors),
+    #: tracked only for ``kl_weight != 1``; 0 otherwise.
     prior_local: Tensor | float
     prior_global: Tensor | float
-    outer_scale: float | Tensor  # subsample scale (and any scale common to all local sites)
-    # guide samples that carry DReG's per-particle weights: (value, data dim, event dim,
-    # particle index for looped particles or None when the value has a particle dim)
-    local_values: list[tuple[Tensor, int, int, int | None]]
+    #: Multiplies each datapoint's log-mean-weight: the subsample scale N / B, and any
+    #: scale common to every site of the local plate.
+    scale: float | Tensor
+    local_plate: str | None
+    #: Reparameterized local guide samples, for DReG's weights: (value, datapoint dims,
+    #: event dim, particle index when the particles were looped, else None).
+    samples: list[tuple[Tensor, tuple[int, ...], int, int | None]]
+    #: Non-reparameterized guide sites: (log q unscaled as the site has it, its vectorized
+    #: plates, log q reduced like ``guide_local`` or summed for a global site, is local).
+    scores: list[tuple[Tensor, tuple, Tensor, bool]]
+    #: With one particle and score terms: Trace_ELBO's per-plate downstream costs.
+    log_r: MultiFrameTensor | None
+    #: Sizes of the datapoint dims that ``B`` flattens (one size for a local plate).
+    data_shape: tuple[int, ...] = ()
+
+    @property
+    def log_w(self) -> Tensor:
+        """``[K, B]`` (or ``[K]``) log-weights ``model_local - guide_local``."""
+        return self.model_local - self.guide_local
+
+    def log_mean_weight(self) -> Tensor:
+        """``[B]`` (or scalar) per-datapoint IWAE estimate ``log (1/K) sum_k w_k``."""
+        log_w = self.log_w
+        K = log_w.shape[0]
+        return torch.logsumexp(log_w, 0) - math.log(K) if K > 1 else log_w[0]
+
+
+class ParticleVectorizationError(ValueError):
+    """A model or guide network cannot take the particle dimension of vectorized particles."""
+
+
+def _failing_module(error: BaseException) -> nn.Module | None:
+    """The innermost ``nn.Module`` whose code the traceback of ``error`` runs through."""
+    found = None
+    tb = error.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if isinstance(owner, nn.Module):
+            found = owner
+        tb = tb.tb_next
+    return found
+
+
+def _probe_size(*traces) -> int:
+    """A particle count that no dimension of the traces has, so a site that gained it
+    can only have it from the particle plate."""
+    sizes = {
+        size
+        for trace in traces
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and isinstance(site["value"], Tensor)
+        for size in site["value"].shape
+    }
+    size = 3
+    while size in sizes:
+        size += 1
+    return size
+
+
+def _validate(model_trace, guide_trace) -> None:
+    """Pyro's own checks of a (model, guide) pair, as ``Trace_ELBO`` runs them."""
+    check_model_guide_match(model_trace, guide_trace)
+    model_trace = prune_subsample_sites(model_trace)
+    guide_trace = prune_subsample_sites(guide_trace)
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    for trace in (model_trace, guide_trace):
+        for site in trace.nodes.values():
+            if site["type"] == "sample":
+                check_site_shape(site, max_plate_nesting=float("inf"))
+    check_if_enumerated(guide_trace)
+
+
+def _check_enumerated(model_trace, guide_trace) -> None:
+    for name, site in model_trace.nodes.items():
+        if (
+            site["type"] == "sample"
+            and not site["is_observed"]
+            and site["infer"].get("enumerate")
+            and name not in guide_trace.nodes
+        ):
+            raise ValueError(
+                f"Trace_IWELBO: model site '{name}' is marked infer={{'enumerate': "
+                f"{site['infer']['enumerate']!r}}} and the guide does not sample it, so "
+                "it would be drawn from its prior inside the weights. Enumerate it with "
+                "pyro.infer.TraceEnum_ELBO, or sample it in the guide."
+            )
 
 
 class Trace_IWELBO(ELBO):
@@ -246,6 +360,18 @@ class Trace_IWELBO(ELBO):
     one site (say a KL warm-up on the prior) weights that site inside. With :math:`K = 1`
     the value and the gradients equal :class:`~pyro.infer.Trace_ELBO`'s.
 
+    **What is per datapoint.** The local plate is ``local_plate=`` if given, else the
+    guide's ``local_plate`` attribute, else found from one run of the model and guide: a
+    vectorized plate that holds a latent site of the guide and whose latents no site
+    outside it reads (checked by running with a particle dimension on it). Among several,
+    the one holding the most model sites wins (so of nested plates the outer one); a tie
+    between unrelated plates is no local plate. Every site inside the local plate,
+    nested plates included, belongs to its datapoint; every other site (sequential
+    ``pyro.plate`` loops, sites outside every plate, plates without latents) is global.
+    When there is **no local plate**, the bound is the joint IWAE over the whole trace,
+    :math:`\log \frac{1}{K} \sum_k p(x, z_k) / q(z_k)` with scaled log-densities, equal in
+    value to ``RenyiELBO(alpha=0)`` on the same draws.
+
     The estimator changes only the guide's gradients; the model's gradients are the
     standard IWAE ones whatever the estimator:
 
@@ -257,12 +383,25 @@ class Trace_IWELBO(ELBO):
       package does, that the local sites are independent given the context.
 
     At the exact posterior the ``"stl"`` and ``"dreg"`` guide gradients are exactly zero.
+    Guide sites that cannot be reparameterized get a score-function term under every
+    estimator: with one particle Trace_ELBO's (its cost Rao-Blackwellized over plates);
+    with more, a local site's cost is its datapoint's bound plus the global terms and any
+    other site's the whole bound.
 
     The bound needs each datapoint's likelihood to read only its own latents. A model site
-    outside the local plate that reads the plate's latents (a game between two players
-    of a ``"players"`` plate, say) couples the datapoints, so no per-datapoint weight
-    exists: with ``num_particles > 1`` such a site raises ``ValueError``. One particle is
-    the plain ELBO, which is right for coupled latents too.
+    outside a local plate named by the user or the guide that reads the plate's latents
+    (a game between two players of a ``"players"`` plate, say) couples the datapoints, so
+    no per-datapoint weight exists: with ``num_particles > 1`` it raises ``ValueError``.
+    The same holds for couplings the trace cannot see, such as a network that normalizes
+    over the minibatch (``BatchNorm`` in training mode): the bound is then not a bound,
+    and DReG's weights are wrong; use ``num_particles=1`` or evaluate such networks in
+    ``eval()`` mode. A network that cannot take the leading particle dimension of
+    vectorized particles raises :class:`ParticleVectorizationError` naming it; pass
+    ``vectorize_particles=False``.
+
+    Under ``pyro.enable_validation(True)`` (Pyro's default) the first call on a (model,
+    guide) pair runs Pyro's own checks, as ``Trace_ELBO`` does: sites missing on either
+    side, plates in the guide but not the model, shape and event-dim mismatches.
 
     Arguments:
         num_particles: Number of importance samples :math:`K` per datapoint.
@@ -279,9 +418,7 @@ class Trace_IWELBO(ELBO):
             :math:`p(x \mid z) \, (p(z) / q(z)^{\lambda})^{\beta}` (global sites
             likewise); the observed sites keep weight 1. An attribute for KL warm-up
             schedules (0 to 1); 1 is the bound.
-        local_plate: Name of the plate over datapoints. Defaults to the guide's
-            ``local_plate`` attribute, else the plate that holds every observed site and
-            a latent site.
+        local_plate: Name of the plate over datapoints; see "What is per datapoint".
         retain_graph: As in :class:`~pyro.infer.ELBO`.
 
     Example:
@@ -329,6 +466,10 @@ class Trace_IWELBO(ELBO):
             raise ValueError(f"Trace_IWELBO: entropy_weight must be >= 0, got {entropy_weight!r}")
         if not isinstance(kl_weight, (int, float)) or not kl_weight >= 0:
             raise ValueError(f"Trace_IWELBO: kl_weight must be >= 0, got {kl_weight!r}")
+        if local_plate is not None and (not isinstance(local_plate, str) or not local_plate):
+            raise ValueError(
+                f"Trace_IWELBO: local_plate must be a plate name or None, got {local_plate!r}"
+            )
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -340,71 +481,126 @@ class Trace_IWELBO(ELBO):
         self.kl_weight = float(kl_weight)
         self.local_plate = local_plate
         self._plate_nesting = max_plate_nesting  # without the particle dimension
+        self._local_name: str | None = None
+        self._joint_dims: tuple[int, ...] = ()
+        self._explicit = False
         self._setup_for: tuple | None = None
 
     # ----------------------------------------------------------------- setup
     def _setup(self, model: Callable, guide: Callable, args, kwargs) -> None:
-        """One unbatched run of model and guide: plate nesting and the local plate's name.
+        """One unbatched run of model and guide: validation, plate nesting, local plate.
 
         The run leaves torch's RNG as it found it, so the draws of a computation do not
         depend on whether this objective had been set up before (a resumed run's first
         validation, say).
         """
         cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+        run_model, run_guide = model, guide
+        if self._plate_nesting != float("inf") and self.vectorize_particles:
+            # As Pyro's ELBOs with a given max_plate_nesting, never run the pair without
+            # its particle dimension: a model may rely on it (or on its absence).
+            K = self.num_particles
+            plate = pyro.plate(PARTICLE_PLATE, K, dim=self._particle_dim())
+            run_model, run_guide = (plate(model), plate(guide)) if K > 1 else (model, guide)
         with torch.random.fork_rng(cuda), poutine.block():
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            guide_trace = poutine.trace(run_guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(run_model, trace=guide_trace)).get_trace(
                 *args, **kwargs
             )
-        frames = {}
-        for trace in (model_trace, guide_trace):
-            for site in trace.nodes.values():
-                if site["type"] == "sample":
-                    for frame in site["cond_indep_stack"]:
-                        frames.setdefault(frame.name, frame)
-        if self._plate_nesting == float("inf"):
-            dims = [f.dim for f in frames.values() if f.vectorized]
-            self._plate_nesting = -min(dims) if dims else 0
+            if is_validation_enabled():
+                _validate(model_trace, guide_trace)
+            _check_enumerated(model_trace, guide_trace)
+            frames = {}
+            for trace in (model_trace, guide_trace):
+                for site in trace.nodes.values():
+                    if site["type"] == "sample":
+                        for frame in site["cond_indep_stack"]:
+                            if frame.name != PARTICLE_PLATE:
+                                frames.setdefault(frame.name, frame)
+            if self._plate_nesting == float("inf"):
+                dims = [f.dim for f in frames.values() if f.vectorized]
+                self._plate_nesting = -min(dims) if dims else 0
 
-        name = self.local_plate or getattr(guide, "local_plate", None)
-        if name is None:
-            name = self._infer_local_plate(model_trace, guide_trace)
-        if name not in frames:
-            found = ", ".join(repr(n) for n in sorted(frames)) or "none"
-            raise ValueError(
-                f"Trace_IWELBO: the model has no plate named '{name}' (plates found: {found}); "
-                "pass local_plate= the name of the plate over datapoints."
-            )
-        if not frames[name].vectorized:
-            raise ValueError(
-                f"Trace_IWELBO: plate '{name}' is sequential; the per-datapoint log-sum-exp "
-                "needs a vectorized plate."
-            )
+            name = self.local_plate or getattr(guide, "local_plate", None)
+            self._explicit = name is not None
+            if name is None:
+                name = self._find_local_plate(model, guide, args, kwargs, model_trace, guide_trace)
+            elif name not in frames:
+                found = ", ".join(repr(n) for n in sorted(frames)) or "none"
+                raise ValueError(
+                    f"Trace_IWELBO: the model has no plate named '{name}' (plates found: "
+                    f"{found}); pass local_plate= the name of the plate over datapoints."
+                )
+            elif not frames[name].vectorized:
+                raise ValueError(
+                    f"Trace_IWELBO: plate '{name}' is sequential; the per-datapoint "
+                    "log-sum-exp needs a vectorized plate (with pyro.plate(...) as ...)."
+                )
         self._local_name = name
+        self._joint_dims = () if name is not None else _common_dims(model_trace, guide_trace)
         self._setup_for = (model, guide)
 
-    @staticmethod
-    def _infer_local_plate(model_trace, guide_trace) -> str:
-        observed = [
-            {f.name for f in s["cond_indep_stack"] if f.vectorized}
-            for s in model_trace.nodes.values()
-            if s["type"] == "sample" and s["is_observed"] and not isinstance(s["fn"], _Subsample)
-        ]
-        common = set.intersection(*observed) if observed else set()
-        latent = {
+    def _find_local_plate(self, model, guide, args, kwargs, model_trace, guide_trace):
+        """The plate over datapoints by the rule of the class docstring, or None."""
+        counts = {}
+        for site in model_trace.nodes.values():
+            if site["type"] == "sample" and not isinstance(site["fn"], _Subsample):
+                for f in site["cond_indep_stack"]:
+                    if f.vectorized and f.name != PARTICLE_PLATE:
+                        counts[f.name] = counts.get(f.name, 0) + 1
+        candidates = {
             f.name
-            for s in guide_trace.nodes.values()
-            if s["type"] == "sample" and not isinstance(s["fn"], _Subsample)
-            for f in s["cond_indep_stack"]
+            for site in guide_trace.nodes.values()
+            if site["type"] == "sample"
+            and not site["is_observed"]
+            and not isinstance(site["fn"], _Subsample)
+            for f in site["cond_indep_stack"]
+            if f.vectorized and f.name != PARTICLE_PLATE
         }
-        candidates = sorted(common & latent)
-        if len(candidates) != 1:
-            found = ", ".join(repr(c) for c in candidates) or "none"
-            raise ValueError(
-                "Trace_IWELBO: cannot tell which plate runs over datapoints (candidates "
-                f"holding every observed site and a latent site: {found}); pass local_plate=."
+        size = _probe_size(model_trace, guide_trace)
+        usable = [
+            c for c in candidates if not self._reads_latents(model, guide, args, kwargs, c, size)
+        ]
+        if not usable:
+            return None
+        most = max(counts.get(c, 0) for c in usable)
+        best = [c for c in usable if counts.get(c, 0) == most]
+        return best[0] if len(best) == 1 else None
+
+    def _reads_latents(self, model, guide, args, kwargs, name: str, size: int) -> bool:
+        """Whether a site outside plate ``name`` reads the plate's latents (a probe run)."""
+        plate = LocalParticlePlate(name, size, self._particle_dim())
+        try:
+            guide_trace = poutine.trace(plate(guide)).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(plate(model), trace=guide_trace)).get_trace(
+                *args, **kwargs
             )
-        return candidates[0]
+        except Exception:  # noqa: BLE001 - a network that refuses the probe's extra dim
+            return False  # the per-call checks still catch a coupling
+        for trace in (model_trace, guide_trace):
+            for site in trace.nodes.values():
+                if (
+                    site["type"] == "sample"
+                    and not isinstance(site["fn"], _Subsample)
+                    and not any(f.name == name for f in site["cond_indep_stack"])
+                    and _reads_particles(site, _log_prob(site), size)
+                ):
+                    return True
+        return False
+
+    def find_local_plate(self, model: Callable, guide: Callable, *args, **kwargs) -> str | None:
+        """The plate this objective treats as running over datapoints for (model, guide),
+        or None when the bound is the joint IWAE over the whole trace."""
+        self._ensure_setup(model, guide, args, kwargs)
+        return self._local_name
+
+    def _ensure_setup(self, model, guide, args, kwargs) -> None:
+        if (
+            self._setup_for is None
+            or self._setup_for[0] is not model
+            or self._setup_for[1] is not guide
+        ):
+            self._setup(model, guide, args, kwargs)
 
     # ------------------------------------------------------------- the bound
     def _particle_dim(self) -> int:
@@ -413,54 +609,80 @@ class Trace_IWELBO(ELBO):
     def _traces(self, model, guide, args, kwargs, shared=None):
         """Guide then model traces; ``shared`` sites (globals, minibatch) are replayed."""
         K = self.num_particles
-        if K > 1 and self.vectorize_particles:
-            plate = _LocalParticlePlate(self._local_name, K, self._particle_dim())
+        vectorized = K > 1 and self.vectorize_particles
+        if vectorized:
+            if self._local_name is None:
+                plate = pyro.plate(PARTICLE_PLATE, K, dim=self._particle_dim())
+            else:
+                plate = LocalParticlePlate(self._local_name, K, self._particle_dim())
             model, guide = plate(model), plate(guide)
         if shared is not None:
             guide = poutine.replay(guide, trace=shared)
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+        try:
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+        except RuntimeError as error:
+            if not vectorized:
+                raise
+            module = _failing_module(error)
+            where = f"module {type(module).__name__}" if module is not None else "a tensor op"
+            raise ParticleVectorizationError(
+                f"Trace_IWELBO: with {K} vectorized particles the model or guide failed in "
+                f"{where} ({str(error).splitlines()[0]}); each sample gets a particle dimension of size {K} at dim "
+                f"{self._particle_dim()}, left of every plate, and that network cannot take "
+                "it. Pass vectorize_particles=False to loop over the particles, or make the "
+                "network accept leading batch dimensions."
+            ) from error
         return model_trace, guide_trace
 
     def _get_trace(self, model, guide, args, kwargs):
         """One (model trace, guide trace) pair, particles included (Pyro's ELBO interface)."""
-        if self._setup_for is None:
-            self._setup(model, guide, args, kwargs)
+        self._ensure_setup(model, guide, args, kwargs)
         return self._traces(model, guide, args, kwargs)
 
-    def _terms(self, model_trace, guide_trace, stopped: bool) -> _Terms:
+    def _terms(self, model_trace, guide_trace, stopped: bool) -> LogWeights:
         """Log-densities split into per-(particle, datapoint) local parts and global sums."""
         local = self._local_name
+        joint = local is None
         particle_dim = self._particle_dim()
+        K = self.num_particles
         data_dim = None
         local_scales = []
         local_sites = []  # (log_p, is_model, is_prior)
         model_global = guide_global = prior_global = 0.0
         track_prior = self.kl_weight != 1.0
-        K = self.num_particles
-        coupled_check = K > 1 and self.vectorize_particles
-        local_values = []
+        coupled_check = K > 1 and self.vectorize_particles and not joint
+        data_dims = self._joint_dims if joint else None
+        samples = []
+        scores = []
+        costs = []  # (vectorized plates, scaled log-density) of every site, for log_r
         frames = {}
         for is_model, trace in ((True, model_trace), (False, guide_trace)):
             for name, site in trace.nodes.items():
                 if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
                     continue
-                if not is_model and not site["is_observed"]:
-                    fn = site["fn"]
-                    if not fn.has_rsample:
-                        raise ValueError(
-                            f"Trace_IWELBO: guide site '{name}' ({type(fn).__name__}) cannot be "
-                            "reparameterized; importance-weighted bounds here need "
-                            "reparameterized guide samples."
-                        )
-                    if stopped:
-                        site = dict(site, fn=_stop_distribution(fn, name))
-                frame = next((f for f in site["cond_indep_stack"] if f.name == local), None)
+                score = not is_model and not site["is_observed"] and not site["fn"].has_rsample
+                if stopped and not is_model and not site["is_observed"] and not score:
+                    site = dict(site, fn=_stop_distribution(site["fn"], name))
                 log_p = _log_prob(site)
+                if score:
+                    # One particle drops the zero-mean direct term, as Trace_ELBO does.
+                    unscaled = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+                    if K == 1:
+                        log_p = log_p.detach()
                 is_prior = track_prior and is_model and not site["is_observed"]
-                if frame is None:
+                if K == 1:
+                    stack = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
+                    scaled = log_p if _is_one(site["scale"]) else log_p * site["scale"]
+                    costs.append((name, is_model, stack, scaled.detach()))
+                frame = (
+                    None
+                    if joint
+                    else next((f for f in site["cond_indep_stack"] if f.name == local), None)
+                )
+                if frame is None and not joint:
                     if is_model and coupled_check and _reads_particles(site, log_p, K):
                         raise _coupled_error(name, local)
                     scale = site["scale"]
@@ -471,36 +693,59 @@ class Trace_IWELBO(ELBO):
                             prior_global = prior_global + total
                     else:
                         guide_global = guide_global + total
+                    if score:
+                        stack = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
+                        scores.append((unscaled, stack, unscaled.sum(), False))
+                    continue
+                if joint:
+                    if not _is_one(site["scale"]):
+                        log_p = log_p * site["scale"]
+                    local_sites.append((log_p, is_model, is_prior))
+                    if score:
+                        stack = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
+                        reduced = _per_datapoint(unscaled, particle_dim, data_dims)
+                        scores.append((unscaled, stack, reduced, True))
+                    elif not is_model and not site["is_observed"]:
+                        if not isinstance(site["fn"], Delta):
+                            samples.append((site["value"], data_dims, site["fn"].event_dim, None))
                     continue
                 data_dim = frame.dim
                 frames[is_model] = frame
                 local_scales.append(site["scale"])
                 local_sites.append((log_p, is_model, is_prior))
-                if not is_model and not isinstance(site["fn"], Delta):
-                    local_values.append((site["value"], frame.dim, site["fn"].event_dim, None))
-        if data_dim is None:
+                if score:
+                    stack = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
+                    reduced = _per_datapoint(unscaled, particle_dim, data_dim)
+                    scores.append((unscaled, stack, reduced, True))
+                elif not is_model and not site["is_observed"] and not isinstance(site["fn"], Delta):
+                    samples.append((site["value"], (frame.dim,), site["fn"].event_dim, None))
+        if joint:
+            data_dim = data_dims
+            outer = 1.0
+            inner = [None] * len(local_sites)
+        elif data_dim is None:
             raise ValueError(
                 f"Trace_IWELBO: no sample site is inside plate '{local}' in this call."
             )
-
-        sizes = {k: (f.size, f.full_size or f.size) for k, f in frames.items()}
-        if len(sizes) == 2 and sizes[True] != sizes[False]:
-            model_frame, guide_frame = frames[True], frames[False]
-            raise ValueError(
-                f"Trace_IWELBO: plate '{local}' has size {guide_frame.full_size} (minibatch "
-                f"{guide_frame.size}) in the guide but {model_frame.full_size} (minibatch "
-                f"{model_frame.size}) in the model; an amortized guide sizes the plate from "
-                "its context, which needs one row per datapoint."
-            )
-        first = local_scales[0]
-        if all(isinstance(s, (int, float)) and s == first for s in local_scales):
-            outer = first
-            inner = [None] * len(local_sites)
         else:
-            frame = frames.get(True) or frames[False]
-            subsample = frame.full_size / frame.size if frame.full_size else 1.0
-            outer = subsample
-            inner = [s / subsample for s in local_scales]
+            sizes = {k: (f.size, f.full_size or f.size) for k, f in frames.items()}
+            if len(sizes) == 2 and sizes[True] != sizes[False]:
+                model_frame, guide_frame = frames[True], frames[False]
+                raise ValueError(
+                    f"Trace_IWELBO: plate '{local}' has size {guide_frame.full_size} (minibatch "
+                    f"{guide_frame.size}) in the guide but {model_frame.full_size} (minibatch "
+                    f"{model_frame.size}) in the model; an amortized guide sizes the plate "
+                    "from its context, which needs one row per datapoint."
+                )
+            first = local_scales[0]
+            if all(isinstance(s, (int, float)) and s == first for s in local_scales):
+                outer = first
+                inner = [None] * len(local_sites)
+            else:
+                frame = frames.get(True) or frames[False]
+                subsample = frame.full_size / frame.size if frame.full_size else 1.0
+                outer = subsample
+                inner = [s / subsample for s in local_scales]
 
         model_local = guide_local = prior_local = 0.0
         for (log_p, is_model, is_prior), inner_scale in zip(local_sites, inner, strict=True):
@@ -513,30 +758,75 @@ class Trace_IWELBO(ELBO):
                     prior_local = prior_local + log_p
             else:
                 guide_local = guide_local + log_p
-        return _Terms(
-            torch.as_tensor(model_local),
-            torch.as_tensor(guide_local),
+        model_local = torch.as_tensor(model_local)
+        guide_local = torch.as_tensor(guide_local)
+        if joint:
+            # sites without the particle dimension (none at all, or none read a latent)
+            # hold the same value for every particle
+            rows = K if self.vectorize_particles else 1
+            shape = torch.broadcast_shapes(
+                model_local.shape, guide_local.shape, (rows,) + (1,) * len(data_dims)
+            )
+
+            def flat(t):
+                t = t.reshape(t.shape + (1,) * (len(shape) - t.dim())) if t.dim() == 1 else t
+                t = t.expand(shape)
+                return t.reshape(rows, -1) if data_dims else t.reshape(rows)
+
+            model_local, guide_local = flat(model_local), flat(guide_local)
+            if isinstance(prior_local, Tensor):
+                prior_local = flat(prior_local)
+        log_r = _downstream_costs(costs) if scores and K == 1 else None
+        if joint:
+            data_shape = tuple(shape[1:])
+        else:
+            data_shape = (model_local.shape[-1] if model_local.dim() else 1,)
+        return LogWeights(
+            model_local,
+            guide_local,
             model_global,
             guide_global,
             prior_local,
             prior_global,
             outer,
-            local_values,
+            local,
+            samples,
+            scores,
+            log_r,
+            data_shape,
         )
 
-    def _collect(self, model, guide, args, kwargs, stopped: bool) -> _Terms:
-        if (
-            self._setup_for is None
-            or self._setup_for[0] is not model
-            or self._setup_for[1] is not guide
-        ):
-            self._setup(model, guide, args, kwargs)
+    def _collect(self, model, guide, args, kwargs, stopped: bool) -> LogWeights:
+        self._ensure_setup(model, guide, args, kwargs)
         if self.vectorize_particles or self.num_particles == 1:
             model_trace, guide_trace = self._traces(model, guide, args, kwargs)
             return self._terms(model_trace, guide_trace, stopped)
+        if self._local_name is None:
+            return self._collect_joint_sequential(model, guide, args, kwargs, stopped)
         return self._collect_sequential(model, guide, args, kwargs, stopped)
 
-    def _collect_sequential(self, model, guide, args, kwargs, stopped: bool) -> _Terms:
+    def _collect_joint_sequential(self, model, guide, args, kwargs, stopped: bool) -> LogWeights:
+        """Whole-trace particles in a Python loop, each drawn afresh."""
+        parts = [
+            self._terms(*self._traces(model, guide, args, kwargs), stopped)
+            for _ in range(self.num_particles)
+        ]
+        first = parts[0]
+        return first._replace(
+            model_local=torch.cat([p.model_local for p in parts]),
+            guide_local=torch.cat([p.guide_local for p in parts]),
+            prior_local=(
+                torch.cat([p.prior_local for p in parts])
+                if isinstance(first.prior_local, Tensor)
+                else 0.0
+            ),
+            scores=[
+                (s[0], s[1], torch.cat([p.scores[j][2] for p in parts]), s[3])
+                for j, s in enumerate(first.scores)
+            ],
+        )
+
+    def _collect_sequential(self, model, guide, args, kwargs, stopped: bool) -> LogWeights:
         """Particles in a Python loop; globals and the minibatch are replayed from the first."""
         model_trace, guide_trace = self._traces(model, guide, args, kwargs)
         first = self._terms(model_trace, guide_trace, stopped)
@@ -546,9 +836,8 @@ class Trace_IWELBO(ELBO):
                 f.name == self._local_name for f in site["cond_indep_stack"]
             ):
                 shared.remove_node(name)
-        model_local, guide_local = [first.model_local], [first.guide_local]
-        prior_local = [first.prior_local]
-        values = [v[:3] + (0,) for v in first.local_values]
+        parts = [first]
+        values = [v[:3] + (0,) for v in first.samples]
         for k in range(1, self.num_particles):
             model_trace, guide_trace = self._traces(model, guide, args, kwargs, shared)
             terms = self._terms(model_trace, guide_trace, stopped)
@@ -558,18 +847,41 @@ class Trace_IWELBO(ELBO):
                 # the globals are replayed, so only a site that reads the local latents
                 # can change its log-density between particles
                 raise _coupled_error(None, self._local_name)
-            model_local.append(terms.model_local)
-            guide_local.append(terms.guide_local)
-            prior_local.append(terms.prior_local)
-            values += [v[:3] + (k,) for v in terms.local_values]
+            parts.append(terms)
+            values += [v[:3] + (k,) for v in terms.samples]
         return first._replace(
-            model_local=torch.cat(model_local),
-            guide_local=torch.cat(guide_local),
-            prior_local=torch.cat(prior_local) if isinstance(prior_local[0], Tensor) else 0.0,
-            local_values=values,
+            model_local=torch.cat([p.model_local for p in parts]),
+            guide_local=torch.cat([p.guide_local for p in parts]),
+            prior_local=(
+                torch.cat([p.prior_local for p in parts])
+                if isinstance(first.prior_local, Tensor)
+                else 0.0
+            ),
+            samples=values,
+            scores=[
+                (s[0], s[1], torch.cat([p.scores[j][2] for p in parts]) if s[3] else s[2], s[3])
+                for j, s in enumerate(first.scores)
+            ],
         )
 
-    def _bound(self, terms: _Terms) -> tuple[Tensor, Tensor]:
+    def log_weights(
+        self, model: Callable, guide: Callable, *args, stop_guide: bool = False, **kwargs
+    ) -> LogWeights:
+        """One draw of this objective's particles: the log-densities behind its bound.
+
+        Arguments:
+            model, guide: As for :meth:`loss`.
+            stop_guide: Evaluate :math:`\\log q` with the guide's parameters stopped (as
+                the ``"stl"`` and ``"dreg"`` estimators do), so the log-weights depend on
+                the guide's parameters only through the samples.
+
+        Returns:
+            :class:`LogWeights`; ``.log_w`` is ``[K, B]`` over the local plate's
+            minibatch, or ``[K]`` when there is no local plate.
+        """
+        return self._collect(model, guide, args, kwargs, stopped=stop_guide)
+
+    def _bound(self, terms: LogWeights) -> tuple[Tensor, Tensor]:
         """The bound and the per-(particle, datapoint) log-weights."""
         # Scalar ops on autograd tensors cost microseconds each; skip the ones that do nothing.
         lam, beta = self.entropy_weight, self.kl_weight
@@ -580,15 +892,33 @@ class Trace_IWELBO(ELBO):
         K = self.num_particles
         local = torch.logsumexp(log_w, 0) - math.log(K) if K > 1 else log_w[0]
         bound = local.sum()
-        if not _is_one(terms.outer_scale):
-            bound = bound * terms.outer_scale
+        if not _is_one(terms.scale):
+            bound = bound * terms.scale
         if isinstance(terms.model_global, Tensor):
             bound = bound + terms.model_global - (1.0 - beta) * terms.prior_global
         if isinstance(terms.guide_global, Tensor):
             bound = bound - beta * lam * terms.guide_global
+        if terms.scores and torch.is_grad_enabled():
+            surrogate = self._score_surrogate(terms, local.detach(), bound.detach())
+            bound = bound + (surrogate - surrogate.detach())
         return bound, log_w
 
-    def _add_dreg_hooks(self, terms: _Terms, log_w: Tensor) -> None:
+    def _score_surrogate(self, terms: LogWeights, local: Tensor, bound: Tensor) -> Tensor:
+        """Score-function terms of the guide sites that cannot be reparameterized."""
+        total = 0.0
+        if terms.log_r is not None:  # one particle: Trace_ELBO's surrogate
+            for unscaled, stack, _, _ in terms.scores:
+                total = total + (terms.log_r.sum_to(stack) * unscaled).sum()
+            return torch.as_tensor(total)
+        if terms.local_plate is None:
+            cost_local = bound
+        else:  # a datapoint's bound plus the global terms, which its score ignores
+            cost_local = bound - terms.scale * local.sum() + terms.scale * local
+        for _, _, reduced, is_local in terms.scores:
+            total = total + ((cost_local if is_local else bound) * reduced).sum()
+        return torch.as_tensor(total)
+
+    def _add_dreg_hooks(self, terms: LogWeights, log_w: Tensor) -> None:
         """Multiplies the gradient reaching each local sample by its particle's weight.
 
         The surrogate's log-sum-exp already weights each particle's path term by its
@@ -602,13 +932,15 @@ class Trace_IWELBO(ELBO):
         negligible = torch.finfo(weights.dtype).eps ** 2
         weights = weights.masked_fill(weights < negligible, 0.0)
         particle_dim = self._particle_dim()
-        for value, data_dim, event_dim, particle in terms.local_values:
+        sizes = terms.data_shape
+        for value, data_dims, event_dim, particle in terms.samples:
             if not value.requires_grad:
                 continue
             w = weights if particle is None else weights[particle]
             batch_end = value.dim() - event_dim
             shape = [1] * value.dim()
-            shape[batch_end + data_dim] = w.shape[-1]
+            for dim, size in zip(data_dims, sizes, strict=True):
+                shape[batch_end + dim] = size
             if particle is None:
                 shape[batch_end + particle_dim] = w.shape[0]
             value.register_hook(_ScaleGrad(w.reshape(shape)))
@@ -620,13 +952,17 @@ class Trace_IWELBO(ELBO):
         bound, log_w = self._bound(terms)
         if self.estimator == "dreg" and self.num_particles > 1 and torch.is_grad_enabled():
             self._add_dreg_hooks(terms, log_w)
-        return -bound
+        loss = -bound
+        warn_if_nan(loss, "loss")
+        return loss
 
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """The negative bound, as a float."""
         with torch.no_grad():
             terms = self._collect(model, guide, args, kwargs, stopped=False)
-            return torch_item(-self._bound(terms)[0])
+            loss = torch_item(-self._bound(terms)[0])
+        warn_if_nan(loss, "loss")
+        return loss
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """The negative bound as a float, after back-propagating the estimator's gradient."""
@@ -634,6 +970,70 @@ class Trace_IWELBO(ELBO):
         if loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)
         return torch_item(loss)
+
+
+def _common_dims(model_trace, guide_trace) -> tuple[int, ...]:
+    """Dims of the vectorized plates that hold every sample site of both traces."""
+    stacks = [
+        {f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLE_PLATE}
+        for trace in (model_trace, guide_trace)
+        for site in trace.nodes.values()
+        if site["type"] == "sample" and not isinstance(site["fn"], _Subsample)
+    ]
+    common = set.intersection(*stacks) if stacks else set()
+    return tuple(sorted(f.dim for f in common))
+
+
+def _downstream_costs(costs) -> MultiFrameTensor:
+    """Trace_ELBO's log_r: each model site's scaled log p, less the guide's log q at the
+    latent ones, as a MultiFrameTensor for per-plate sums."""
+    guide = {name: value for name, is_model, _, value in costs if not is_model}
+    log_r = MultiFrameTensor()
+    for name, is_model, stack, value in costs:
+        if is_model:
+            if name in guide:
+                value = value - guide[name]
+            log_r.add((stack, value))
+    return log_r
+
+
+def log_weights(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_particles: int = 1,
+    local_plate: str | None = None,
+    stop_guide: bool = False,
+    vectorize_particles: bool = True,
+    max_plate_nesting: float = float("inf"),
+    **kwargs,
+) -> LogWeights:
+    r"""One draw of :math:`K` importance weights of ``guide`` for ``model``, per datapoint.
+
+    The computation behind :class:`Trace_IWELBO`: ``log_weights(...).log_w`` is the
+    ``[K, B]`` matrix :math:`\log p(x_i, z_{ik} \mid \beta) - \log q(z_{ik} \mid x_i)`
+    over the local plate's minibatch (or ``[K]`` whole-trace log-weights when the model
+    has no local plate), and ``.log_mean_weight()`` each datapoint's IWAE estimate.
+
+    Arguments:
+        model, guide: A Pyro model and guide.
+        *args, **kwargs: Their arguments.
+        num_particles: :math:`K`.
+        local_plate: The plate over datapoints; found as :class:`Trace_IWELBO` finds it
+            when None.
+        stop_guide: Evaluate :math:`\log q` with the guide's parameters stopped.
+        vectorize_particles, max_plate_nesting: As in :class:`Trace_IWELBO`.
+
+    Returns:
+        :class:`LogWeights`.
+    """
+    elbo = Trace_IWELBO(
+        num_particles,
+        local_plate=local_plate,
+        vectorize_particles=vectorize_particles,
+        max_plate_nesting=max_plate_nesting,
+    )
+    return elbo.log_weights(model, guide, *args, stop_guide=stop_guide, **kwargs)
 
 
 class _ScaleGrad:

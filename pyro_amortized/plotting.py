@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from pyro import poutine
 from torch import Tensor
 
-from .objectives import _LocalParticlePlate, _log_prob, _per_datapoint
+from .objectives import LocalParticlePlate
 
 __all__ = [
     "log_joint_on_grid",
@@ -145,7 +145,7 @@ def log_joint_on_grid(
     value = grid.reshape((len(grid),) + pad + (1,) * len(batch) + grid.shape[-1:])
     value = value.expand((len(grid),) + pad + batch + grid.shape[-1:])
     conditioned = poutine.condition(model, data={site: value})
-    plated = _LocalParticlePlate(local_plate, len(grid), particle_dim)(conditioned)
+    plated = LocalParticlePlate(local_plate, len(grid), particle_dim)(conditioned)
     with poutine.block(), torch.no_grad():
         trace = poutine.trace(plated).get_trace(*args, **kwargs)
     total = 0.0
@@ -154,7 +154,12 @@ def log_joint_on_grid(
             continue
         if not any(f.name == local_plate for f in node["cond_indep_stack"]):
             continue
-        total = total + _per_datapoint(_log_prob(node), particle_dim, data_dim)
+        log_p = node["fn"].log_prob(node["value"])
+        if node["mask"] is not None:
+            log_p = log_p * node["mask"]
+        log_p = log_p.reshape((1,) * (-particle_dim - log_p.dim()) + log_p.shape)
+        other = [d for d in range(-log_p.dim(), 0) if d not in (particle_dim, data_dim)]
+        total = total + (log_p.sum(other) if other else log_p)  # [G, B]
     return total
 
 

@@ -135,8 +135,10 @@ def refine(
     )
     bounds = []
     for _ in tqdm(range(num_steps), desc="refine", unit="step", disable=not progress):
-        terms = elbo._collect(model, local_guide, args, kwargs, stopped=estimator == "stl")
-        bound = (terms.model_local - terms.guide_local).mean(0)
+        weights = elbo.log_weights(
+            model, local_guide, *args, stop_guide=estimator == "stl", **kwargs
+        )
+        bound = weights.log_w.mean(0)
         grads = torch.autograd.grad(-bound.sum(), base)
         step.step(grads)
         bounds.append(bound.detach())
@@ -321,12 +323,15 @@ class SemiAmortizedGuide(nn.Module):
         self._data = data
         try:
             with poutine.block():
-                terms = self._elbo._collect(
-                    *self._inner, args, kwargs, stopped=self.estimator == "stl"
-                )
+                # the inner pair shares the minibatch through conditioning, which Pyro's
+                # checks of a user's (model, guide) would flag; the outer pair is checked
+                with pyro.validation_enabled(False):
+                    weights = self._elbo.log_weights(
+                        *self._inner, *args, stop_guide=self.estimator == "stl", **kwargs
+                    )
         finally:
             guide._refiner = previous
-        return (terms.model_local - terms.guide_local).mean(0)
+        return weights.log_w.mean(0)
 
     def _encoder_bound(self, plate: pyro.plate, start: list[Tensor], grads) -> None:
         """SAVI's encoder loss: a site of log-density 0 whose gradient is the encoder's

@@ -14,6 +14,7 @@ from pyro_amortized.diagnostics import (
     inference_gaps,
     log_marginal_likelihood,
 )
+from pyro_amortized.objectives import ParticleVectorizationError
 
 
 @pytest.mark.parametrize("chunk_size, batch_size", [(3, 2), (7, None), (100, 5)])
@@ -63,7 +64,7 @@ def test_log_marginal_likelihood_matches_the_analytic_evidence(float64):
     # Each estimate's standard error by the delta method, sd(w) / (mean(w) sqrt(S)),
     # from a second batch of S log-weights per datapoint
     elbo = Trace_IWELBO(S)
-    log_w = elbo._collect(model, guide, (x,), {}, stopped=False)
+    log_w = elbo.log_weights(model, guide, x)
     log_w = log_w.model_local - log_w.guide_local
     w = (log_w - log_w.max(0).values).exp()
     se = (w.std(0) / w.mean(0) / math.sqrt(S)).detach()
@@ -210,7 +211,7 @@ def test_inference_gaps_split_matches_the_analytic_kls(float64, wrong, tmp_path)
     # Standard errors of the means over datapoints: of L[q] from the spread of its
     # log-weights; L[q*] and log p̂ are exact up to what Adam's jitter leaves (second
     # order, measured < 0.01 nats), at most 0.02 below.
-    terms = Trace_IWELBO(S)._collect(model, guide, (x,), {}, stopped=False)
+    terms = Trace_IWELBO(S).log_weights(model, guide, x)
     log_w = terms.model_local - terms.guide_local
     se = (log_w.var(0) / S).sum().sqrt() / len(x)
     amortization = report.amortization_gap.mean()
@@ -259,6 +260,79 @@ def test_active_units_kl_of_a_constrained_site_by_monte_carlo(float64):
     ratio = (base.log_prob(u) - dist.Normal(0.0, 1.0).log_prob(u)).detach()
     se = (ratio.var(0) / S).sum().sqrt() / len(x)
     assert abs(units.kl[0] - exact) <= 5 * se, (units.kl, exact, se)
+
+
+def test_active_units_kl_of_a_constrained_site_with_an_event_dim(float64):
+    # The same identity for a [3]-event site (it crashed: the event-dim log-densities of
+    # q met the prior's per-coordinate ones).
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            s = pyro.sample("s", dist.LogNormal(torch.zeros(3), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(0.0, s).to_event(1), obs=x)
+
+    x = torch.randn(40, 3)
+    guide = AutoAmortizedNormal(model, hidden_dims=(4,), init_scale=0.5)
+    guide(x)
+    S = 4000
+    units = active_units(guide, x, num_samples=S)
+    base = guide.encode(x)["s"].base_dist.base_dist  # Independent(Normal) -> Normal
+    exact = torch.distributions.kl_divergence(base, dist.Normal(0.0, 1.0)).mean(0).detach()
+    u = base.sample((S,))
+    ratio = (base.log_prob(u) - dist.Normal(0.0, 1.0).log_prob(u)).detach()
+    se = (ratio.var(0) / S).sum(0).sqrt() / len(x)
+    assert units.kl.shape == (3,)
+    assert (abs(units.kl - exact) <= 5 * se).all(), (units.kl, exact, se)
+
+
+def test_active_units_kl_of_a_gamma_site_runs_and_a_simplex_is_nan(float64):
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            g = pyro.sample("g", dist.Gamma(torch.ones(2), 1.0).to_event(1))
+            p = pyro.sample("p", dist.Dirichlet(torch.ones(3)))
+            pyro.sample("x", dist.Normal(g.sum(-1, keepdim=True) * p, 1.0).to_event(1), obs=x)
+
+    x = torch.randn(30, 3)
+    guide = AutoAmortizedNormal(model, hidden_dims=(4,))
+    guide(x)
+    units = active_units(guide, x, num_samples=200)
+    assert units.kl.shape == (4,)  # 2 for the Gamma, 2 unconstrained for the simplex
+    assert torch.isfinite(units.kl[:2]).all() and (units.kl[:2] > 0).all()
+    assert torch.isnan(units.kl[2:]).all()
+
+
+def test_log_marginal_likelihood_takes_local_plate(float64):
+    model = LinearGaussian()
+    x = model.sample(5)
+    guide = AutoAmortizedNormal(model, encoder=exact_encoder(model))
+    guide(x)
+    estimate = log_marginal_likelihood(model, guide, x, num_samples=3, local_plate="data")
+    assert torch.allclose(estimate, model.log_evidence(x), atol=1e-9)
+    with pytest.raises(ValueError, match="no plate named 'rows'"):
+        log_marginal_likelihood(model, guide, x, num_samples=3, local_plate="rows")
+
+
+def test_log_marginal_likelihood_loops_over_particles_for_batchnorm(float64):
+    # A decoder with BatchNorm1d (ProdLDA's) takes [B, H] only: the vectorized particles'
+    # [K, B, H] fails in the network, which Trace_IWELBO names; the estimate loops instead.
+    decoder = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.BatchNorm1d(4)).double()
+    decoder.eval()
+
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(decoder(z), 1.0).to_event(1), obs=x)
+
+    x = torch.randn(6, 4)
+    guide = AutoAmortizedNormal(model, hidden_dims=(4,))
+    guide(x)
+    with pytest.raises(ParticleVectorizationError, match="BatchNorm1d.*vectorize_particles=False"):
+        Trace_IWELBO(5).loss(model, guide, x)
+    pyro.set_rng_seed(0)
+    estimate = log_marginal_likelihood(model, guide, x, num_samples=5, progress=False)
+    pyro.set_rng_seed(0)
+    looped = Trace_IWELBO(5, vectorize_particles=False).log_weights(model, guide, x)
+    assert torch.allclose(estimate, looped.log_mean_weight())
 
 
 def test_inference_gaps_approximation_gap_is_the_mean_field_kl(float64):

@@ -13,9 +13,9 @@ from pyro_amortized.local import _local_guide, _PerRowNetwork, optimize_local
 def _log_weights(model, guide, x, num_particles, seed):
     """The local sites' log q and log p of ``num_particles`` draws, after a fixed seed."""
     elbo = Trace_IWELBO(num_particles)
-    elbo._collect(model, guide, (x,), {}, stopped=False)  # one-off setup draws first
+    elbo.log_weights(model, guide, x)  # one-off setup draws first
     pyro.set_rng_seed(seed)
-    return elbo._collect(model, guide, (x,), {}, stopped=False)
+    return elbo.log_weights(model, guide, x)
 
 
 # ------------------------------------------------------- per-datapoint networks
@@ -109,7 +109,7 @@ def test_local_normal_optimum_reaches_the_analytic_mean_field_bound(float64):
     assert (steps < 5000).all()  # every datapoint stopped by patience
     optimum = model.log_evidence(x) - kl
     S = 20000
-    terms = Trace_IWELBO(S)._collect(model_, local, (x,), {}, stopped=False)
+    terms = Trace_IWELBO(S).log_weights(model_, local, x)
     log_w = terms.model_local - terms.guide_local
     bound, se = log_w.mean(0), log_w.std(0) / math.sqrt(S)
     # Above the optimum only by noise; below it by noise and by what Adam's jitter leaves,
@@ -132,7 +132,7 @@ def test_local_flows_beat_the_mean_field_bound(float64, family):
     )
     assert (steps < 5000).all()
     S = 20000
-    terms = Trace_IWELBO(S)._collect(model_, local, (x,), {}, stopped=False)
+    terms = Trace_IWELBO(S).log_weights(model_, local, x)
     log_w = (terms.model_local - terms.guide_local).detach()
     bound = log_w.mean(0).mean()
     se = (log_w.var(0) / S).sum().sqrt() / len(x)
