@@ -312,8 +312,25 @@ def _probe_size(*traces) -> int:
     return size
 
 
-def _validate(model_trace, guide_trace) -> None:
-    """Pyro's own checks of a (model, guide) pair, as ``Trace_ELBO`` runs them."""
+def _enumerated_sites(model_trace, guide_trace) -> list[str]:
+    """Model latents marked for enumeration that the guide leaves to the objective."""
+    return [
+        name
+        for name, site in model_trace.nodes.items()
+        if site["type"] == "sample"
+        and not site["is_observed"]
+        and site["infer"].get("enumerate")
+        and name not in guide_trace.nodes
+    ]
+
+
+def _validate(model_trace, guide_trace, enumerated: list[str]) -> None:
+    """Pyro's own checks of a (model, guide) pair, as ``Trace_ELBO`` runs them; the
+    sites this objective enumerates are, as for ``TraceEnum_ELBO``, not missing."""
+    if enumerated:
+        model_trace = model_trace.copy()
+        for name in enumerated:
+            model_trace.remove_node(name)
     check_model_guide_match(model_trace, guide_trace)
     model_trace = prune_subsample_sites(model_trace)
     guide_trace = prune_subsample_sites(guide_trace)
@@ -326,19 +343,29 @@ def _validate(model_trace, guide_trace) -> None:
     check_if_enumerated(guide_trace)
 
 
-def _check_enumerated(model_trace, guide_trace) -> None:
-    for name, site in model_trace.nodes.items():
-        if (
-            site["type"] == "sample"
-            and not site["is_observed"]
-            and site["infer"].get("enumerate")
-            and name not in guide_trace.nodes
-        ):
+def _check_enumerated(model_trace, names: list[str], local: str | None) -> None:
+    """Sites to enumerate inside the weights: parallel, in the local plate and no other."""
+    for name in names:
+        site = model_trace.nodes[name]
+        how = site["infer"]["enumerate"]
+        plates = [f.name for f in site["cond_indep_stack"] if f.vectorized]
+        if how != "parallel":
             raise ValueError(
-                f"Trace_IWELBO: model site '{name}' is marked infer={{'enumerate': "
-                f"{site['infer']['enumerate']!r}}} and the guide does not sample it, so "
-                "it would be drawn from its prior inside the weights. Enumerate it with "
-                "pyro.infer.TraceEnum_ELBO, or sample it in the guide."
+                f"Trace_IWELBO: model site '{name}' is marked infer={{'enumerate': {how!r}}}; "
+                "only parallel enumeration is summed inside the weights. Mark it "
+                "infer={'enumerate': 'parallel'}, or sample it in the guide."
+            )
+        if local is None or plates != [local]:
+            where = (
+                "outside any plate over datapoints"
+                if local is None
+                else (f"in plates {plates}, not in plate '{local}' alone")
+            )
+            raise ValueError(
+                f"Trace_IWELBO: model site '{name}' is enumerated and the guide does not "
+                f"sample it, but it sits {where}; the weights sum out an enumerated site "
+                "per particle and datapoint only directly inside the local plate. Use "
+                "pyro.infer.TraceEnum_ELBO for this model, or sample the site in the guide."
             )
 
 
@@ -483,6 +510,7 @@ class Trace_IWELBO(ELBO):
         self._plate_nesting = max_plate_nesting  # without the particle dimension
         self._local_name: str | None = None
         self._joint_dims: tuple[int, ...] = ()
+        self._enumerate = False
         self._explicit = False
         self._setup_for: tuple | None = None
 
@@ -507,9 +535,9 @@ class Trace_IWELBO(ELBO):
             model_trace = poutine.trace(poutine.replay(run_model, trace=guide_trace)).get_trace(
                 *args, **kwargs
             )
+            enumerated = _enumerated_sites(model_trace, guide_trace)
             if is_validation_enabled():
-                _validate(model_trace, guide_trace)
-            _check_enumerated(model_trace, guide_trace)
+                _validate(model_trace, guide_trace, enumerated)
             frames = {}
             for trace in (model_trace, guide_trace):
                 for site in trace.nodes.values():
@@ -536,6 +564,14 @@ class Trace_IWELBO(ELBO):
                     f"Trace_IWELBO: plate '{name}' is sequential; the per-datapoint "
                     "log-sum-exp needs a vectorized plate (with pyro.plate(...) as ...)."
                 )
+        _check_enumerated(model_trace, enumerated, name)
+        if enumerated and self.kl_weight != 1.0:
+            raise ValueError(
+                f"Trace_IWELBO: kl_weight={self.kl_weight} with enumerated sites "
+                f"({', '.join(enumerated)}): the prior's share of a summed-out weight has "
+                "no closed form; use kl_weight=1."
+            )
+        self._enumerate = bool(enumerated)
         self._local_name = name
         self._joint_dims = () if name is not None else _common_dims(model_trace, guide_trace)
         self._setup_for = (model, guide)
@@ -620,9 +656,10 @@ class Trace_IWELBO(ELBO):
             guide = poutine.replay(guide, trace=shared)
         try:
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *args, **kwargs
-            )
+            replayed = poutine.replay(model, trace=guide_trace)
+            if self._enumerate:  # enumeration dims go left of the particle dim
+                replayed = poutine.enum(replayed, first_available_dim=self._particle_dim() - 1)
+            model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
         except RuntimeError as error:
             if not vectorized:
                 raise
@@ -655,6 +692,18 @@ class Trace_IWELBO(ELBO):
         track_prior = self.kl_weight != 1.0
         coupled_check = K > 1 and self.vectorize_particles and not joint
         data_dims = self._joint_dims if joint else None
+        enum_dims = ()
+        if self._enumerate:
+            enum_dims = tuple(
+                sorted(
+                    {
+                        site["infer"]["_enumerate_dim"]
+                        for site in model_trace.nodes.values()
+                        if site["type"] == "sample"
+                        and site["infer"].get("_enumerate_dim") is not None
+                    }
+                )
+            )
         samples = []
         scores = []
         costs = []  # (vectorized plates, scaled log-density) of every site, for log_r
@@ -685,6 +734,15 @@ class Trace_IWELBO(ELBO):
                 if frame is None and not joint:
                     if is_model and coupled_check and _reads_particles(site, log_p, K):
                         raise _coupled_error(name, local)
+                    if enum_dims and any(
+                        -d <= log_p.dim() and log_p.shape[d] > 1 for d in enum_dims
+                    ):
+                        raise ValueError(
+                            f"Trace_IWELBO: site '{name}' is outside plate '{local}' but "
+                            "reads a site enumerated inside it, so the enumerated values of "
+                            "the datapoints do not sum out one by one; use "
+                            "pyro.infer.TraceEnum_ELBO for this model."
+                        )
                     scale = site["scale"]
                     total = log_p.sum() if _is_one(scale) else (log_p * scale).sum()
                     if is_model:
@@ -751,7 +809,8 @@ class Trace_IWELBO(ELBO):
         for (log_p, is_model, is_prior), inner_scale in zip(local_sites, inner, strict=True):
             if inner_scale is not None:
                 log_p = log_p * inner_scale
-            log_p = _per_datapoint(log_p, particle_dim, data_dim)
+            keep = (data_dim, *enum_dims) if enum_dims and is_model else data_dim
+            log_p = _per_datapoint(log_p, particle_dim, keep)
             if is_model:
                 model_local = model_local + log_p
                 if is_prior:
@@ -760,6 +819,9 @@ class Trace_IWELBO(ELBO):
                 guide_local = guide_local + log_p
         model_local = torch.as_tensor(model_local)
         guide_local = torch.as_tensor(guide_local)
+        if enum_dims:
+            # each particle's weight sums the enumerated values out: log sum_y p(x, y, z)
+            model_local = torch.logsumexp(model_local, dim=tuple(range(model_local.dim() - 2)))
         if joint:
             # sites without the particle dimension (none at all, or none read a latent)
             # hold the same value for every particle

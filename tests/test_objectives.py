@@ -1,5 +1,6 @@
 import itertools
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -612,3 +613,156 @@ def test_a_site_outside_the_local_plate_that_reads_local_latents_is_refused(vect
         elbo.loss(model, guide, x)
     # one particle is the plain ELBO, which is right for coupled latents too
     assert math.isfinite(Trace_IWELBO(1, local_plate="players").loss(model, guide, x))
+
+
+# ------------------------------------------------- enumerated discrete local latents
+def _mixture_pair(enumerate_="parallel"):
+    """z ~ N(0, 1), x1 ~ N(z, s); y ~ Cat(pi), x2 ~ N(mu_y, 1): a two-component mixture
+    beside a continuous latent. With q(z | x) = p(z | x1) (a Normal) and y summed out,
+    every weight is p(x1) p(x2) exactly."""
+    pi, mu, s = torch.tensor([0.3, 0.7]), torch.tensor([-2.0, 1.5]), 0.5
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x1", dist.Normal(z, s), obs=x[:, 0])
+            y = pyro.sample("y", dist.Categorical(pi), infer={"enumerate": enumerate_})
+            pyro.sample("x2", dist.Normal(mu[y], 1.0), obs=x[:, 1])
+
+    def guide(x):
+        precision = 1.0 + 1.0 / s**2
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(x[:, 0] / s**2 / precision, precision**-0.5))
+
+    def log_evidence(x):
+        x1 = dist.Normal(0.0, (1.0 + s**2) ** 0.5).log_prob(x[:, 0])
+        x2 = torch.logsumexp(pi.log() + dist.Normal(mu, 1.0).log_prob(x[:, 1:]), -1)
+        return x1 + x2
+
+    return model, guide, log_evidence
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("K", [1, 5])
+def test_enumerated_site_is_summed_out_exactly_at_the_exact_posterior(float64, K, vectorize):
+    model, guide, log_evidence = _mixture_pair()
+    x = torch.randn(7, 2) * 2.0
+    elbo = Trace_IWELBO(K, vectorize_particles=vectorize)
+    for seed in range(3):  # zero variance: every draw gives log p(x)
+        pyro.set_rng_seed(seed)
+        weights = elbo.log_weights(model, guide, x)
+        assert weights.log_w.shape == (K, 7)
+        assert torch.allclose(weights.log_w, log_evidence(x).expand(K, 7), atol=1e-10)
+        assert elbo.loss(model, guide, x) == pytest.approx(-log_evidence(x).sum().item())
+
+
+def test_enumerated_site_gradients_reach_the_model(float64):
+    loc = torch.tensor([-2.0, 1.5], requires_grad=True)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            y = pyro.sample(
+                "y", dist.Categorical(torch.tensor([0.5, 0.5])), infer={"enumerate": "parallel"}
+            )
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(loc[y] + z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(0.0, 1.0))  # the prior, so log w = log p(x | z)
+
+    x = torch.tensor([-1.0, 0.5, 2.0])
+    pyro.set_rng_seed(0)
+    loss = Trace_IWELBO(1).differentiable_loss(model, guide, x)
+    pyro.set_rng_seed(0)
+    z = dist.Normal(0.0, 1.0).sample(x.shape)
+    expected = -torch.logsumexp(
+        math.log(0.5) + dist.Normal(loc.unsqueeze(-1) + z, 1.0).log_prob(x), 0
+    ).sum()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-10)
+    ours, theirs = (torch.autograd.grad(v, loc)[0] for v in (loss, expected))
+    assert torch.allclose(ours, theirs, atol=1e-10)
+
+
+def test_enumerated_site_must_be_parallel_and_local(float64):
+    model, guide, _ = _mixture_pair(enumerate_="sequential")
+    with pytest.raises(ValueError, match="site 'y' is marked.*'sequential'.*parallel"):
+        Trace_IWELBO(2).loss(model, guide, torch.zeros(3, 2))
+
+    def nested(x):  # LDA-like: the enumerated site sits in a plate nested in "docs"
+        with pyro.plate("docs", 2, dim=-2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.plate("words", 3, dim=-1):
+                y = pyro.sample("y", dist.Bernoulli(0.5), infer={"enumerate": "parallel"})
+                pyro.sample("w", dist.Normal(y + z, 1.0), obs=x)
+
+    def nested_guide(x):
+        with pyro.plate("docs", 2, dim=-2):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="site 'y'.*in plates \\['docs', 'words'\\].*TraceEnum"):
+        Trace_IWELBO(2, local_plate="docs").loss(nested, nested_guide, torch.zeros(2, 3))
+
+
+# ------------------------------------------------------- validation with local_plate=
+def _valid_pair():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(pyro.param("m", torch.zeros(x.shape[0])), 1.0))
+
+    return model, guide
+
+
+def _model_extra_latent(x):
+    w = pyro.sample("w", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(w, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def _guide_extra_site(x):
+    pyro.sample("u", dist.Normal(0.0, 1.0))
+    _valid_pair()[1](x)
+
+
+def _guide_wrong_shape(x):
+    with pyro.plate("data", x.shape[0]):
+        pass
+    pyro.sample("z", dist.Normal(torch.zeros(x.shape[0]), 1.0).to_event(1))
+
+
+def _guide_extra_plate(x):
+    _valid_pair()[1](x)
+    with pyro.plate("other", 2):
+        pyro.sample("v", dist.Normal(0.0, 1.0), infer={"is_auxiliary": True})
+
+
+def _guide_factor(x):
+    _valid_pair()[1](x)
+    pyro.factor("f", torch.tensor(0.0))
+
+
+@pytest.mark.parametrize(
+    "model, guide, error, match",
+    [
+        (_model_extra_latent, None, UserWarning, "Found vars in model but not guide: {'w'}"),
+        (None, _guide_extra_site, UserWarning, "(?s)vars in guide but not model.*'u'"),
+        (None, _guide_wrong_shape, ValueError, "event_dims disagree at site 'z'"),
+        (None, _guide_extra_plate, UserWarning, "plate statements in guide but not model"),
+        (None, _guide_factor, ValueError, 'pyro.factor\\("f",...\\), missing .* has_rsample'),
+    ],
+    ids=["model-latent-missing", "guide-site-extra", "shape", "guide-plate", "guide-factor"],
+)
+def test_invalid_pairs_are_refused_with_local_plate_given(model, guide, error, match):
+    valid_model, valid_guide = _valid_pair()
+    model, guide = model or valid_model, guide or valid_guide
+    x = torch.randn(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # Pyro's warnings, raised to be caught
+        with pytest.raises(error, match=match):
+            Trace_IWELBO(2, local_plate="data").loss(model, guide, x)
