@@ -7,7 +7,13 @@ importance-weighted bound with the IWAE, STL and DReG gradient estimators.
 from .encoders import MLPEncoder
 from .flows import AutoAmortizedFlow, AutoAmortizedIAF
 from .guides import AutoAmortizedGuide, AutoAmortizedNormal
-from .objectives import ESTIMATORS, Trace_IWELBO
+from .objectives import (
+    ESTIMATORS,
+    LogWeights,
+    ParticleVectorizationError,
+    Trace_IWELBO,
+    log_weights,
+)
 from .optim import JointOptim
 from .refinement import SemiAmortizedGuide
 from .schedules import CyclicalSchedule, LinearSchedule
@@ -23,10 +29,13 @@ __all__ = [
     "History",
     "JointOptim",
     "LinearSchedule",
+    "LogWeights",
     "MLPEncoder",
+    "ParticleVectorizationError",
     "SemiAmortizedGuide",
     "Trace_IWELBO",
     "fit",
+    "log_weights",
 ]
 
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ from contextlib import ExitStack
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.distributions.transforms import (
     ConditionalAffineAutoregressive,
     ConditionalAffineCoupling,
@@ -85,6 +86,15 @@ class _AmortizedFlowGuide(AutoAmortizedGuide):
 
     # ----------------------------------------------------------------- setup
     def _setup_encoder(self, context: Tensor) -> None:
+        scales = {site.name: site.scale for site in self._local_sites}
+        if len(set(scales.values())) > 1:
+            found = ", ".join(f"'{name}': {scale:g}" for name, scale in scales.items())
+            raise ValueError(
+                f"{type(self).__name__}: the local sites have different scales in the model, "
+                f"besides the subsample scale of plate '{self.local_plate}' ({found}); a "
+                "flow guide samples them jointly, under one scale. Scale the whole plate "
+                "(poutine.scale around it), or use AutoAmortizedNormal, which scales each site."
+            )
         D = self._latent_dim
         if self.context_dim is None:
             self.context_dim = D
@@ -137,6 +147,7 @@ class _AmortizedFlowGuide(AutoAmortizedGuide):
         (with a flow's auxiliary columns after them)."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        self._load_networks_from_param_store()
         return self._posterior(*self._encode(self._get_context(None, args, kwargs)))
 
     @property
@@ -146,16 +157,40 @@ class _AmortizedFlowGuide(AutoAmortizedGuide):
     def forward(self, *args, **kwargs) -> dict[str, Tensor]:
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        self._load_networks_from_param_store()
         context = self._raw_context(args, kwargs)
         plates = self._make_plates(context.shape[0], args, kwargs)
         result = self._global_sample(*args, **kwargs)
         plate = plates[self.local_plate]
         loc, scale, h = self._encode_plate(context, plate, result, args, kwargs)
-        q = self._posterior(loc, scale, h)
-        # The joint latent's datapoint dimension sits where the plate puts it.
+        # The joint latent's datapoint dimension sits where the plate puts it: a plate at
+        # dim=-2 gives the flow a batch of [batch, 1] (h broadcasts over particles as well).
         extra = -1 - self._local_frame.dim
         if extra:
-            q = q.expand(q.batch_shape + (1,) * extra)
+            loc, scale, h_flow = (
+                t.reshape(t.shape[:-1] + (1,) * extra + t.shape[-1:]) for t in (loc, scale, h)
+            )
+        else:
+            h_flow = h
+        q = self._posterior(loc, scale, h_flow)
+        with ExitStack() as scaled:
+            # One joint latent for all local sites: they share the model's scale.
+            if self._local_sites[0].scale != 1.0:
+                scaled.enter_context(poutine.scale(scale=self._local_sites[0].scale))
+            self._sample_local(plates, plate, q, h, extra, result)
+        return result
+
+    def _sample_local(
+        self,
+        plates: dict[str, pyro.plate],
+        plate: pyro.plate,
+        q: dist.TransformedDistribution,
+        h: Tensor,
+        extra: int,
+        result: dict[str, Tensor],
+    ) -> None:
+        """The joint latent, the flow's extra log-density term, and each model site as a
+        ``Delta`` at its block of the latent (``extra``: dims right of the local plate's)."""
         with plate:
             latent = pyro.sample(self._latent_name, q, infer={"is_auxiliary": True})
         if extra:
@@ -187,7 +222,6 @@ class _AmortizedFlowGuide(AutoAmortizedGuide):
                 result[site.name] = pyro.sample(
                     site.name, dist.Delta(value, log_density=log_density, event_dim=fn.event_dim)
                 )
-        return result
 
     @torch.no_grad()
     def median(self, *args, **kwargs) -> dict[str, Tensor]:

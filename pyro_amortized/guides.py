@@ -3,6 +3,7 @@ r"""Amortized autoguides: an encoder maps each datapoint to the posterior of its
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import NamedTuple
@@ -13,6 +14,8 @@ import torch
 from pyro import poutine
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoGuide, AutoNormal
+from pyro.nn import PyroModule
+from pyro.params.param_store import param_with_module_name
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.util import is_validation_enabled
 from torch import Tensor, nn
@@ -36,6 +39,12 @@ class _LocalSite(NamedTuple):
     event_dim: int  # event dim of the unconstrained value
     transform: Transform | None  # unconstrained -> constrained bijection; None for identity
     frames: tuple[CondIndepStackFrame, ...]
+    scale: float = 1.0  # the model's scale on the site, less its plates' subsample scales
+
+
+def _is_sizeless(frame: CondIndepStackFrame) -> bool:
+    """Whether a plate was made without a size, ``pyro.plate(name)`` (Pyro's size -1)."""
+    return frame.size is None or frame.size < 0
 
 
 def _is_identity(transform: Transform) -> bool:
@@ -76,6 +85,28 @@ class AutoAmortizedGuide(AutoGuide):
         create_plates: As in :class:`~pyro.infer.autoguide.AutoGuide`. Rarely needed:
             a model plate taking ``subsample=`` from one of the model's arguments is
             recognized by itself.
+
+    How the guide follows the model's plate and sites:
+
+    - **Minibatch contexts.** When the first call's context has as many rows as the
+      plate's subsample size, below its full size (``pyro.plate("data", N,
+      subsample_size=len(batch))`` with a batch a DataLoader cut, as in Pyro's Lightning
+      example), every call's context is taken to be the minibatch: the guide's plate is
+      ``pyro.plate("data", N, subsample_size=rows)``, with the model's scale N / rows.
+    - **Plates without a size** (``pyro.plate("data")``): the guide's plate has none
+      either, and the context's rows are the datapoints.
+    - **Scales.** A local site gets the scale the model gives it on the first call (a
+      ``poutine.scale``, as Pyro's scANVI example puts on its plate), less the plates'
+      subsample scales, which the guide's own plates add. The scale is read once: one
+      that changes between calls (KL annealing) is not followed; use
+      :class:`~pyro_amortized.Trace_IWELBO`'s ``kl_weight`` for that.
+    - **Enumerated sites.** A discrete site the model marks ``infer={"enumerate": ...}``
+      has no site in the guide, as with Pyro's autoguides, so that
+      :class:`~pyro.infer.TraceEnum_ELBO` sums it out.
+    - **The param store.** The networks are named in Pyro's param store after the guide
+      (``"AutoAmortizedNormal.encoder$$$head.weight"``); a guide called after
+      ``pyro.get_param_store().load(path)`` takes the stored tensors of its names, as
+      ``pyro.module(..., update_module_params=True)`` does, and trains them.
     """
 
     def __init__(
@@ -113,6 +144,9 @@ class AutoAmortizedGuide(AutoGuide):
         self._local_sites: list[_LocalSite] = []
         self._latent_dim = 0
         self._default_encoder = False  # subclasses that build an MLPEncoder set it
+        self._minibatch_context = False  # see _local_plate_args
+        self._enumerated_sites: list[str] = []  # left to TraceEnum_ELBO
+        self._context_row_shape: torch.Size | None = None  # what the default encoder takes
         # set by a SemiAmortizedGuide while it calls this guide: see _encode_plate
         self._refiner: Callable | None = None
 
@@ -124,27 +158,73 @@ class AutoAmortizedGuide(AutoGuide):
     # ----------------------------------------------------------------- setup
     def _setup_prototype(self, *args, **kwargs) -> None:
         super()._setup_prototype(*args, **kwargs)
+        try:
+            self._setup_local_sites(args, kwargs)
+        except BaseException:
+            # A failed setup must not look done: the next call would skip it.
+            self.prototype_trace = None
+            self._local_sites = []
+            self._latent_dim = 0
+            raise
+
+    def _setup_local_sites(self, args, kwargs) -> None:
+        guide_name = type(self).__name__
+        self._local_sites = []
         frame = self._find_local_frame(*args, **kwargs)
         self._local_frame = frame
+        self._locate_subsample(frame, args, kwargs)
+        self._locate_context(args, kwargs)
+        context = self._raw_context(args, kwargs)
+        rows = context.shape[0]
+        full_size = frame.full_size or frame.size
+        if _is_sizeless(frame):
+            # pyro.plate(name) without a size: Pyro takes the size from the sites, and the
+            # guide takes it from the context, one row per datapoint.
+            expected = rows
+        else:
+            self._check_rows(rows, full_size, frame.size)
+            expected = frame.size
+        # Context rows equal to the plate's subsample size, below its full size: a
+        # DataLoader already cut this minibatch (Pyro's Lightning example), so the guide's
+        # plate keeps the model's full size and the subsample scale N / B.
+        self._minibatch_context = (
+            self._subsample_location is None
+            and self.create_plates is None
+            and frame.size < full_size
+            and rows == frame.size
+        )
 
-        local_names = []
+        local_names, self._enumerated_sites = [], []
         start = 0
         for name, site in self.prototype_trace.iter_stochastic_nodes():
+            fn = site["fn"]
+            if site["infer"].get("enumerate") and fn.has_enumerate_support:
+                # As Pyro's autoguides leave such sites to TraceEnum_ELBO: the model
+                # enumerates them, the guide has no site for them.
+                self._enumerated_sites.append(name)
+                continue
             if frame not in site["cond_indep_stack"]:
                 continue
-            fn = site["fn"]
             if fn.support.is_discrete or not fn.has_rsample:
-                kind = "discrete" if fn.support.is_discrete else "not reparameterizable"
+                if fn.support.is_discrete:
+                    raise ValueError(
+                        f"{guide_name}: latent site '{name}' inside plate '{self.local_plate}' is "
+                        f"discrete ({type(fn).__name__}); amortized guides sample continuous, "
+                        "reparameterizable local latents. Mark it "
+                        'infer={"enumerate": "parallel"} in the model so that TraceEnum_ELBO '
+                        "sums it out (the guide then leaves it out), or marginalize it in the "
+                        "model."
+                    )
                 raise ValueError(
-                    f"{type(self).__name__}: latent site '{name}' inside plate "
-                    f"'{self.local_plate}' is {kind} ({type(fn).__name__}); amortized guides "
-                    "need continuous, reparameterizable local latents. Marginalize it in the "
-                    "model or move it out of the plate."
+                    f"{guide_name}: latent site '{name}' inside plate '{self.local_plate}' is not "
+                    f"reparameterizable ({type(fn).__name__}); amortized guides need "
+                    "continuous, reparameterizable local latents. Marginalize it in the model "
+                    "or move it out of the plate."
                 )
             for other in site["cond_indep_stack"]:
                 if other.name != frame.name and (other.full_size or other.size) != other.size:
                     raise ValueError(
-                        f"{type(self).__name__}: local site '{name}' sits in subsampled plate "
+                        f"{guide_name}: local site '{name}' sits in subsampled plate "
                         f"'{other.name}' nested in '{self.local_plate}'; only the local plate "
                         "itself may be subsampled."
                     )
@@ -154,46 +234,74 @@ class AutoAmortizedGuide(AutoGuide):
                 transform = None
             event_dim = fn.event_dim + unconstrained.dim() - site["value"].dim()
             position = unconstrained.dim() - event_dim + frame.dim
-            if position < 0 or unconstrained.shape[position] != frame.size:
+            if position < 0 or unconstrained.shape[position] != expected:
+                what = (
+                    f"{expected} (the context's rows: plate '{frame.name}' has no size, so the "
+                    "guide takes it from the context; pass context= one row per datapoint)"
+                    if _is_sizeless(frame)
+                    else str(expected)
+                )
                 raise ValueError(
-                    f"{type(self).__name__}: site '{name}' has shape {tuple(site['value'].shape)}, "
-                    f"which has no dimension of size {frame.size} at plate '{frame.name}' "
+                    f"{guide_name}: site '{name}' has shape {tuple(site['value'].shape)}, "
+                    f"which has no dimension of size {what} at plate '{frame.name}' "
                     f"dim {frame.dim}"
                 )
             shape = unconstrained.movedim(position, 0).shape[1:]
             stop = start + shape.numel()
             frames = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
+            scale = self._model_scale(name, site)
             self._local_sites.append(
-                _LocalSite(name, start, stop, shape, position, event_dim, transform, frames)
+                _LocalSite(name, start, stop, shape, position, event_dim, transform, frames, scale)
             )
             local_names.append(name)
             start = stop
         self._latent_dim = start
         if not self._local_sites:
             raise ValueError(
-                f"{type(self).__name__}: plate '{self.local_plate}' holds no latent site, so "
+                f"{guide_name}: plate '{self.local_plate}' holds no latent site, so "
                 "there is nothing to amortize; use an ordinary autoguide such as AutoNormal."
             )
 
-        self._locate_subsample(frame, args, kwargs)
-        self._locate_context(args, kwargs)
-        context = self._raw_context(args, kwargs)
-        self._check_rows(context.shape[0], frame.full_size or frame.size, frame.size)
         self._setup_encoder(self._select_rows(context, None, args, kwargs))
 
         global_guide = self._global_guide_arg
+        hidden = local_names + self._enumerated_sites
         has_globals = any(
-            frame not in site["cond_indep_stack"]
-            for _, site in self.prototype_trace.iter_stochastic_nodes()
+            name not in hidden for name, _ in self.prototype_trace.iter_stochastic_nodes()
         )
         if global_guide is None and has_globals:
             global_guide = AutoNormal(
-                poutine.block(self.model, hide=local_names), init_scale=self.init_scale
+                poutine.block(self.model, hide=hidden), init_scale=self.init_scale
             )
         if isinstance(global_guide, nn.Module):
             self.global_guide = global_guide
         elif global_guide is not None:
             self._global_guide_fn = (global_guide,)  # plain callables are not submodules
+
+    def _model_scale(self, name: str, site: dict) -> float:
+        """The scale the model puts on a local site besides its plates' subsample scales
+        (a ``poutine.scale``, as Pyro's scANVI example puts on its whole plate).
+
+        The guide samples the site under this scale, and its own plates add their subsample
+        scales, so the guide's site has the model's scale and log q is weighted as log p.
+        """
+        scale = site["scale"]
+        if isinstance(scale, Tensor):
+            if scale.numel() != 1:
+                raise ValueError(
+                    f"{type(self).__name__}: local site '{name}' has a scale of shape "
+                    f"{tuple(scale.shape)} in the model (a poutine.scale with a tensor); the "
+                    "guide can mirror one number per site, not per-element weights that change "
+                    "with the data. Put such weights on the observed sites only, or give the "
+                    "site a scalar scale."
+                )
+            scale = scale.item()
+        subsample = 1.0
+        for frame in site["cond_indep_stack"]:
+            if frame.size is not None and frame.size > 0 and frame.full_size:
+                subsample *= frame.full_size / frame.size
+        scale = float(scale) / subsample
+        return 1.0 if math.isclose(scale, 1.0, rel_tol=1e-12) else scale
 
     def _find_local_frame(self, *args, **kwargs) -> CondIndepStackFrame:
         # Plates that hold only observed sites are invisible in the prototype trace.
@@ -346,6 +454,7 @@ class AutoAmortizedGuide(AutoGuide):
             context_dim=context_dim,
         )
         self.encoder = encoder.to(dtype=dtype, device=context.device)
+        self._context_row_shape = context.shape[1:]
 
     def _encoder_input(self, context: Tensor) -> Tensor:
         """The context as the default encoder takes it: floating, one flat row per datapoint.
@@ -354,6 +463,18 @@ class AutoAmortizedGuide(AutoGuide):
         """
         if not self._default_encoder:
             return context
+        expected = getattr(self, "_context_row_shape", None)  # None: pickled before it
+        if expected is not None and context.shape[1:] != expected:
+            # An MLP has a fixed input width; a shorter sequence would fail in a matmul.
+            raise ValueError(
+                f"{type(self).__name__}: the context of plate '{self.local_plate}' has rows of "
+                f"shape {tuple(context.shape[1:])}, but the default encoder was built for rows "
+                f"of shape {tuple(expected)} on the first call and takes a fixed width. For "
+                "sequences of different lengths, pad every batch to the longest sequence "
+                "(with a mask in the model), pass context= a callable returning a fixed-width "
+                "summary per datapoint, or pass encoder= a network that takes variable widths "
+                "(e.g. an RNN)."
+            )
         if not context.is_floating_point():
             context = context.to(torch.get_default_dtype())
         if context.dim() != 2:
@@ -395,7 +516,8 @@ class AutoAmortizedGuide(AutoGuide):
         """Size and subsampling of the local plate for a context with ``rows`` rows.
 
         Data sets change size between calls (a training set, then a test set), so the
-        plate is sized from this call's context, not from the first call's.
+        plate is sized from this call's context, not from the first call's, unless the
+        context holds only the minibatch of a plate of fixed full size.
         """
         frame = self._local_frame
         first_size = frame.full_size or frame.size
@@ -407,6 +529,10 @@ class AutoAmortizedGuide(AutoGuide):
             return {"size": first_size if already_minibatch else rows, "subsample": indices}
         if frame.size == first_size:
             return {"size": rows}
+        if getattr(self, "_minibatch_context", False) and rows <= first_size:
+            # The model's plate is pyro.plate(name, N, subsample_size=len(batch)) with the
+            # batch as context: N stays, and every row is a datapoint of the minibatch.
+            return {"size": first_size, "subsample_size": rows}
         return {"size": rows, "subsample_size": min(frame.size, rows)}
 
     def _create_plates(self, *args, **kwargs) -> dict:
@@ -424,7 +550,10 @@ class AutoAmortizedGuide(AutoGuide):
         for name, frame in sorted(self._prototype_frames.items()):
             if name in self.plates:
                 continue
-            if name == self.local_plate:
+            if _is_sizeless(frame):
+                # as the model's: the size comes from the sites (the encoder's rows)
+                plate_args = {}
+            elif name == self.local_plate:
                 plate_args = self._local_plate_args(rows, args, kwargs)
             else:
                 plate_args = {"size": frame.full_size or frame.size, "subsample_size": frame.size}
@@ -440,6 +569,8 @@ class AutoAmortizedGuide(AutoGuide):
                 if indices is not None and rows != len(indices):
                     context = context.index_select(0, indices)
             return context
+        if plate.size is None or plate.size < 0:
+            return context  # a plate without a size has as many datapoints as rows
         if plate.subsample_size < plate.size and rows == plate.size:
             return context.index_select(0, plate.indices)
         if rows != plate.subsample_size:
@@ -462,6 +593,55 @@ class AutoAmortizedGuide(AutoGuide):
 
     def _get_context(self, plate: pyro.plate | None, args, kwargs) -> Tensor:
         return self._select_rows(self._raw_context(args, kwargs), plate, args, kwargs)
+
+    def _load_networks_from_param_store(self) -> None:
+        """Point this guide's networks at the param store's tensors of the same names.
+
+        A PyroModule registers a plain ``nn.Module`` attribute (the encoder, a flow) with
+        ``pyro.module(name, net)``, which neither restores it from a store loaded with
+        ``pyro.get_param_store().load(path)`` nor lets SVI train it then (SVI steps the
+        store's tensors). This does what Pyro's recipe for a loaded store,
+        ``pyro.module(name, net, update_module_params=True)``, does, and what PyroModule
+        does for its own parameters: the store's tensor of a parameter's name becomes the
+        network's parameter.
+        """
+        if not self._pyro_context.used or pyro.settings.get("module_local_params"):
+            return  # no name in the store yet, or no global store at all
+        store = pyro.get_param_store()
+        for child, network in self._modules.items():
+            if network is None or isinstance(network, PyroModule):
+                continue  # a PyroModule (the global AutoNormal) restores itself
+            first = next(network.named_parameters(), None)
+            if first is None:
+                continue
+            prefix = self._pyro_get_fullname(child)
+            key = param_with_module_name(prefix, first[0])
+            # One look-up a network and call: a load replaces every tensor of the store.
+            if key in store and store[key] is not first[1]:
+                self._load_network(store, prefix, child, network)
+
+    def _load_network(self, store, prefix: str, child: str, network: nn.Module) -> None:
+        for path, param in list(network.named_parameters()):
+            key = param_with_module_name(prefix, path)
+            if key not in store:
+                continue
+            stored = store[key]
+            if stored is param:
+                continue
+            if stored.shape != param.shape:
+                raise ValueError(
+                    f"{type(self).__name__}: the param store holds '{key}' of shape "
+                    f"{tuple(stored.shape)}, but this guide's '{child}' has "
+                    f"{tuple(param.shape)}; a guide takes its networks from the store by "
+                    "name, so build it with the architecture the store was saved from, or "
+                    "call pyro.clear_param_store() first."
+                )
+            if not isinstance(stored, nn.Parameter):
+                stored = nn.Parameter(stored.detach())
+                store[key] = stored  # the store and the network share one tensor
+            owner_path, _, attr = path.rpartition(".")
+            owner = network.get_submodule(owner_path) if owner_path else network
+            owner._parameters[attr] = stored
 
     def _global_sample(self, *args, **kwargs) -> dict:
         if self.global_guide is not None:
@@ -603,6 +783,7 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
     def forward(self, *args, **kwargs) -> dict[str, Tensor]:
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        self._load_networks_from_param_store()
         context = self._raw_context(args, kwargs)
         plates = self._make_plates(context.shape[0], args, kwargs)
         result = self._global_sample(*args, **kwargs)
@@ -612,6 +793,8 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
             with ExitStack() as stack:
                 for frame in site.frames:
                     stack.enter_context(plates[frame.name])
+                if site.scale != 1.0:
+                    stack.enter_context(poutine.scale(scale=site.scale))
                 result[site.name] = pyro.sample(
                     site.name, self._site_distribution(site, loc, scale)
                 )
@@ -626,6 +809,7 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
         """
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        self._load_networks_from_param_store()
         loc, scale = self._encode(self._get_context(None, args, kwargs))
         return {site.name: self._site_distribution(site, loc, scale) for site in self._local_sites}
 
@@ -634,6 +818,7 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
         """Posterior median of every latent site (locals per datapoint, and globals)."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        self._load_networks_from_param_store()
         result = self._global_call("median", *args, **kwargs)
         loc, _ = self._encode(self._get_context(None, args, kwargs))
         for site in self._local_sites:
@@ -646,6 +831,7 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
         """Posterior quantiles of every latent site; each result has a leading quantile dim."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+        self._load_networks_from_param_store()
         result = self._global_call("quantiles", quantiles, *args, **kwargs)
         loc, scale = self._encode(self._get_context(None, args, kwargs))
         q = torch.as_tensor(quantiles, dtype=loc.dtype, device=loc.device)

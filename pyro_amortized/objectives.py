@@ -511,7 +511,6 @@ class Trace_IWELBO(ELBO):
         self._local_name: str | None = None
         self._joint_dims: tuple[int, ...] = ()
         self._enumerate = False
-        self._explicit = False
         self._setup_for: tuple | None = None
 
     # ----------------------------------------------------------------- setup
@@ -550,7 +549,6 @@ class Trace_IWELBO(ELBO):
                 self._plate_nesting = -min(dims) if dims else 0
 
             name = self.local_plate or getattr(guide, "local_plate", None)
-            self._explicit = name is not None
             if name is None:
                 name = self._find_local_plate(model, guide, args, kwargs, model_trace, guide_trace)
             elif name not in frames:
@@ -873,20 +871,7 @@ class Trace_IWELBO(ELBO):
             self._terms(*self._traces(model, guide, args, kwargs), stopped)
             for _ in range(self.num_particles)
         ]
-        first = parts[0]
-        return first._replace(
-            model_local=torch.cat([p.model_local for p in parts]),
-            guide_local=torch.cat([p.guide_local for p in parts]),
-            prior_local=(
-                torch.cat([p.prior_local for p in parts])
-                if isinstance(first.prior_local, Tensor)
-                else 0.0
-            ),
-            scores=[
-                (s[0], s[1], torch.cat([p.scores[j][2] for p in parts]), s[3])
-                for j, s in enumerate(first.scores)
-            ],
-        )
+        return _stack_particles(parts)
 
     def _collect_sequential(self, model, guide, args, kwargs, stopped: bool) -> LogWeights:
         """Particles in a Python loop; globals and the minibatch are replayed from the first."""
@@ -899,8 +884,7 @@ class Trace_IWELBO(ELBO):
             ):
                 shared.remove_node(name)
         parts = [first]
-        values = [v[:3] + (0,) for v in first.samples]
-        for k in range(1, self.num_particles):
+        for _ in range(1, self.num_particles):
             model_trace, guide_trace = self._traces(model, guide, args, kwargs, shared)
             terms = self._terms(model_trace, guide_trace, stopped)
             if not torch.equal(
@@ -910,21 +894,7 @@ class Trace_IWELBO(ELBO):
                 # can change its log-density between particles
                 raise _coupled_error(None, self._local_name)
             parts.append(terms)
-            values += [v[:3] + (k,) for v in terms.samples]
-        return first._replace(
-            model_local=torch.cat([p.model_local for p in parts]),
-            guide_local=torch.cat([p.guide_local for p in parts]),
-            prior_local=(
-                torch.cat([p.prior_local for p in parts])
-                if isinstance(first.prior_local, Tensor)
-                else 0.0
-            ),
-            samples=values,
-            scores=[
-                (s[0], s[1], torch.cat([p.scores[j][2] for p in parts]) if s[3] else s[2], s[3])
-                for j, s in enumerate(first.scores)
-            ],
-        )
+        return _stack_particles(parts)
 
     def log_weights(
         self, model: Callable, guide: Callable, *args, stop_guide: bool = False, **kwargs
@@ -1032,6 +1002,26 @@ class Trace_IWELBO(ELBO):
         if loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)
         return torch_item(loss)
+
+
+def _stack_particles(parts: list[LogWeights]) -> LogWeights:
+    """One particle's log-weights each, looped, stacked as vectorized particles are: the
+    samples remember their particle, the local score terms are concatenated."""
+    first = parts[0]
+    return first._replace(
+        model_local=torch.cat([p.model_local for p in parts]),
+        guide_local=torch.cat([p.guide_local for p in parts]),
+        prior_local=(
+            torch.cat([p.prior_local for p in parts])
+            if isinstance(first.prior_local, Tensor)
+            else 0.0
+        ),
+        samples=[v[:3] + (k,) for k, p in enumerate(parts) for v in p.samples],
+        scores=[
+            (s[0], s[1], torch.cat([p.scores[j][2] for p in parts]) if s[3] else s[2], s[3])
+            for j, s in enumerate(first.scores)
+        ],
+    )
 
 
 def _common_dims(model_trace, guide_trace) -> tuple[int, ...]:

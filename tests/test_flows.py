@@ -452,3 +452,80 @@ def test_real_nvp_needs_two_dimensions():
 def test_flow_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         AutoAmortizedFlow(gaussian_model, **kwargs)
+
+
+# ------------------------------------------------------------ plates and the param store
+def single_site_at_dim_minus_2(x):
+    with pyro.plate("data", x.shape[0], dim=-2):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([1, 2]).to_event(1))
+        pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x.unsqueeze(-2))
+
+
+def inner_plate(x):
+    with pyro.plate("data", x.shape[0], dim=-2), pyro.plate("items", x.shape[1], dim=-1):
+        u = pyro.sample("u", dist.Normal(0.0, 1.0))
+        s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(u, s), obs=x)
+
+
+FLOW_CLASSES = {
+    "iaf": lambda model: AutoAmortizedIAF(model, hidden_dims=(8,), num_transforms=2),
+    "auxiliary": lambda model: AutoAmortizedFlow(model, hidden_dims=(8,), num_flows=2),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FLOW_CLASSES))
+@pytest.mark.parametrize(
+    "model, shapes",
+    [(single_site_at_dim_minus_2, {"z": (1, 2)}), (inner_plate, {"u": (3,), "s": (3,)})],
+    ids=["single-site", "inner-plate"],
+)
+def test_flow_guides_on_a_plate_at_dim_minus_2(kind, model, shapes):
+    x = torch.randn(20, 3) if model is inner_plate else torch.randn(20, 2)
+    guide = FLOW_CLASSES[kind](model)
+    sample = guide(x)
+    for name, shape in shapes.items():
+        assert sample[name].shape == (20,) + shape
+    if "s" in sample:
+        assert (sample["s"] > 0).all()
+    with pyro.plate("particles", 4, dim=-3):
+        trace = poutine.trace(guide).get_trace(x)
+    for name, shape in shapes.items():
+        assert trace.nodes[name]["value"].shape == (4, 20) + shape
+    elbo = pyro.infer.Trace_ELBO()
+    assert math.isfinite(elbo.loss(model, guide, x))
+    assert math.isfinite(Trace_IWELBO(3, max_plate_nesting=2).loss(model, guide, x))
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+    assert math.isfinite(svi.step(x))
+
+
+@pytest.mark.parametrize("kind", sorted(FLOW_GUIDES))
+def test_param_store_save_and_load_restore_the_flow_and_train_it(float64, tmp_path, kind):
+    # Pyro's recipe: pyro.get_param_store().save(path), then .load(path) in a new process
+    make, width = FLOW_GUIDES[kind]
+    x = torch.randn(5, 2)
+
+    def train(guide, steps):
+        svi = pyro.infer.SVI(mixed_model, guide, pyro.optim.Adam({"lr": 0.05}), Trace_IWELBO(2))
+        for _ in range(steps):
+            svi.step(x)
+
+    guide = make()
+    train(guide, 5)
+    u = torch.randn(5, width)
+    before = guide.get_posterior(x).log_prob(u)
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    pyro.clear_param_store()
+    del guide
+
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    fresh = make()
+    fresh(x)  # the first call
+    assert torch.equal(fresh.get_posterior(x).log_prob(u), before)
+    loaded = {name: p.detach().clone() for name, p in fresh.named_parameters()}
+    train(fresh, 20)
+    changed = {name for name, p in fresh.named_parameters() if not torch.equal(loaded[name], p)}
+    for prefix in ("encoder.", "flow."):  # every network trains
+        assert any(name.startswith(prefix) for name in changed), (prefix, sorted(changed))
+    store = set(map(id, pyro.get_param_store().values()))
+    assert all(id(p) in store for p in fresh.parameters())

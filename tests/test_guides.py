@@ -7,11 +7,18 @@ import pyro.distributions as dist
 import pytest
 import torch
 from linear_gaussian import LinearGaussian, exact_encoder
-from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import (
+    SVI,
+    Predictive,
+    Trace_ELBO,
+    TraceEnum_ELBO,
+    TraceMeanField_ELBO,
+    config_enumerate,
+)
 from pyro.infer.autoguide import AutoNormal
 from torch import nn
 
-from pyro_amortized import AutoAmortizedNormal, MLPEncoder, Trace_IWELBO
+from pyro_amortized import AutoAmortizedIAF, AutoAmortizedNormal, MLPEncoder, Trace_IWELBO
 
 
 def hierarchical(x, idx=None, subsample_size=None):
@@ -344,3 +351,251 @@ def test_subsample_argument_found_after_a_full_first_call(x, how):
     trace = pyro.poutine.trace(guide).get_trace(*args, **kwargs)
     assert trace.nodes["data"]["value"] is idx
     assert torch.equal(encoder.seen, x[idx])
+
+
+# ----------------------------------------------------------- patterns of Pyro's examples
+def _hand_loss(model, guide, x):
+    """-(N / B) * sum(log p - log q) on the guide's draw, with unscaled log-densities."""
+    guide_trace = pyro.poutine.trace(guide).get_trace(x)
+    model_trace = pyro.poutine.trace(pyro.poutine.replay(model, trace=guide_trace)).get_trace(x)
+    total = 0.0
+    for sign, trace in ((1.0, model_trace), (-1.0, guide_trace)):
+        for site in trace.nodes.values():
+            if site["type"] == "sample" and site["name"] != "data":
+                total = total + sign * site["fn"].log_prob(site["value"]).sum()
+    plate = guide_trace.nodes["data"]["fn"]
+    return -(plate.size / plate.subsample_size) * total.item(), guide_trace
+
+
+@pytest.mark.parametrize("elbo", [Trace_ELBO(), Trace_IWELBO(1)], ids=["Trace_ELBO", "IWELBO"])
+def test_minibatch_context_keeps_the_plates_full_size(float64, elbo):
+    # Pyro's examples/svi_lightning.py: a DataLoader cut the batch, the plate keeps N.
+    N = 50
+
+    def model(x):
+        with pyro.plate("data", N, subsample_size=len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    data = torch.randn(N, 2)
+    guide = AutoAmortizedNormal(model, hidden_dims=(8,))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+    for batch in (data[:10], data[10:20], data[20:27]):  # the last batch is shorter
+        assert math.isfinite(svi.step(batch))
+        pyro.set_rng_seed(1)
+        loss = elbo.loss(model, guide, batch)
+        pyro.set_rng_seed(1)
+        expected, guide_trace = _hand_loss(model, guide, batch)
+        assert loss == pytest.approx(expected, rel=1e-10)
+        assert guide_trace.nodes["data"]["fn"].size == N
+        assert guide_trace.nodes["z"]["scale"] == pytest.approx(N / len(batch))
+
+
+def test_plate_without_a_size_takes_it_from_the_context():
+    # Pyro's examples/cvae and ss_vae_M2.py: pyro.plate("data") with no size
+    def model(x):
+        with pyro.plate("data"):
+            z = pyro.sample("z", dist.Normal(torch.zeros(x.shape[0], 10), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
+
+    guide = AutoAmortizedNormal(model, hidden_dims=(8,))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    for rows in (200, 30):
+        x = torch.randn(rows, 10)
+        assert math.isfinite(svi.step(x))
+        assert guide(x)["z"].shape == (rows, 10)
+        assert math.isfinite(Trace_IWELBO(3).loss(model, guide, x))
+
+    wrong = AutoAmortizedNormal(model, hidden_dims=(8,), context=lambda x: x[:7])
+    with pytest.raises(ValueError, match="no dimension of size 7 .*plate 'data' has no size"):
+        wrong(torch.randn(20, 10))
+
+
+@pytest.mark.parametrize("guide_class", [AutoAmortizedNormal, AutoAmortizedIAF])
+def test_model_scale_is_mirrored_on_the_local_sites(float64, guide_class):
+    # Pyro's examples/scanvi.py: poutine.scale on the whole plate, in model and guide
+    def scaled(c):
+        def model(x):
+            with pyro.plate("data", 20, subsample_size=5) as idx, pyro.poutine.scale(scale=c):
+                z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+                s = pyro.sample("s", dist.LogNormal(0.0, 0.5))
+                loc = z.sum(-1, keepdim=True)
+                pyro.sample("x", dist.Normal(loc, s.unsqueeze(-1)).to_event(1), obs=x[idx])
+
+        return model
+
+    x, c = torch.randn(20, 3), 0.01
+    losses = []
+    for model in (scaled(1.0), scaled(c)):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = guide_class(model, hidden_dims=(8,))
+        guide(x)  # the same encoder for both
+        pyro.set_rng_seed(3)
+        losses.append(Trace_ELBO().loss(model, guide, x))
+    assert losses[1] == pytest.approx(c * losses[0], rel=1e-10)
+    trace = pyro.poutine.trace(guide).get_trace(x)
+    model_trace = pyro.poutine.trace(pyro.poutine.replay(model, trace=trace)).get_trace(x)
+    for name in ("z", "s"):
+        assert trace.nodes[name]["scale"] == pytest.approx(model_trace.nodes[name]["scale"])
+        assert trace.nodes[name]["scale"] == pytest.approx(c * 20 / 5)
+
+
+def test_flow_guide_refuses_local_sites_of_different_scales(x):
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            with pyro.poutine.scale(scale=0.5):
+                z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            s = pyro.sample("s", dist.LogNormal(0.0, 0.5))
+            loc = z.sum(-1, keepdim=True)
+            pyro.sample("x", dist.Normal(loc, s.unsqueeze(-1)).to_event(1), obs=x)
+
+    with pytest.raises(ValueError, match="different scales in the model.*\\('z': 0.5, 's': 1\\)"):
+        AutoAmortizedIAF(model, hidden_dims=(8,))(x)
+    assert AutoAmortizedNormal(model, hidden_dims=(8,))(x)["z"].shape == (20, 2)
+
+
+def mixture(x, y=None):
+    """Two components: an assignment y, enumerated unless observed, and a local z."""
+    locs = torch.tensor([-2.0, 2.0])
+    with pyro.plate("data", x.shape[0]):
+        y = pyro.sample(
+            "y", dist.Categorical(torch.ones(2) / 2), obs=y, infer={"enumerate": "parallel"}
+        )
+        z = pyro.sample("z", dist.Normal(locs[y], 1.0))
+        pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+
+
+def _mixture_data(n=40):
+    y = torch.arange(n) % 2
+    return torch.tensor([-2.0, 2.0])[y] + 1.1 * torch.randn(n), y
+
+
+def test_enumerated_local_site_is_left_to_trace_enum_elbo():
+    x, _ = _mixture_data()
+    guide = AutoAmortizedNormal(mixture, hidden_dims=(16,))
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    svi = SVI(mixture, guide, pyro.optim.Adam({"lr": 0.03}), elbo)
+    losses = [svi.step(x) for _ in range(200)]
+    assert sum(losses[-20:]) < sum(losses[:20]) - 20 * 5.0
+    trace = pyro.poutine.trace(guide).get_trace(x)
+    assert "z" in trace.nodes and "y" not in trace.nodes
+    assert guide.global_guide is None  # y is no global latent either
+
+
+@pytest.mark.parametrize("first", ["labeled", "unlabeled"])
+def test_semi_supervised_labels_observed_or_enumerated(first):
+    # ss_vae_M2.py / scanvi.py: y observed in labeled batches, enumerated in the others
+    x, y = _mixture_data()
+    batches = [(x[:20], y[:20]), (x[20:], None)]
+    if first == "unlabeled":
+        batches.reverse()
+    guide = AutoAmortizedNormal(mixture, hidden_dims=(16,))
+    svi = SVI(mixture, guide, pyro.optim.Adam({"lr": 0.03}), TraceEnum_ELBO(max_plate_nesting=1))
+    losses = {True: [], False: []}
+    for _ in range(100):
+        for xs, ys in batches:
+            losses[ys is None].append(svi.step(xs, ys))
+    for values in losses.values():
+        assert sum(values[-10:]) < sum(values[:10])
+    for xs, ys in batches:
+        trace = pyro.poutine.trace(guide).get_trace(xs, ys)
+        assert "z" in trace.nodes and "y" not in trace.nodes
+
+    # a mask of labeled rows within one batch, as obs_mask= (config_enumerate marks the
+    # unobserved part, which obs_mask= gives no infer= of its own)
+    def masked(x, y, labeled):
+        with pyro.plate("data", x.shape[0]):
+            y = pyro.sample("y", dist.Categorical(torch.ones(2) / 2), obs=y, obs_mask=labeled)
+            z = pyro.sample("z", dist.Normal(torch.tensor([-2.0, 2.0])[y], 1.0))
+            pyro.sample("x", dist.Normal(z, 0.5), obs=x)
+
+    masked = config_enumerate(masked)
+    pyro.clear_param_store()
+    guide = AutoAmortizedNormal(masked, hidden_dims=(16,))
+    svi = SVI(masked, guide, pyro.optim.Adam({"lr": 0.03}), TraceEnum_ELBO(max_plate_nesting=1))
+    labeled = torch.arange(40) < 10
+    values = [svi.step(x, y, labeled) for _ in range(100)]
+    assert sum(values[-10:]) < sum(values[:10])
+    assert guide._enumerated_sites == ["y_unobserved"]
+
+
+def test_unmarked_discrete_local_site_says_how_to_enumerate_it():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            c = pyro.sample("cluster", dist.Categorical(torch.ones(3) / 3))
+            pyro.sample("x", dist.Normal(c.float(), 1.0), obs=x)
+
+    guide = AutoAmortizedNormal(model)
+    with pytest.raises(ValueError, match="'cluster' inside plate 'data' is discrete.*enumerate"):
+        guide(torch.randn(4))
+    assert guide.prototype_trace is None  # a failed setup runs again on the next call
+
+
+def test_default_encoder_refuses_a_context_of_another_width():
+    # Pyro's examples/dmm.py minibatches sequences of different lengths
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            loc = z[..., :1] + z[..., 1:] * torch.arange(x.shape[1])
+            pyro.sample("x", dist.Normal(loc, 0.5).to_event(1), obs=x)
+
+    guide = AutoAmortizedNormal(model, hidden_dims=(8,))
+    guide(torch.randn(5, 7))
+    with pytest.raises(ValueError, match=r"rows of shape \(4,\).*rows of shape \(7,\).*pad"):
+        guide(torch.randn(5, 4))
+
+    class GRUEncoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(1, 8, batch_first=True)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):
+            _, h = self.rnn(x.unsqueeze(-1))
+            loc, raw = self.head(h[-1]).chunk(2, -1)
+            return loc, nn.functional.softplus(raw)
+
+    pyro.clear_param_store()
+    guide = AutoAmortizedNormal(model, encoder=GRUEncoder())
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_IWELBO(2))
+    for length in (7, 4, 9):
+        x = torch.randn(5, length)
+        assert math.isfinite(svi.step(x))
+        assert guide(x)["z"].shape == (5, 2)
+
+
+def test_param_store_save_and_load_restore_the_encoder_and_train_it(x, tmp_path):
+    # Pyro's recipe: pyro.get_param_store().save(path), then .load(path) in a new process
+    def train(guide, steps):
+        svi = SVI(hierarchical, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
+        for _ in range(steps):
+            svi.step(x)
+
+    guide = AutoAmortizedNormal(hierarchical, hidden_dims=(8,))
+    train(guide, 5)
+    value = guide(x)["z"].detach()
+    score = guide.encode(x)["z"].log_prob(value)
+    mu = guide.median(x)["mu"]
+    pyro.get_param_store().save(tmp_path / "params.pt")
+    pyro.clear_param_store()
+    del guide
+
+    pyro.get_param_store().load(tmp_path / "params.pt")
+    fresh = AutoAmortizedNormal(hierarchical, hidden_dims=(8,))
+    fresh(x)  # the first call
+    assert torch.equal(fresh.encode(x)["z"].log_prob(value), score)
+    assert torch.equal(fresh.median(x)["mu"], mu)
+    loaded = [p.detach().clone() for p in fresh.encoder.parameters()]
+    train(fresh, 20)
+    for before, after in zip(loaded, fresh.encoder.parameters(), strict=True):
+        assert not torch.equal(before, after)
+    store = dict(pyro.get_param_store().named_parameters())
+    assert store["AutoAmortizedNormal.encoder$$$head.weight"] is fresh.encoder.head.weight
+
+
+def test_param_store_of_another_architecture_is_refused(x):
+    AutoAmortizedNormal(hierarchical, hidden_dims=(8,))(x)
+    other = AutoAmortizedNormal(hierarchical, hidden_dims=(6,))
+    with pytest.raises(ValueError, match="holds 'AutoAmortizedNormal.encoder\\$\\$\\$hidden.0"):
+        other(x)

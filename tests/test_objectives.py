@@ -766,3 +766,33 @@ def test_invalid_pairs_are_refused_with_local_plate_given(model, guide, error, m
         warnings.simplefilter("error", UserWarning)  # Pyro's warnings, raised to be caught
         with pytest.raises(error, match=match):
             Trace_IWELBO(2, local_plate="data").loss(model, guide, x)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("estimator", ["stl", "dreg"])
+def test_joint_bound_path_gradients_vanish_at_the_exact_posterior(float64, estimator, vectorize):
+    # No local plate (the plate holds only observations): the joint IWAE, whose STL and
+    # DReG guide gradients are exactly zero at the exact posterior, as the local bound's.
+    x = torch.tensor([0.3, -1.2, 2.0, 0.7])
+    precision = 1.0 + len(x)
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x):
+        loc = pyro.param("loc", x.sum() / precision)
+        scale = pyro.param(
+            "scale", torch.tensor(precision**-0.5), constraint=dist.constraints.positive
+        )
+        pyro.sample("mu", dist.Normal(loc, scale))
+
+    elbo = Trace_IWELBO(6, estimator=estimator, vectorize_particles=vectorize)
+    assert elbo.find_local_plate(model, guide, x) is None
+    loss = elbo.differentiable_loss(model, guide, x)
+    params = [pyro.param("loc").unconstrained(), pyro.param("scale").unconstrained()]
+    for grad in torch.autograd.grad(loss, params):
+        assert grad.abs().max() < 1e-12
+    evidence = dist.MultivariateNormal(torch.zeros(4), torch.eye(4) + 1.0).log_prob(x)
+    assert loss.item() == pytest.approx(-evidence.item(), abs=1e-10)

