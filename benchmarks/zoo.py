@@ -23,7 +23,8 @@ import zoo  # noqa: E402
 
 IWELBO = {
     "vectorized": "yes",
-    "looped": "vectorize_particles=False (BatchNorm; the error says so)",
+    "batchnorm": "refused in training mode (BatchNorm couples the rows; says eval()); "
+    "in eval() mode with vectorize_particles=False",
     "refused": "refused: enumerated site in a nested plate (says: TraceEnum_ELBO)",
 }
 

@@ -13,6 +13,7 @@ import pyro
 import torch
 from pyro import poutine
 from pyro.distributions import Delta
+from pyro.distributions.transforms import biject_to
 from pyro.infer import ELBO
 from pyro.infer.util import MultiFrameTensor, is_validation_enabled, torch_item
 from pyro.poutine.broadcast_messenger import BroadcastMessenger
@@ -397,7 +398,13 @@ class Trace_IWELBO(ELBO):
     ``pyro.plate`` loops, sites outside every plate, plates without latents) is global.
     When there is **no local plate**, the bound is the joint IWAE over the whole trace,
     :math:`\log \frac{1}{K} \sum_k p(x, z_k) / q(z_k)` with scaled log-densities, equal in
-    value to ``RenyiELBO(alpha=0)`` on the same draws.
+    value to ``RenyiELBO(alpha=0)`` on the same draws: per element of the plates that hold
+    every site, if any (the model factorizes over them), as Renyi's is.
+
+    **Enumeration.** A model site marked ``infer={"enumerate": "parallel"}`` that the
+    guide does not sample, directly inside the local plate, is summed out inside each
+    particle's weight, :math:`w_{ik} = \sum_y p(x_i, y, z_{ik}) / q(z_{ik} \mid x_i)`;
+    elsewhere it is refused with a pointer to ``TraceEnum_ELBO``.
 
     The estimator changes only the guide's gradients; the model's gradients are the
     standard IWAE ones whatever the estimator:
@@ -515,11 +522,12 @@ class Trace_IWELBO(ELBO):
 
     # ----------------------------------------------------------------- setup
     def _setup(self, model: Callable, guide: Callable, args, kwargs) -> None:
-        """One unbatched run of model and guide: validation, plate nesting, local plate.
+        """One run of model and guide: validation, plate nesting, the local plate.
 
-        The run leaves torch's RNG as it found it, so the draws of a computation do not
-        depend on whether this objective had been set up before (a resumed run's first
-        validation, say).
+        The run is unbatched, or, with a given ``max_plate_nesting``, has the particle
+        dimension as the objective's own runs will. It leaves torch's RNG as it found it,
+        so the draws of a computation do not depend on whether this objective had been set
+        up before (a resumed run's first validation, say).
         """
         cuda = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
         run_model, run_guide = model, guide
@@ -531,6 +539,8 @@ class Trace_IWELBO(ELBO):
             run_model, run_guide = (plate(model), plate(guide)) if K > 1 else (model, guide)
         with torch.random.fork_rng(cuda), poutine.block():
             guide_trace = poutine.trace(run_guide).get_trace(*args, **kwargs)
+            # the row probe re-runs the model on these draws (dropout masks included)
+            model_rng = _rng_state()
             model_trace = poutine.trace(poutine.replay(run_model, trace=guide_trace)).get_trace(
                 *args, **kwargs
             )
@@ -550,7 +560,9 @@ class Trace_IWELBO(ELBO):
 
             name = self.local_plate or getattr(guide, "local_plate", None)
             if name is None:
-                name = self._find_local_plate(model, guide, args, kwargs, model_trace, guide_trace)
+                name = self._find_local_plate(
+                    model, guide, args, kwargs, model_trace, guide_trace, run_model, model_rng
+                )
             elif name not in frames:
                 found = ", ".join(repr(n) for n in sorted(frames)) or "none"
                 raise ValueError(
@@ -562,6 +574,20 @@ class Trace_IWELBO(ELBO):
                     f"Trace_IWELBO: plate '{name}' is sequential; the per-datapoint "
                     "log-sum-exp needs a vectorized plate (with pyro.plate(...) as ...)."
                 )
+            elif self.num_particles > 1:
+                site = _rows_coupled(
+                    run_model, model_trace, guide_trace, name, args, kwargs, model_rng
+                )
+                if site is not None:
+                    raise ValueError(
+                        f"Trace_IWELBO: the log-density of model site '{site}' at one datapoint "
+                        f"of plate '{name}' changes when the latents of another datapoint "
+                        "change (a network that normalizes over the minibatch, such as "
+                        "BatchNorm in training mode, does this), so the datapoints' importance "
+                        "weights do not factorize and neither the per-datapoint bound nor "
+                        "DReG's weights hold. Use num_particles=1, put such networks in eval() "
+                        "mode, or normalize each datapoint on its own (LayerNorm)."
+                    )
         _check_enumerated(model_trace, enumerated, name)
         if enumerated and self.kl_weight != 1.0:
             raise ValueError(
@@ -574,7 +600,9 @@ class Trace_IWELBO(ELBO):
         self._joint_dims = () if name is not None else _common_dims(model_trace, guide_trace)
         self._setup_for = (model, guide)
 
-    def _find_local_plate(self, model, guide, args, kwargs, model_trace, guide_trace):
+    def _find_local_plate(
+        self, model, guide, args, kwargs, model_trace, guide_trace, run_model, model_rng
+    ):
         """The plate over datapoints by the rule of the class docstring, or None."""
         counts = {}
         for site in model_trace.nodes.values():
@@ -593,7 +621,11 @@ class Trace_IWELBO(ELBO):
         }
         size = _probe_size(model_trace, guide_trace)
         usable = [
-            c for c in candidates if not self._reads_latents(model, guide, args, kwargs, c, size)
+            c
+            for c in candidates
+            if not self._reads_latents(model, guide, args, kwargs, c, size)
+            and _rows_coupled(run_model, model_trace, guide_trace, c, args, kwargs, model_rng)
+            is None
         ]
         if not usable:
             return None
@@ -663,12 +695,13 @@ class Trace_IWELBO(ELBO):
                 raise
             module = _failing_module(error)
             where = f"module {type(module).__name__}" if module is not None else "a tensor op"
+            first_line = str(error).splitlines()[0]
             raise ParticleVectorizationError(
                 f"Trace_IWELBO: with {K} vectorized particles the model or guide failed in "
-                f"{where} ({str(error).splitlines()[0]}); each sample gets a particle dimension of size {K} at dim "
-                f"{self._particle_dim()}, left of every plate, and that network cannot take "
-                "it. Pass vectorize_particles=False to loop over the particles, or make the "
-                "network accept leading batch dimensions."
+                f"{where} ({first_line}); each sample gets a particle dimension of size {K} "
+                f"at dim {self._particle_dim()}, left of every plate, and that network cannot "
+                "take it. Pass vectorize_particles=False to loop over the particles, or make "
+                "the network accept leading batch dimensions."
             ) from error
         return model_trace, guide_trace
 
@@ -704,7 +737,7 @@ class Trace_IWELBO(ELBO):
             )
         samples = []
         scores = []
-        costs = []  # (vectorized plates, scaled log-density) of every site, for log_r
+        costs = []  # (name, is model, site, log-density) of every site, for log_r
         frames = {}
         for is_model, trace in ((True, model_trace), (False, guide_trace)):
             for name, site in trace.nodes.items():
@@ -721,9 +754,7 @@ class Trace_IWELBO(ELBO):
                         log_p = log_p.detach()
                 is_prior = track_prior and is_model and not site["is_observed"]
                 if K == 1:
-                    stack = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
-                    scaled = log_p if _is_one(site["scale"]) else log_p * site["scale"]
-                    costs.append((name, is_model, stack, scaled.detach()))
+                    costs.append((name, is_model, site, log_p))
                 frame = (
                     None
                     if joint
@@ -1004,6 +1035,73 @@ class Trace_IWELBO(ELBO):
         return torch_item(loss)
 
 
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _rows_coupled(
+    model, model_trace, guide_trace, name: str, args, kwargs, rng: tuple
+) -> str | None:
+    """A model site in plate ``name`` whose log-density at some datapoint changes when the
+    latents of datapoint 0 alone change (a probe run), or None.
+
+    The trace cannot show such a coupling (a network normalizing over the minibatch reads
+    every row), but it breaks the per-datapoint factorization the bound rests on.
+    """
+    probe = guide_trace.copy()
+    moved = False
+    for site_name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or site["is_observed"] or isinstance(site["fn"], _Subsample):
+            continue
+        frame = next((f for f in site["cond_indep_stack"] if f.name == name), None)
+        model_site = model_trace.nodes.get(site_name)
+        if frame is None or model_site is None or model_site["is_observed"]:
+            continue
+        value = site["value"]
+        position = value.dim() - model_site["fn"].event_dim + frame.dim
+        if position < 0 or value.shape[position] < 2:
+            continue
+        transform = biject_to(model_site["fn"].support)
+        with torch.no_grad():
+            u = transform.inv(value).clone()
+            shift = torch.zeros_like(u)
+            row = shift.narrow(position, 0, 1)
+            # not constant across a row's coordinates: a softmax would not see that
+            steps = torch.linspace(0.5, -0.25, max(row.numel(), 2), dtype=u.dtype)
+            row.copy_(steps[: row.numel()].reshape(row.shape))
+            probe.nodes[site_name] = dict(site, value=transform(u + shift))
+        moved = True
+    if not moved:
+        return None
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state(rng[1])
+    with torch.no_grad(), pyro.validation_enabled(False):
+        try:
+            shifted = poutine.trace(poutine.replay(model, trace=probe)).get_trace(*args, **kwargs)
+        except Exception:  # noqa: BLE001 - the probe's value may be one the model refuses
+            return None
+    for site_name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
+            continue
+        frame = next((f for f in site["cond_indep_stack"] if f.name == name), None)
+        other = shifted.nodes.get(site_name)
+        if frame is None or other is None:
+            continue
+        with torch.no_grad():
+            before = _per_datapoint(_log_prob(site), frame.dim - 1, frame.dim)
+            after = _per_datapoint(_log_prob(other), frame.dim - 1, frame.dim)
+        if before.shape != after.shape or before.shape[-1] < 2:
+            continue
+        before, after = before[..., 1:], after[..., 1:]
+        tolerance = 1e-5 * (1.0 + before.abs())
+        finite = torch.isfinite(before) & torch.isfinite(after)
+        if ((before - after).abs() > tolerance)[finite].any():
+            return site_name
+    return None
+
+
 def _stack_particles(parts: list[LogWeights]) -> LogWeights:
     """One particle's log-weights each, looped, stacked as vectorized particles are: the
     samples remember their particle, the local score terms are concatenated."""
@@ -1039,12 +1137,18 @@ def _common_dims(model_trace, guide_trace) -> tuple[int, ...]:
 def _downstream_costs(costs) -> MultiFrameTensor:
     """Trace_ELBO's log_r: each model site's scaled log p, less the guide's log q at the
     latent ones, as a MultiFrameTensor for per-plate sums."""
-    guide = {name: value for name, is_model, _, value in costs if not is_model}
+
+    def scaled(site, log_p):
+        return (log_p if _is_one(site["scale"]) else log_p * site["scale"]).detach()
+
+    guide = {name: scaled(site, log_p) for name, is_model, site, log_p in costs if not is_model}
     log_r = MultiFrameTensor()
-    for name, is_model, stack, value in costs:
+    for name, is_model, site, log_p in costs:
         if is_model:
+            value = scaled(site, log_p)
             if name in guide:
                 value = value - guide[name]
+            stack = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
             log_r.add((stack, value))
     return log_r
 

@@ -796,3 +796,56 @@ def test_joint_bound_path_gradients_vanish_at_the_exact_posterior(float64, estim
         assert grad.abs().max() < 1e-12
     evidence = dist.MultivariateNormal(torch.zeros(4), torch.eye(4) + 1.0).log_prob(x)
     assert loss.item() == pytest.approx(-evidence.item(), abs=1e-10)
+
+
+# ------------------------------------------- couplings the trace cannot see (BatchNorm)
+def _decoder_pair(layer):
+    decoder = nn.Sequential(nn.Linear(2, 3), layer)
+
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(decoder(z), 1.0).to_event(1), obs=x)
+
+    guide = AutoAmortizedNormal(model, hidden_dims=(4,))
+    return model, guide, decoder
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_batchnorm_in_training_mode_couples_the_rows_and_is_refused(vectorize):
+    model, guide, decoder = _decoder_pair(nn.BatchNorm1d(3))
+    x = torch.randn(8, 3)
+    with pytest.raises(ValueError, match="site 'x' at one datapoint .* BatchNorm .* eval\\(\\)"):
+        Trace_IWELBO(5, estimator="dreg", vectorize_particles=vectorize).loss(model, guide, x)
+    decoder.eval()  # running statistics: each row on its own
+    loss = Trace_IWELBO(5, estimator="dreg", vectorize_particles=False).loss(model, guide, x)
+    assert math.isfinite(loss)
+    # one particle is the ELBO of the coupled model, as Trace_ELBO's
+    decoder.train()
+    assert math.isfinite(Trace_IWELBO(1).loss(model, guide, x))
+
+
+def test_dropout_in_the_model_is_not_taken_for_a_coupling():
+    # The probe reruns the model on the same random stream, so dropout masks agree.
+    model, guide, _ = _decoder_pair(nn.Dropout(0.5))
+    assert math.isfinite(Trace_IWELBO(5).loss(model, guide, torch.randn(8, 3)))
+
+
+def test_a_found_plate_whose_rows_are_coupled_gives_the_joint_bound(float64):
+    norm = nn.BatchNorm1d(1).double()
+
+    def model(x):
+        pyro.module("norm", norm)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(norm(z.unsqueeze(-1)).squeeze(-1), 1.0), obs=x)
+
+    def guide(x):
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("z", dist.Normal(pyro.param("m", torch.zeros(x.shape[0])), 1.0))
+
+    assert (
+        Trace_IWELBO(3, vectorize_particles=False).find_local_plate(model, guide, torch.randn(6))
+        is None
+    )

@@ -41,6 +41,8 @@ class Zoo:
     ours: Callable[[], Callable]
     rows: int  # datapoints the bound is per
     minibatches: bool = False  # batches cut from one data set (else disjoint parts)
+    #: networks a user puts in eval() mode to evaluate (BatchNorm's running statistics)
+    networks: tuple[nn.Module, ...] = ()
 
 
 @dataclass
@@ -53,8 +55,9 @@ class Case:
     lr: float = 1e-2
     elbo: Callable = Trace_ELBO  # the objective both guides train with
     eval_particles: int = 20
-    #: Trace_IWELBO(K > 1) with this model: "vectorized", "looped" (a network that takes
-    #: no particle dimension) or "refused" (with the error's expected words)
+    #: Trace_IWELBO(K > 1) with this model: "vectorized"; "batchnorm" (refused while the
+    #: networks normalize over the minibatch; in eval() mode looped, as they take no
+    #: particle dimension); or "refused" (with the error's expected words)
     iwelbo: str = "vectorized"
     refusal: str = ""
     extra: dict = field(default_factory=dict)
@@ -216,6 +219,7 @@ def prodlda() -> tuple:
         guide,
         lambda: AutoAmortizedNormal(model, local_plate="documents", hidden_dims=(hidden,)),
         len(docs),
+        networks=(decoder, encoder),
     )
 
 
@@ -411,7 +415,7 @@ def lightning() -> Zoo:
 CASES = {
     "vae": Case("VAE (examples/vae)", vae, steps=300),
     "hierarchical": Case("hierarchical, global + local", hierarchical, steps=400, lr=2e-2),
-    "prodlda": Case("ProdLDA with BatchNorm", prodlda, steps=300, iwelbo="looped"),
+    "prodlda": Case("ProdLDA with BatchNorm", prodlda, steps=300, iwelbo="batchnorm"),
     "lda": Case(
         "LDA, enumerated word topics",
         lda,
