@@ -1060,9 +1060,10 @@ def _rows_coupled(
             continue
         value = site["value"]
         position = value.dim() - model_site["fn"].event_dim + frame.dim
-        if position < 0 or value.shape[position] < 2:
-            continue
-        transform = biject_to(model_site["fn"].support)
+        support = model_site["fn"].support
+        if position < 0 or value.shape[position] < 2 or support.is_discrete:
+            continue  # a discrete value cannot move a little; the continuous ones show it
+        transform = biject_to(support)
         with torch.no_grad():
             u = transform.inv(value).clone()
             shift = torch.zeros_like(u)

@@ -155,8 +155,8 @@ def log_joint_on_grid(
         if not any(f.name == local_plate for f in node["cond_indep_stack"]):
             continue
         log_p = node["fn"].log_prob(node["value"])
-        if node["mask"] is not None:
-            log_p = log_p * node["mask"]
+        if node["mask"] is not None and node["mask"] is not True:  # masked cells add 0
+            log_p = torch.where(torch.as_tensor(node["mask"]), log_p, log_p.new_zeros(()))
         log_p = log_p.reshape((1,) * (-particle_dim - log_p.dim()) + log_p.shape)
         other = [d for d in range(-log_p.dim(), 0) if d not in (particle_dim, data_dim)]
         total = total + (log_p.sum(other) if other else log_p)  # [G, B]
