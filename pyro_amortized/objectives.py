@@ -737,24 +737,24 @@ class Trace_IWELBO(ELBO):
             )
         samples = []
         scores = []
-        costs = []  # (name, is model, site, log-density) of every site, for log_r
         frames = {}
         for is_model, trace in ((True, model_trace), (False, guide_trace)):
             for name, site in trace.nodes.items():
                 if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
                     continue
-                score = not is_model and not site["is_observed"] and not site["fn"].has_rsample
-                if stopped and not is_model and not site["is_observed"] and not score:
+                guide_latent = not is_model and not site["is_observed"]
+                score = guide_latent and not site["fn"].has_rsample
+                # DReG reweights the gradient through a reparameterized local sample
+                sample = guide_latent and not score and not isinstance(site["fn"], Delta)
+                if stopped and guide_latent and not score:
                     site = dict(site, fn=_stop_distribution(site["fn"], name))
                 log_p = _log_prob(site)
                 if score:
-                    # One particle drops the zero-mean direct term, as Trace_ELBO does.
                     unscaled = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-                    if K == 1:
+                    stack = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
+                    if K == 1:  # one particle drops the zero-mean direct term, as Trace_ELBO
                         log_p = log_p.detach()
                 is_prior = track_prior and is_model and not site["is_observed"]
-                if K == 1:
-                    costs.append((name, is_model, site, log_p))
                 frame = (
                     None
                     if joint
@@ -781,7 +781,6 @@ class Trace_IWELBO(ELBO):
                     else:
                         guide_global = guide_global + total
                     if score:
-                        stack = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
                         scores.append((unscaled, stack, unscaled.sum(), False))
                     continue
                 if joint:
@@ -789,22 +788,19 @@ class Trace_IWELBO(ELBO):
                         log_p = log_p * site["scale"]
                     local_sites.append((log_p, is_model, is_prior))
                     if score:
-                        stack = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
                         reduced = _per_datapoint(unscaled, particle_dim, data_dims)
                         scores.append((unscaled, stack, reduced, True))
-                    elif not is_model and not site["is_observed"]:
-                        if not isinstance(site["fn"], Delta):
-                            samples.append((site["value"], data_dims, site["fn"].event_dim, None))
+                    elif sample:
+                        samples.append((site["value"], data_dims, site["fn"].event_dim, None))
                     continue
                 data_dim = frame.dim
                 frames[is_model] = frame
                 local_scales.append(site["scale"])
                 local_sites.append((log_p, is_model, is_prior))
                 if score:
-                    stack = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
                     reduced = _per_datapoint(unscaled, particle_dim, data_dim)
                     scores.append((unscaled, stack, reduced, True))
-                elif not is_model and not site["is_observed"] and not isinstance(site["fn"], Delta):
+                elif sample:
                     samples.append((site["value"], (frame.dim,), site["fn"].event_dim, None))
         if joint:
             data_dim = data_dims
@@ -859,15 +855,14 @@ class Trace_IWELBO(ELBO):
                 model_local.shape, guide_local.shape, (rows,) + (1,) * len(data_dims)
             )
 
-            def flat(t):
-                t = t.reshape(t.shape + (1,) * (len(shape) - t.dim())) if t.dim() == 1 else t
+            def flat(t):  # [K or 1, *sizes] (or a 0-d 0.0) -> [K, B] (or [K])
                 t = t.expand(shape)
                 return t.reshape(rows, -1) if data_dims else t.reshape(rows)
 
             model_local, guide_local = flat(model_local), flat(guide_local)
             if isinstance(prior_local, Tensor):
                 prior_local = flat(prior_local)
-        log_r = _downstream_costs(costs) if scores and K == 1 else None
+        log_r = _downstream_costs(model_trace, guide_trace) if scores and K == 1 else None
         if joint:
             data_shape = tuple(shape[1:])
         else:
@@ -1135,22 +1130,24 @@ def _common_dims(model_trace, guide_trace) -> tuple[int, ...]:
     return tuple(sorted(f.dim for f in common))
 
 
-def _downstream_costs(costs) -> MultiFrameTensor:
+def _downstream_costs(model_trace, guide_trace) -> MultiFrameTensor:
     """Trace_ELBO's log_r: each model site's scaled log p, less the guide's log q at the
     latent ones, as a MultiFrameTensor for per-plate sums."""
 
-    def scaled(site, log_p):
-        return (log_p if _is_one(site["scale"]) else log_p * site["scale"]).detach()
+    def scaled(site):
+        log_p = _log_prob(site)
+        return log_p if _is_one(site["scale"]) else log_p * site["scale"]
 
-    guide = {name: scaled(site, log_p) for name, is_model, site, log_p in costs if not is_model}
     log_r = MultiFrameTensor()
-    for name, is_model, site, log_p in costs:
-        if is_model:
-            value = scaled(site, log_p)
-            if name in guide:
-                value = value - guide[name]
-            stack = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
-            log_r.add((stack, value))
+    with torch.no_grad():
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
+                continue
+            value = scaled(site)
+            guide_site = guide_trace.nodes.get(name)
+            if not site["is_observed"] and guide_site is not None:
+                value = value - scaled(guide_site)
+            log_r.add((tuple(f for f in site["cond_indep_stack"] if f.vectorized), value))
     return log_r
 
 
