@@ -145,7 +145,6 @@ class AutoAmortizedGuide(AutoGuide):
         self._latent_dim = 0
         self._default_encoder = False  # subclasses that build an MLPEncoder set it
         self._minibatch_context = False  # see _local_plate_args
-        self._enumerated_sites: list[str] = []  # left to TraceEnum_ELBO
         self._context_row_shape: torch.Size | None = None  # what the default encoder takes
         # set by a SemiAmortizedGuide while it calls this guide: see _encode_plate
         self._refiner: Callable | None = None
@@ -194,14 +193,14 @@ class AutoAmortizedGuide(AutoGuide):
             and rows == frame.size
         )
 
-        local_names, self._enumerated_sites = [], []
+        local_names, enumerated = [], []  # enumerated: left to TraceEnum_ELBO
         start = 0
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             fn = site["fn"]
             if site["infer"].get("enumerate") and fn.has_enumerate_support:
                 # As Pyro's autoguides leave such sites to TraceEnum_ELBO: the model
                 # enumerates them, the guide has no site for them.
-                self._enumerated_sites.append(name)
+                enumerated.append(name)
                 continue
             if frame not in site["cond_indep_stack"]:
                 continue
@@ -265,7 +264,7 @@ class AutoAmortizedGuide(AutoGuide):
         self._setup_encoder(self._select_rows(context, None, args, kwargs))
 
         global_guide = self._global_guide_arg
-        hidden = local_names + self._enumerated_sites
+        hidden = local_names + enumerated
         has_globals = any(
             name not in hidden for name, _ in self.prototype_trace.iter_stochastic_nodes()
         )
