@@ -2,9 +2,11 @@ r"""Diagnostics of amortized inference: per-datapoint log-likelihood and active 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,17 +19,11 @@ from torch.distributions import TransformedDistribution
 from torch.distributions.transforms import ComposeTransform, IndependentTransform, Transform
 from tqdm import tqdm
 
+from .checks import check_count, check_counts, check_optional_count, options_from, renamed
 from .guides import AutoAmortizedGuide
-from .local import (
-    FAMILIES,
-    _check_counts,
-    _check_local_options,
-    _family,
-    _fix_globals,
-    _optimize_local,
-)
 from .objectives import ParticleVectorizationError, Trace_IWELBO
-from .refinement import REFINE_DEFAULTS, _check_refine_options, refine
+from .perdatapoint import FAMILIES, LocalOptions, fit_local, fix_globals
+from .refinement import RefineOptions, refine_with
 
 __all__ = [
     "ActiveUnits",
@@ -91,13 +87,9 @@ def log_marginal_likelihood(
     References:
         Importance Weighted Autoencoders (Burda, Grosse and Salakhutdinov, 2016).
     """
-    _check_counts("log_marginal_likelihood", num_samples=num_samples, chunk_size=chunk_size)
+    check_counts("log_marginal_likelihood", num_samples=num_samples, chunk_size=chunk_size)
     if batch_size is not None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(
-                "log_marginal_likelihood: batch_size must be None or an int >= 1, "
-                f"got {batch_size!r}"
-            )
+        check_optional_count("log_marginal_likelihood", "batch_size", batch_size)
         if not args or not isinstance(args[0], Tensor):
             raise ValueError(
                 "log_marginal_likelihood: batch_size needs the data as the first argument, "
@@ -107,8 +99,8 @@ def log_marginal_likelihood(
         raise ValueError(
             f"log_marginal_likelihood: local_plate must be a plate name, got {local_plate!r}"
         )
-    model, guide, local_plate, _ = _fix_globals(
-        model, guide, args, kwargs, "log_marginal_likelihood", local_plate
+    model, guide, local_plate, _ = fix_globals(
+        model, guide, args, kwargs, owner="log_marginal_likelihood", local_plate=local_plate
     )
     return _chunked_estimate(
         model,
@@ -213,23 +205,21 @@ def active_units(
 
     Activity of dimension :math:`u` is :math:`\mathrm{Cov}_x(\mathbb{E}_{q(z \mid x)}[z_u])`;
     a unit is active when its activity exceeds ``threshold``. Means are taken in the
-    unconstrained space the guide works in, over all local sites (concatenated): exactly
-    for a guide with an ``encode`` method (:class:`~pyro_amortized.AutoAmortizedNormal`),
-    and from ``num_samples`` draws per datapoint for a flow guide (one with
-    ``get_posterior``, such as :class:`~pyro_amortized.AutoAmortizedIAF`): the variance
+    unconstrained space the guide works in, over all local sites (the columns of the
+    guide's ``posterior``): exactly for :class:`~pyro_amortized.AutoAmortizedNormal`,
+    and from ``num_samples`` draws per datapoint for a flow guide: the variance
     over datapoints of the draws' averages, less the average variance of those averages,
     an unbiased estimate that may come out slightly negative for an inactive unit.
 
     Arguments:
-        guide: An amortized guide with an ``encode`` or a ``get_posterior`` method.
+        guide: An amortized guide.
         *args: The model's arguments (the datapoints).
         threshold: Activity above which a unit counts as active.
         num_samples: Draws per datapoint for the mean of a flow guide.
         **kwargs: The model's keyword arguments.
 
     Returns:
-        The count, the per-dimension activity and, for a guide with ``encode`` (the
-        Normal guide), each dimension's mean KL from the posterior to the prior,
+        The count, the per-dimension activity and, for the Normal guide, each dimension's mean KL from the posterior to the prior,
         :math:`\mathbb{E}_x \mathrm{KL}(q(z_u \mid x) \,\|\, p(z_u))`: an inactive unit's is
         near 0 (NaN for the coordinates of a site whose support ties them together, such
         as a simplex). The priors come from running the guide's model on the datapoints.
@@ -237,30 +227,24 @@ def active_units(
     References:
         Importance Weighted Autoencoders (Burda, Grosse and Salakhutdinov, 2016), Sec. 5.2.
     """
-    if hasattr(guide, "encode"):
-        posteriors = guide.encode(*args, **kwargs)
-        means = []
-        for q in posteriors.values():
-            base = q.base_dist if isinstance(q, torch.distributions.TransformedDistribution) else q
-            means.append(base.mean.reshape(base.mean.shape[0], -1))
-        means = torch.cat(means, dim=-1)
-    elif hasattr(guide, "get_posterior"):
+    if not isinstance(guide, AutoAmortizedGuide):
+        raise ValueError(
+            f"active_units: the guide ({type(guide).__name__}) is not an amortized guide "
+            "(one with posterior()); pass an AutoAmortizedNormal, AutoAmortizedIAF or "
+            "AutoAmortizedRealNVP"
+        )
+    if guide.family != "normal":
         # two draws at least: the correction below needs the draws' variance
-        if not isinstance(num_samples, int) or num_samples < 2:
-            raise ValueError(f"active_units: num_samples must be an int >= 2, got {num_samples!r}")
-        draws = guide.get_posterior(*args, **kwargs).sample((num_samples,))
-        draws = draws[..., : guide.latent_dim]  # not a flow's auxiliary columns
+        check_count("active_units", "num_samples", num_samples, minimum=2)
+        draws = guide.posterior(*args, **kwargs).sample((num_samples,))
         means = draws.mean(0)
         # The averages' own variance, var_q / S, would add to the activity (for a unit at the
         # prior, 1 / S: as large as the threshold for S = 100); remove its unbiased estimate.
         noise = draws.var(0).mean(0) / num_samples
         activity = means.var(0, unbiased=False) - noise
         return ActiveUnits(int((activity > threshold).sum()), activity)
-    else:
-        raise ValueError(
-            f"active_units: the guide ({type(guide).__name__}) has neither encode() nor "
-            "get_posterior(); pass an amortized guide"
-        )
+    means = guide.posterior(*args, **kwargs).mean
+    posteriors = guide.site_posteriors(*args, **kwargs)
     activity = means.var(0, unbiased=False)
     kl = _kl_per_dimension(guide, posteriors, num_samples, args, kwargs)
     return ActiveUnits(int((activity > threshold).sum()), activity, kl)
@@ -271,7 +255,7 @@ def _kl_per_dimension(guide, posteriors: dict, num_samples: int, args, kwargs) -
 
     Analytic where torch registers the pair (Normal against Normal), else from
     ``num_samples`` draws. The priors are the model's, run on these datapoints;
-    ``posteriors`` is ``guide.encode``'s result for them.
+    ``posteriors`` is ``guide.site_posteriors``'s result for them.
     """
     with poutine.block(), torch.random.fork_rng(devices=[]):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
@@ -459,15 +443,9 @@ def inference_gaps(
     num_samples: int = 5000,
     elbo_samples: int = 1000,
     chunk_size: int = 500,
-    init: str = "encoder",
-    num_particles: int = 10,
-    lr: float = 3e-3,
-    max_steps: int = 5000,
-    patience: int = 500,
-    num_flows: int = 2,
-    flow_hidden_dims: Sequence[int] | None = None,
+    local_options: LocalOptions | Mapping | None = None,
     refine_steps: Sequence[int] = (),
-    refine_options: Mapping | None = None,
+    refine_options: RefineOptions | Mapping | None = None,
     progress: bool = True,
     **kwargs,
 ) -> InferenceGaps:
@@ -475,8 +453,8 @@ def inference_gaps(
 
     For the datapoints in the model's arguments: :math:`\mathcal{L}[q]` (the ELBO of the
     guide, from ``elbo_samples`` draws), and for each family the best posterior fitted to
-    each datapoint on its own (:func:`~pyro_amortized.local.optimize_local`) with its
-    ELBO :math:`\mathcal{L}[q^*]`; :math:`\log \hat p(x)` is the highest of the IWAE
+    each datapoint on its own (:func:`~pyro_amortized.perdatapoint.optimize_local`) with
+    its ELBO :math:`\mathcal{L}[q^*]`; :math:`\log \hat p(x)` is the highest of the IWAE
     estimates (``num_samples`` draws) with :math:`q` and each :math:`q^*` as proposals,
     as Cremer et al. take the best estimate available. Each estimate is a lower bound in
     expectation only. A proposal narrower than the posterior has heavy-tailed weights:
@@ -486,9 +464,9 @@ def inference_gaps(
     Global latents are fixed at the guide's median throughout (see
     :func:`log_marginal_likelihood`).
 
-    The gaps are split with the guide's own family (``"normal"`` for
+    The gaps are split with the guide's own family (its ``family``: ``"normal"`` for
     :class:`~pyro_amortized.AutoAmortizedNormal`, ``"flow"`` for
-    :class:`~pyro_amortized.AutoAmortizedFlow`, ``"iaf"`` for
+    :class:`~pyro_amortized.AutoAmortizedRealNVP`, ``"iaf"`` for
     :class:`~pyro_amortized.AutoAmortizedIAF`), which is fitted even when ``families``
     leaves it out; the other families' :math:`\mathcal{L}[q^*]` are reported beside it.
 
@@ -501,23 +479,24 @@ def inference_gaps(
         num_samples: Samples of every IWAE estimate of :math:`\log p(x)`.
         elbo_samples: Samples of every ELBO estimate.
         chunk_size: Samples drawn per pass.
-        init: Start of the per-datapoint optimization: ``"encoder"`` (the guide's output)
-            or ``"prior"`` (a standard Normal).
-        num_particles: Draws per optimization step.
-        lr: Adam's step size.
-        max_steps: Cap on the optimization steps.
-        patience: Steps without a higher running-average bound before a datapoint stops.
-        num_flows: Flow steps of a flow :math:`q^*` not of the guide's own class (one of
-            the guide's class copies the guide's flow).
-        flow_hidden_dims: Hidden widths of such a flow's networks (see
-            :func:`~pyro_amortized.local.optimize_local`).
+        local_options: The per-datapoint fits' options, a
+            :class:`~pyro_amortized.perdatapoint.LocalOptions` or a dict of its fields
+            (``init``, ``num_particles``, ``lr``, ``max_steps``, ``patience``,
+            ``num_transforms``, ``flow_hidden_dims``; ``family`` is each of ``families``).
+            A flow :math:`q^*` of the guide's own family copies the guide's flow.
         refine_steps: Numbers of refinement steps whose bound to report, beside
             :math:`\mathcal{L}[q]`: how much of the amortization gap that many steps of
             :func:`~pyro_amortized.refinement.refine` from the encoder recover.
-        refine_options: Keyword arguments of :func:`~pyro_amortized.refinement.refine`
-            (``step_size``, ``optimizer``, ``num_particles``, ...).
+        refine_options: Refinement's options, a
+            :class:`~pyro_amortized.refinement.RefineOptions` or a dict of its fields
+            (``lr``, ``optimizer``, ``num_particles``, ...; ``num_steps`` is each of
+            ``refine_steps``).
         progress: Show progress bars.
         **kwargs: The model's keyword arguments.
+
+    The old keywords of the per-datapoint fits (``init=``, ``num_particles=``, ``lr=``,
+    ``max_steps=``, ``patience=``, ``num_flows=``, ``flow_hidden_dims=``) still work for
+    one release, with a ``FutureWarning``.
 
     Returns:
         An :class:`InferenceGaps` report.
@@ -526,34 +505,40 @@ def inference_gaps(
         Inference Suboptimality in Variational Autoencoders (Cremer, Li and Duvenaud, 2018).
     """
     began = time.perf_counter()
+    owner = "inference_gaps"
     families = tuple(families) if not isinstance(families, str) else (families,)
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
+        raise ValueError(f"{owner}: families must be among {FAMILIES}, got {unknown} in {families}")
+    if not isinstance(guide, AutoAmortizedGuide):
         raise ValueError(
-            f"inference_gaps: families must be among {FAMILIES}, got {unknown} in {families}"
+            f"{owner}: the guide ({type(guide).__name__}) is not an AutoAmortizedNormal, "
+            "AutoAmortizedRealNVP or AutoAmortizedIAF"
         )
-    own = _family(guide, "inference_gaps")
+    own = guide.family
     families = tuple(dict.fromkeys((own, *families)))  # the guide's own first, no repeats
-    _check_counts(
-        "inference_gaps", num_samples=num_samples, elbo_samples=elbo_samples, chunk_size=chunk_size
-    )
-    # checked here too, so that a bad option fails before the IWAE estimates, not after
-    _check_local_options(
-        "inference_gaps", own, init, num_particles, lr, max_steps, patience, num_flows
-    )
-    refine_options = dict(refine_options or {})
-    unknown = sorted(set(refine_options) - set(REFINE_DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"inference_gaps: refine_options has {unknown}; refine takes {sorted(REFINE_DEFAULTS)}"
-        )
-    for k in refine_steps:
-        _check_refine_options(
-            "inference_gaps", **{**REFINE_DEFAULTS, **refine_options}, num_steps=k
-        )
-    fixed_model, fixed_guide, local_plate, globals_ = _fix_globals(
-        model, guide, args, kwargs, "inference_gaps"
-    )
+    check_counts(owner, num_samples=num_samples, elbo_samples=elbo_samples, chunk_size=chunk_size)
+    # checked here, so that a bad option fails before the IWAE estimates, not after
+    local = _options_with_old_keywords(LocalOptions, owner, local_options, kwargs, _OLD_LOCAL)
+    local = dataclasses.replace(local, family=own)
+    if refine_options is not None and not isinstance(refine_options, RefineOptions):
+        refine_options = dict(refine_options)
+        if "step_size" in refine_options:
+            refine_options["lr"] = renamed(
+                owner, "step_size", "lr", refine_options.pop("step_size")
+            )
+        unknown = sorted(set(refine_options) - set(_RefineFields))
+        if unknown:
+            raise ValueError(
+                f"{owner}: refine_options has {unknown}; refine takes {sorted(_RefineFields)}"
+            )
+    refine_base = options_from(RefineOptions, owner, refine_options)
+    refinements = {
+        k: options_from(RefineOptions, owner, {**_fields(refine_base), "num_steps": k})
+        for k in refine_steps
+    }
+    fixed = fix_globals(model, guide, args, kwargs, owner=owner)
+    fixed_model, fixed_guide, local_plate, globals_ = fixed
 
     def estimate(m, g, samples, reduce, desc):
         return _chunked_estimate(
@@ -577,33 +562,19 @@ def inference_gaps(
         }
     optimal, steps = {}, {}
     for family in families:
-        _, local_guide, steps[family] = _optimize_local(
-            fixed_model,
-            guide,
-            args,
-            kwargs,
-            local_plate=local_plate,
-            globals_=globals_,
-            family=family,
-            init=init,
-            num_particles=num_particles,
-            lr=lr,
-            max_steps=max_steps,
-            patience=patience,
-            num_flows=num_flows,
-            flow_hidden_dims=flow_hidden_dims,
-            progress=progress,
-        )
+        options = dataclasses.replace(local, family=family)
+        local_fit = fit_local(fixed, guide, args, kwargs, options, progress=progress)
+        steps[family] = local_fit.steps
         with torch.no_grad():
             optimal[family] = estimate(
-                fixed_model, local_guide, elbo_samples, "mean", f"L[q*_{family}]"
+                fixed_model, local_fit.guide, elbo_samples, "mean", f"L[q*_{family}]"
             )
             iwae[family] = estimate(
-                fixed_model, local_guide, num_samples, "logmeanexp", f"IWAE q*_{family}"
+                fixed_model, local_fit.guide, num_samples, "logmeanexp", f"IWAE q*_{family}"
             )
     refined = {}
-    for k in refine_steps:
-        r = refine(guide, model, *args, num_steps=k, **refine_options, **kwargs)
+    for k, options in refinements.items():
+        r = refine_with(model, guide, args, kwargs, options)
         with torch.no_grad():
             refined[k] = estimate(r.model, r.guide, elbo_samples, "mean", f"L[q], {k} steps")
     log_px = torch.stack(list(iwae.values())).max(0).values
@@ -619,3 +590,45 @@ def inference_gaps(
         seconds=time.perf_counter() - began,
         refined=refined,
     )
+
+
+# inference_gaps' keywords before LocalOptions: (old name, field)
+_OLD_LOCAL = {
+    "init": "init",
+    "num_particles": "num_particles",
+    "lr": "lr",
+    "max_steps": "max_steps",
+    "patience": "patience",
+    "num_flows": "num_transforms",
+    "flow_hidden_dims": "flow_hidden_dims",
+}
+_RefineFields = tuple(f.name for f in dataclasses.fields(RefineOptions) if f.name != "num_steps")
+
+
+def _fields(options) -> dict:
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+
+
+def _options_with_old_keywords(cls, owner: str, options, kwargs: dict, old: Mapping[str, str]):
+    """``options`` (an instance, a dict of fields or None), with the deprecated flat
+    keywords of ``old`` taken out of ``kwargs`` (the model's) and merged in, each after a
+    ``FutureWarning``."""
+    given = {name: kwargs.pop(name) for name in list(kwargs) if name in old}
+    if not given:
+        return options_from(cls, owner, options)
+    values = _fields(options) if isinstance(options, cls) else dict(options or {})
+    for name, value in given.items():
+        field_name = old[name]
+        if field_name in values and not isinstance(options, cls):
+            raise ValueError(
+                f"{owner}: {name}= and local_options[{field_name!r}] both given; pass "
+                f"local_options={{{field_name!r}: ...}} only"
+            )
+        warnings.warn(
+            f"{owner}: {name}= is deprecated and will be removed in the next release; pass "
+            f"local_options={{{field_name!r}: ...}} (a {cls.__name__} field)",
+            FutureWarning,
+            stacklevel=3,
+        )
+        values[field_name] = value
+    return options_from(cls, owner, values)

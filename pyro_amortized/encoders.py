@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["MLPEncoder"]
+__all__ = ["EncoderOutput", "MLPEncoder"]
+
+
+class EncoderOutput(NamedTuple):
+    r"""What an amortized guide's encoder gives for a batch of datapoints.
+
+    The base Normal :math:`\mathcal{N}(\mu(x_i), \sigma(x_i))` over each datapoint's
+    joint unconstrained local latent, and for a flow guide the vector :math:`h(x_i)` that
+    conditions the flow's steps.
+    """
+
+    loc: Tensor  # [batch, D]
+    scale: Tensor  # [batch, D], positive
+    context: Tensor | None = None  # [batch, context_dim] for a flow guide, else None
+
+    def detach(self) -> EncoderOutput:
+        """The same output cut from the graph."""
+        return EncoderOutput(*(None if t is None else t.detach() for t in self))
 
 
 def _softplus_inverse(y: float) -> float:

@@ -2,6 +2,7 @@ r"""Flow guides: the encoder's diagonal Normal pushed through normalizing flows.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 
@@ -18,17 +19,53 @@ from pyro.distributions.util import sum_rightmost
 from pyro.nn import ConditionalAutoRegressiveNN, ConditionalDenseNN
 from torch import Tensor, nn
 
-from .guides import AutoAmortizedGuide, ContextSpec
+from .checks import check_count
+from .encoders import EncoderOutput
+from .guides import AutoAmortizedGuide, ContextSpec, GuideCall
 
-__all__ = ["AutoAmortizedFlow", "AutoAmortizedIAF"]
+__all__ = [
+    "QUANTILE_SAMPLES",
+    "AutoAmortizedFlow",
+    "AutoAmortizedIAF",
+    "AutoAmortizedRealNVP",
+    "LeadingMarginal",
+]
+
+#: Draws per datapoint behind a flow guide's ``quantiles`` (Monte Carlo: the standard
+#: error of a median is about 1.25 sigma / sqrt(QUANTILE_SAMPLES) = 0.04 sigma).
+QUANTILE_SAMPLES = 1000
+_QUANTILE_BATCH = 2**16  # draws times datapoints at once, which bounds the memory
 
 
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+class LeadingMarginal(torch.distributions.Distribution):
+    r"""The first ``size`` columns of a joint distribution's event, as a distribution.
 
+    What an auxiliary flow's guide gives for its local latent :math:`z` of the joint
+    :math:`(z, v)`: samples are the joint's, cut to :math:`z`. The marginal density
+    :math:`q(z \mid x) = \int q(z, v \mid x)\, dv` has no closed form, so ``log_prob``
+    raises; the guide's trace carries the auxiliary bound of it instead.
+    """
 
-def _nonnegative_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    arg_constraints: dict = {}
+    has_rsample = True
+
+    def __init__(self, joint: torch.distributions.Distribution, size: int):
+        self.joint, self.size = joint, size
+        super().__init__(joint.batch_shape, torch.Size([size]), validate_args=False)
+
+    @property
+    def support(self):
+        return self.joint.support
+
+    def rsample(self, sample_shape: Sequence[int] = ()) -> Tensor:
+        return self.joint.rsample(torch.Size(sample_shape))[..., : self.size]
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        raise NotImplementedError(
+            "LeadingMarginal: the auxiliary flow's marginal density of the local latent has "
+            "no closed form; its joint with the auxiliary columns is .joint, and the guide's "
+            "trace carries the auxiliary lower bound of log q"
+        )
 
 
 class _AmortizedFlowGuide(AutoAmortizedGuide):
@@ -61,14 +98,12 @@ class _AmortizedFlowGuide(AutoAmortizedGuide):
         hidden_dims = tuple(hidden_dims)
         flow_hidden_dims = hidden_dims if flow_hidden_dims is None else tuple(flow_hidden_dims)
         for arg, dims in (("hidden_dims", hidden_dims), ("flow_hidden_dims", flow_hidden_dims)):
-            if not all(_positive_int(h) for h in dims):
+            if not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in dims):
                 raise ValueError(f"{name}: {arg} must be positive ints, got {dims}")
         if not flow_hidden_dims:
             raise ValueError(f"{name}: flow_hidden_dims must hold at least one width")
-        if context_dim is not None and not _positive_int(context_dim):
-            raise ValueError(
-                f"{name}: context_dim must be None or an int >= 1, got {context_dim!r}"
-            )
+        if context_dim is not None:
+            check_count(name, "context_dim", context_dim)
         super().__init__(
             model,
             local_plate=local_plate,
@@ -118,14 +153,6 @@ class _AmortizedFlowGuide(AutoAmortizedGuide):
         """A term added to log q of the local sites, per datapoint (None: nothing)."""
         return None
 
-    def _architecture(self) -> dict:
-        """The constructor's flow options: a guide built with them has the same flow."""
-        raise NotImplementedError
-
-    def _conditional_networks(self) -> list[tuple[nn.Module, str]]:
-        """Every network of the flow that takes the context, as (owner, attribute name)."""
-        raise NotImplementedError
-
     def _check_encoder_output(self, rows: int, out) -> None:
         expected = [(rows, self._latent_dim)] * 2 + [(rows, self.context_dim)]
         ok = isinstance(out, (tuple, list)) and all(isinstance(t, Tensor) for t in out)
@@ -142,27 +169,48 @@ class _AmortizedFlowGuide(AutoAmortizedGuide):
         return self.encoder(self._encoder_input(context))
 
     # ------------------------------------------------------------- per call
-    def get_posterior(self, *args, **kwargs) -> dist.TransformedDistribution:
-        """The joint posterior of the unconstrained local latents of the call's datapoints
-        (with a flow's auxiliary columns after them)."""
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        self._load_networks_from_param_store()
-        return self._posterior(*self._encode(self._get_context(None, args, kwargs)))
-
     @property
-    def _latent_name(self) -> str:
+    def latent_name(self) -> str:
+        """The name of the auxiliary sample site of the joint latent (one per datapoint)."""
         return f"_{self._pyro_name}_latent"
 
-    def forward(self, *args, **kwargs) -> dict[str, Tensor]:
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        self._load_networks_from_param_store()
-        context = self._raw_context(args, kwargs)
-        plates = self._make_plates(context.shape[0], args, kwargs)
-        result = self._global_sample(*args, **kwargs)
-        plate = plates[self.local_plate]
-        loc, scale, h = self._encode_plate(context, plate, result, args, kwargs)
+    def architecture(self) -> dict:
+        """The constructor's flow options: a guide built with them has the same flow."""
+        raise NotImplementedError
+
+    def conditional_networks(self) -> list[tuple[nn.Module, str]]:
+        """Every network of the flow that takes the encoder's context ``h``, as
+        ``(owner, attribute name)`` pairs, in a fixed order."""
+        raise NotImplementedError
+
+    def joint_distribution(self, output: EncoderOutput) -> dist.TransformedDistribution:
+        """The flow's distribution of the joint latent for an encoder output: the local
+        latent's D columns, then a flow's auxiliary columns (if any)."""
+        return self._posterior(output.loc, output.scale, output.context)
+
+    def local_distribution(self, output: EncoderOutput) -> torch.distributions.Distribution:
+        q = self.joint_distribution(output)
+        if q.event_shape[-1] == self._latent_dim:
+            return q
+        return LeadingMarginal(q, self._latent_dim)
+
+    def get_posterior(self, *args, **kwargs) -> dist.TransformedDistribution:
+        """Deprecated: :meth:`joint_distribution` of :meth:`encoder_output`.
+
+        Use :meth:`posterior` (the local latent, which every amortized guide answers).
+        """
+        warnings.warn(
+            f"{type(self).__name__}.get_posterior() is deprecated and will be removed in the "
+            "next release; use guide.posterior(*args) (the local latent) or "
+            "guide.joint_distribution(guide.encoder_output(*args)) (with the auxiliary "
+            "columns)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.joint_distribution(self.encoder_output(*args, **kwargs))
+
+    def sample_local(self, call: GuideCall, output: EncoderOutput) -> dict[str, Tensor]:
+        loc, scale, h = output
         # The joint latent's datapoint dimension sits where the plate puts it: a plate at
         # dim=-2 gives the flow a batch of [batch, 1] (h broadcasts over particles as well).
         extra = -1 - self._local_frame.dim
@@ -173,11 +221,12 @@ class _AmortizedFlowGuide(AutoAmortizedGuide):
         else:
             h_flow = h
         q = self._posterior(loc, scale, h_flow)
+        result = dict(call.values)
         with ExitStack() as scaled:
             # One joint latent for all local sites: they share the model's scale.
             if self._local_sites[0].scale != 1.0:
                 scaled.enter_context(poutine.scale(scale=self._local_sites[0].scale))
-            self._sample_local(plates, plate, q, h, extra, result)
+            self._sample_local(call.plates, call.plate, q, h, extra, result)
         return result
 
     def _sample_local(
@@ -192,7 +241,7 @@ class _AmortizedFlowGuide(AutoAmortizedGuide):
         """The joint latent, the flow's extra log-density term, and each model site as a
         ``Delta`` at its block of the latent (``extra``: dims right of the local plate's)."""
         with plate:
-            latent = pyro.sample(self._latent_name, q, infer={"is_auxiliary": True})
+            latent = pyro.sample(self.latent_name, q, infer={"is_auxiliary": True})
         if extra:
             latent = latent.reshape(latent.shape[: -1 - extra] + latent.shape[-1:])
         extra_log_density = self._extra_log_density(latent, h)
@@ -201,7 +250,7 @@ class _AmortizedFlowGuide(AutoAmortizedGuide):
             shaped = extra_log_density.reshape(extra_log_density.shape + (1,) * extra)
             with plate:
                 pyro.sample(
-                    f"{self._latent_name}_extra",
+                    f"{self.latent_name}_extra",
                     dist.Delta(torch.zeros_like(shaped), log_density=shaped),
                     infer={"is_auxiliary": True},
                 )
@@ -223,22 +272,37 @@ class _AmortizedFlowGuide(AutoAmortizedGuide):
                     site.name, dist.Delta(value, log_density=log_density, event_dim=fn.event_dim)
                 )
 
-    @torch.no_grad()
-    def median(self, *args, **kwargs) -> dict[str, Tensor]:
-        """The flow applied to the base Normal's mean: a point estimate of every latent site.
+    def _median_latent(self, output: EncoderOutput) -> Tensor:
+        """The flow applied to the base Normal's mean: the image of the base median.
 
         It is the posterior median of each site when the flow is the identity; in general
-        it is the image of the base median, not the median of the flowed distribution.
+        it is not the median of the flowed distribution.
         """
-        q = self.get_posterior(*args, **kwargs)
+        q = self.joint_distribution(output)
         u = q.base_dist.mean
         for transform in q.transforms:
             u = transform(u)
-        result = self._global_call("median", *args, **kwargs)
-        for site in self._local_sites:
-            block = self._split(u, site)
-            result[site.name] = block if site.transform is None else site.transform(block)
-        return result
+        return u
+
+    def _local_quantiles(self, output: EncoderOutput, q: Tensor) -> dict[str, Tensor]:
+        """Monte Carlo quantiles of each site's marginal: ``QUANTILE_SAMPLES`` draws per
+        datapoint, from a random stream of their own (seeded 0, so repeated calls agree and
+        the global stream is untouched), taken after the map to each site's support."""
+        rows = output.loc.shape[0]
+        chunk = max(1, _QUANTILE_BATCH // QUANTILE_SAMPLES)
+        parts: dict[str, list[Tensor]] = {site.name: [] for site in self._local_sites}
+        devices = [output.loc.device] if output.loc.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            for start in range(0, rows, chunk):
+                part = EncoderOutput(*(t[start : start + chunk] for t in output))
+                latent = self.local_distribution(part).sample((QUANTILE_SAMPLES,))
+                for name, value in self.latent_to_sites(latent).items():
+                    parts[name].append(torch.quantile(value, q, dim=0))
+        return {
+            site.name: torch.cat(parts[site.name], dim=1 + site.position)
+            for site in self._local_sites
+        }
 
 
 class AutoAmortizedIAF(_AmortizedFlowGuide):
@@ -325,10 +389,7 @@ class AutoAmortizedIAF(_AmortizedFlowGuide):
         global_guide: Callable | None = None,
         create_plates: Callable | None = None,
     ):
-        if not _nonnegative_int(num_transforms):
-            raise ValueError(
-                f"AutoAmortizedIAF: num_transforms must be an int >= 0, got {num_transforms!r}"
-            )
+        check_count("AutoAmortizedIAF", "num_transforms", num_transforms, minimum=0)
         if not isinstance(stable, bool):
             raise ValueError(f"AutoAmortizedIAF: stable must be a bool, got {stable!r}")
         super().__init__(
@@ -346,6 +407,8 @@ class AutoAmortizedIAF(_AmortizedFlowGuide):
         self.num_transforms = num_transforms
         self.stable = stable
 
+    family = "iaf"
+
     def _build_flow(self, latent_dim: int) -> None:
         steps = []
         for t in range(self.num_transforms):
@@ -362,14 +425,14 @@ class AutoAmortizedIAF(_AmortizedFlowGuide):
             steps.append(ConditionalAffineAutoregressive(made, stable=self.stable))
         self.flow = nn.ModuleList(steps)
 
-    def _architecture(self) -> dict:
+    def architecture(self) -> dict:
         return {
             "num_transforms": self.num_transforms,
             "flow_hidden_dims": self.flow_hidden_dims,
             "stable": self.stable,
         }
 
-    def _conditional_networks(self) -> list[tuple[nn.Module, str]]:
+    def conditional_networks(self) -> list[tuple[nn.Module, str]]:
         return [(step, "nn") for step in self.flow]
 
     def _posterior(self, loc: Tensor, scale: Tensor, h: Tensor) -> dist.TransformedDistribution:
@@ -378,13 +441,14 @@ class AutoAmortizedIAF(_AmortizedFlowGuide):
         return dist.TransformedDistribution(base, [step.condition(h) for step in self.flow])
 
 
-class AutoAmortizedFlow(_AmortizedFlowGuide):
-    r"""Cremer et al.'s amortized flow: affine coupling steps on (z, v), v an auxiliary variable.
+class AutoAmortizedRealNVP(_AmortizedFlowGuide):
+    r"""Cremer et al.'s amortized flow: Real-NVP affine couplings on (z, v), v an auxiliary
+    variable.
 
     With ``auxiliary=True`` (the paper's flow) the encoder gives
     :math:`q(z_0 \mid x) = \mathcal{N}(\mu(x), \sigma(x))` and a context :math:`h(x)`; an
     auxiliary :math:`v_0 \sim q(v_0 \mid x, z_0)`, a Normal whose parameters a network of
-    :math:`(z_0, h)` gives, has the size of :math:`z`. Each of ``num_flows`` steps is
+    :math:`(z_0, h)` gives, has the size of :math:`z`. Each of ``num_transforms`` steps is
 
     .. math::
 
@@ -418,7 +482,7 @@ class AutoAmortizedFlow(_AmortizedFlowGuide):
         encoder: An ``nn.Module`` mapping a ``[batch, ...]`` context to ``(loc, scale, h)``.
             Defaults to an :class:`~pyro_amortized.encoders.MLPEncoder`.
         context: See :class:`~pyro_amortized.guides.AutoAmortizedGuide`.
-        num_flows: Number of flow steps.
+        num_transforms: Number of flow steps.
         auxiliary: Cremer et al.'s flow on (z, v) (``True``) or Real-NVP on z.
         hidden_dims: Hidden widths of the default encoder.
         flow_hidden_dims: Hidden widths of every coupling network (and of the networks of
@@ -433,7 +497,7 @@ class AutoAmortizedFlow(_AmortizedFlowGuide):
         ...     with pyro.plate("data", x.shape[0]):
         ...         z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
         ...         pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
-        >>> guide = AutoAmortizedFlow(model, hidden_dims=(16,), num_flows=2)
+        >>> guide = AutoAmortizedRealNVP(model, hidden_dims=(16,), num_transforms=2)
         >>> guide(torch.randn(5, 2))["z"].shape
         torch.Size([5, 2])
 
@@ -450,7 +514,7 @@ class AutoAmortizedFlow(_AmortizedFlowGuide):
         local_plate: str = "data",
         encoder: nn.Module | None = None,
         context: ContextSpec = None,
-        num_flows: int = 2,
+        num_transforms: int = 2,
         auxiliary: bool = True,
         hidden_dims: Sequence[int] = (200, 200),
         flow_hidden_dims: Sequence[int] | None = None,
@@ -458,11 +522,20 @@ class AutoAmortizedFlow(_AmortizedFlowGuide):
         init_scale: float = 0.1,
         global_guide: Callable | None = None,
         create_plates: Callable | None = None,
+        num_flows: int | None = None,
     ):
-        if not _nonnegative_int(num_flows):
-            raise ValueError(f"AutoAmortizedFlow: num_flows must be an int >= 0, got {num_flows!r}")
+        name = type(self).__name__
+        if num_flows is not None:
+            warnings.warn(
+                f"{name}: num_flows is deprecated and will be removed in the next release; "
+                "pass num_transforms (the name every flow guide uses)",
+                FutureWarning,
+                stacklevel=2,
+            )
+            num_transforms = num_flows
+        check_count(name, "num_transforms", num_transforms, minimum=0)
         if not isinstance(auxiliary, bool):
-            raise ValueError(f"AutoAmortizedFlow: auxiliary must be a bool, got {auxiliary!r}")
+            raise ValueError(f"{name}: auxiliary must be a bool, got {auxiliary!r}")
         super().__init__(
             model,
             local_plate=local_plate,
@@ -475,8 +548,10 @@ class AutoAmortizedFlow(_AmortizedFlowGuide):
             global_guide=global_guide,
             create_plates=create_plates,
         )
-        self.num_flows = num_flows
+        self.num_transforms = num_transforms
         self.auxiliary = auxiliary
+
+    family = "flow"
 
     def _network(self, input_dim: int, output_dim: int) -> ConditionalDenseNN:
         """A network with outputs (m, log s), both zero until it learns."""
@@ -496,16 +571,18 @@ class AutoAmortizedFlow(_AmortizedFlowGuide):
         D = latent_dim
         if self.auxiliary:
             self.auxiliary_prior = self._coupling(D, D)  # q(v0 | x, z0)
-            self.flow = nn.ModuleList(self._coupling(D, D) for _ in range(2 * self.num_flows))
+            self.flow = nn.ModuleList(self._coupling(D, D) for _ in range(2 * self.num_transforms))
             # r(v | x, z) starts as N(0, 1), the law of v0 under the identity flow
             self.reverse = self._network(D, D)
             return
-        if D < 2 and self.num_flows:
+        if D < 2 and self.num_transforms:
             raise ValueError(
-                "AutoAmortizedFlow: Real-NVP coupling (auxiliary=False) needs at least 2 "
+                f"{type(self).__name__}: Real-NVP coupling (auxiliary=False) needs at least 2 "
                 f"unconstrained local latent dimensions, the model has {D}; use auxiliary=True"
             )
-        self.flow = nn.ModuleList(self._coupling(D // 2, D - D // 2) for _ in range(self.num_flows))
+        self.flow = nn.ModuleList(
+            self._coupling(D // 2, D - D // 2) for _ in range(self.num_transforms)
+        )
 
     def _posterior(self, loc: Tensor, scale: Tensor, h: Tensor) -> dist.TransformedDistribution:
         """q(z_T, v_T | x) (or q(z_T | x) without the auxiliary): batch ``[batch]``."""
@@ -524,14 +601,14 @@ class AutoAmortizedFlow(_AmortizedFlowGuide):
             transforms += [step.condition(h), swap]
         return dist.TransformedDistribution(base, transforms)
 
-    def _architecture(self) -> dict:
+    def architecture(self) -> dict:
         return {
-            "num_flows": self.num_flows,
+            "num_transforms": self.num_transforms,
             "flow_hidden_dims": self.flow_hidden_dims,
             "auxiliary": self.auxiliary,
         }
 
-    def _conditional_networks(self) -> list[tuple[nn.Module, str]]:
+    def conditional_networks(self) -> list[tuple[nn.Module, str]]:
         networks = [(step, "nn") for step in self.flow]
         if self.auxiliary:
             networks = [(self.auxiliary_prior, "nn"), *networks, (self, "reverse")]
@@ -544,3 +621,25 @@ class AutoAmortizedFlow(_AmortizedFlowGuide):
         z, v = latent[..., :D], latent[..., D:]
         loc, log_scale = self.reverse(z, context=h)
         return -dist.Normal(loc, log_scale.exp()).log_prob(v).sum(-1)
+
+
+class AutoAmortizedFlow(AutoAmortizedRealNVP):
+    """Deprecated name of :class:`AutoAmortizedRealNVP` (the name did not say which flow).
+
+    It keeps its own name in Pyro's param store (``"AutoAmortizedFlow.encoder$$$..."``), so
+    a store saved from it loads into it.
+    """
+
+    def __init__(self, model: Callable, **kwargs):
+        warnings.warn(
+            "AutoAmortizedFlow is deprecated and will be removed in the next release; use "
+            "AutoAmortizedRealNVP (the same guide), with num_transforms= for num_flows=",
+            FutureWarning,
+            stacklevel=2,
+        )
+        super().__init__(model, **kwargs)
+
+    @property
+    def num_flows(self) -> int:
+        """Deprecated: :attr:`num_transforms`."""
+        return self.num_transforms

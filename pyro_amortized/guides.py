@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import NamedTuple
@@ -21,11 +22,27 @@ from pyro.poutine.util import is_validation_enabled
 from torch import Tensor, nn
 from torch.distributions.transforms import ComposeTransform, IndependentTransform, Transform
 
-from .encoders import MLPEncoder
+from .encoders import EncoderOutput, MLPEncoder
 
-__all__ = ["AutoAmortizedGuide", "AutoAmortizedNormal"]
+__all__ = ["AutoAmortizedGuide", "AutoAmortizedNormal", "ContextSpec", "GuideCall"]
 
+#: What an amortized guide's encoder sees: see :class:`AutoAmortizedGuide`'s ``context``.
 ContextSpec = int | str | Callable[..., Tensor] | None
+
+
+class GuideCall(NamedTuple):
+    """One call of an amortized guide before its local sites are sampled.
+
+    :meth:`AutoAmortizedGuide.prepare` makes the call's plates and samples its global
+    sites; :meth:`AutoAmortizedGuide.sample_local` then samples the local sites under the
+    same plates, from any :class:`~pyro_amortized.encoders.EncoderOutput` (the encoder's,
+    or refined parameters).
+    """
+
+    plates: dict[str, pyro.plate]  # every plate of the guide, by name
+    plate: pyro.plate  # the local plate, over this call's datapoints
+    values: dict[str, Tensor]  # the global sites' values this call drew
+    rows: Tensor  # the encoder's input: the context rows of the plate's datapoints
 
 
 class _LocalSite(NamedTuple):
@@ -64,7 +81,8 @@ def _model_signature(model: Callable) -> inspect.Signature | None:
 
 
 class AutoAmortizedGuide(AutoGuide):
-    r"""Base class of the amortized autoguides: site discovery, plates and context.
+    r"""Base class of the amortized autoguides: site discovery, plates, context, and the
+    guide API that every amortized guide answers.
 
     On its first call the guide traces the model once and splits its latent sites into
     **local** sites (inside the plate named ``local_plate``) and **global** sites
@@ -107,7 +125,17 @@ class AutoAmortizedGuide(AutoGuide):
       (``"AutoAmortizedNormal.encoder$$$head.weight"``); a guide called after
       ``pyro.get_param_store().load(path)`` takes the stored tensors of its names, as
       ``pyro.module(..., update_module_params=True)`` does, and trains them.
+
+    **The guide API.** Every amortized guide answers :meth:`posterior` (the
+    per-datapoint distribution of the joint unconstrained local latent, built from the
+    encoder's output by :meth:`local_distribution`), :meth:`median` and
+    :meth:`quantiles`, and samples in two public steps, :meth:`prepare` then
+    :meth:`sample_local`, so that a wrapper can change the local parameters in between
+    (:class:`~pyro_amortized.SemiAmortizedGuide` refines them there).
     """
+
+    #: The family of per-datapoint posterior: ``"normal"``, ``"flow"`` or ``"iaf"``.
+    family: str = ""
 
     def __init__(
         self,
@@ -146,13 +174,116 @@ class AutoAmortizedGuide(AutoGuide):
         self._default_encoder = False  # subclasses that build an MLPEncoder set it
         self._minibatch_context = False  # see _local_plate_args
         self._context_row_shape: torch.Size | None = None  # what the default encoder takes
-        # set by a SemiAmortizedGuide while it calls this guide: see _encode_plate
-        self._refiner: Callable | None = None
 
     @property
     def latent_dim(self) -> int:
         """Total unconstrained size of the local sites per datapoint (0 before the first call)."""
         return self._latent_dim
+
+    @property
+    def local_sites(self) -> tuple[str, ...]:
+        """The names of the local sites, in the order of the joint latent's columns."""
+        return tuple(site.name for site in self._local_sites)
+
+    # ------------------------------------------------------------ guide API
+    def setup(self, *args, **kwargs) -> None:
+        """Trace the model and build the networks, as the first call does (a no-op after it).
+
+        Nothing is sampled into an outer trace; the model's own draws use the global
+        random state, as any autoguide's first call does.
+        """
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        self._load_networks_from_param_store()
+
+    def prepare(self, *args, **kwargs) -> GuideCall:
+        """The first half of a call: plates made, global sites sampled, rows selected.
+
+        ``guide(*args, **kwargs)`` is ``guide.sample_local(call, guide.encode_rows(call.rows))``
+        with ``call = guide.prepare(*args, **kwargs)``.
+        """
+        self.setup(*args, **kwargs)
+        context = self._raw_context(args, kwargs)
+        plates = self._make_plates(context.shape[0], args, kwargs)
+        values = self._global_sample(*args, **kwargs)
+        plate = plates[self.local_plate]
+        return GuideCall(plates, plate, values, self._select_rows(context, plate, args, kwargs))
+
+    def encode_rows(self, rows: Tensor) -> EncoderOutput:
+        """The encoder's output for context rows, one row per datapoint."""
+        return EncoderOutput(*self._encode(rows))
+
+    def encoder_output(self, *args, **kwargs) -> EncoderOutput:
+        """The encoder's output for the datapoints of a model call (its minibatch rows,
+        when the model's arguments carry subsample indices)."""
+        self.setup(*args, **kwargs)
+        return self.encode_rows(
+            self._select_rows(self._raw_context(args, kwargs), None, args, kwargs)
+        )
+
+    def sample_local(self, call: GuideCall, output: EncoderOutput) -> dict[str, Tensor]:
+        """The second half of a call: the local sites sampled from ``output`` under the
+        call's plates. Returns every site's value, the call's globals included."""
+        raise NotImplementedError
+
+    def local_distribution(self, output: EncoderOutput) -> torch.distributions.Distribution:
+        """The distribution of the joint unconstrained local latent for an encoder output:
+        batch shape ``[batch]``, event shape ``[latent_dim]``, columns in the order of
+        :attr:`local_sites`."""
+        raise NotImplementedError
+
+    def posterior(self, *args, **kwargs) -> torch.distributions.Distribution:
+        """The posterior of the joint unconstrained local latent of a model call's
+        datapoints (:meth:`local_distribution` of :meth:`encoder_output`): batch shape
+        ``[batch]``, event shape ``[latent_dim]``. :meth:`latent_to_sites` maps its
+        samples to the sites."""
+        return self.local_distribution(self.encoder_output(*args, **kwargs))
+
+    def latent_to_sites(self, latent: Tensor) -> dict[str, Tensor]:
+        """Each local site's constrained value in a ``[..., batch, latent_dim]`` joint
+        unconstrained latent, in the model's layout (the plate's dimension where the
+        model puts it)."""
+        result = {}
+        for site in self._local_sites:
+            block = self._split(latent, site)
+            result[site.name] = block if site.transform is None else site.transform(block)
+        return result
+
+    @torch.no_grad()
+    def median(self, *args, **kwargs) -> dict[str, Tensor]:
+        """A point estimate of every latent site: locals per datapoint, and globals.
+
+        The posterior median for :class:`AutoAmortizedNormal`; a flow guide gives its
+        flow's image of the base median (see its docstring).
+        """
+        self.setup(*args, **kwargs)
+        result = self._global_call("median", *args, **kwargs)
+        result.update(
+            self.latent_to_sites(self._median_latent(self.encoder_output(*args, **kwargs)))
+        )
+        return result
+
+    @torch.no_grad()
+    def quantiles(self, quantiles: Sequence[float] | Tensor, *args, **kwargs) -> dict[str, Tensor]:
+        """Posterior quantiles of every latent site (locals per datapoint, and globals);
+        each result has a leading dimension of the quantiles."""
+        self.setup(*args, **kwargs)
+        result = self._global_call("quantiles", quantiles, *args, **kwargs)
+        output = self.encoder_output(*args, **kwargs)
+        q = torch.as_tensor(quantiles, dtype=output.loc.dtype, device=output.loc.device)
+        result.update(self._local_quantiles(output, q))
+        return result
+
+    def _median_latent(self, output: EncoderOutput) -> Tensor:
+        """The joint unconstrained latent that :meth:`median` maps to the sites."""
+        raise NotImplementedError
+
+    def _local_quantiles(self, output: EncoderOutput, q: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def forward(self, *args, **kwargs) -> dict[str, Tensor]:
+        call = self.prepare(*args, **kwargs)
+        return self.sample_local(call, self.encode_rows(call.rows))
 
     # ----------------------------------------------------------------- setup
     def _setup_prototype(self, *args, **kwargs) -> None:
@@ -576,20 +707,6 @@ class AutoAmortizedGuide(AutoGuide):
             self._check_rows(rows, plate.size, plate.subsample_size)
         return context
 
-    def _encode_plate(
-        self, context: Tensor, plate: pyro.plate, globals_: dict[str, Tensor], args, kwargs
-    ) -> tuple[Tensor, ...]:
-        """The encoder's output for the datapoints of ``plate`` (``globals_``: this call's
-        global values); a :class:`~pyro_amortized.SemiAmortizedGuide` wrapping the guide
-        refines it here."""
-
-        def encode() -> tuple[Tensor, ...]:
-            return self._encode(self._select_rows(context, plate, args, kwargs))
-
-        if self._refiner is None:
-            return encode()
-        return self._refiner(encode, plate, globals_)
-
     def _get_context(self, plate: pyro.plate | None, args, kwargs) -> Tensor:
         return self._select_rows(self._raw_context(args, kwargs), plate, args, kwargs)
 
@@ -708,6 +825,8 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
         (Rezende, Mohamed and Wierstra, 2014).
     """
 
+    family = "normal"
+
     def __init__(
         self,
         model: Callable,
@@ -779,63 +898,54 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
             return base
         return dist.TransformedDistribution(base, [site.transform])
 
-    def forward(self, *args, **kwargs) -> dict[str, Tensor]:
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        self._load_networks_from_param_store()
-        context = self._raw_context(args, kwargs)
-        plates = self._make_plates(context.shape[0], args, kwargs)
-        result = self._global_sample(*args, **kwargs)
-        plate = plates[self.local_plate]
-        loc, scale = self._encode_plate(context, plate, result, args, kwargs)
+    def sample_local(self, call: GuideCall, output: EncoderOutput) -> dict[str, Tensor]:
+        result = dict(call.values)
         for site in self._local_sites:
             with ExitStack() as stack:
                 for frame in site.frames:
-                    stack.enter_context(plates[frame.name])
+                    stack.enter_context(call.plates[frame.name])
                 if site.scale != 1.0:
                     stack.enter_context(poutine.scale(scale=site.scale))
                 result[site.name] = pyro.sample(
-                    site.name, self._site_distribution(site, loc, scale)
+                    site.name, self._site_distribution(site, output.loc, output.scale)
                 )
         return result
 
-    def encode(self, *args, **kwargs) -> dict[str, torch.distributions.Distribution]:
-        """The posterior of every local site for the datapoints in the model's arguments.
+    def local_distribution(self, output: EncoderOutput) -> dist.Distribution:
+        return dist.Normal(output.loc, output.scale).to_event(1)
+
+    def site_posteriors(self, *args, **kwargs) -> dict[str, torch.distributions.Distribution]:
+        """The posterior of every local site for a model call's datapoints: the mean-field
+        factors of :meth:`posterior`, each mapped to its site's support.
 
         Returns:
             A dict from local site name to its distribution, with the local plate's
             dimension in the place the model gives it.
         """
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        self._load_networks_from_param_store()
-        loc, scale = self._encode(self._get_context(None, args, kwargs))
-        return {site.name: self._site_distribution(site, loc, scale) for site in self._local_sites}
+        output = self.encoder_output(*args, **kwargs)
+        return {
+            site.name: self._site_distribution(site, output.loc, output.scale)
+            for site in self._local_sites
+        }
 
-    @torch.no_grad()
-    def median(self, *args, **kwargs) -> dict[str, Tensor]:
-        """Posterior median of every latent site (locals per datapoint, and globals)."""
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        self._load_networks_from_param_store()
-        result = self._global_call("median", *args, **kwargs)
-        loc, _ = self._encode(self._get_context(None, args, kwargs))
-        for site in self._local_sites:
-            median = self._split(loc, site)
-            result[site.name] = median if site.transform is None else site.transform(median)
-        return result
+    def encode(self, *args, **kwargs) -> dict[str, torch.distributions.Distribution]:
+        """Deprecated name of :meth:`site_posteriors`."""
+        warnings.warn(
+            "AutoAmortizedNormal.encode() is deprecated and will be removed in the next "
+            "release; use guide.site_posteriors(*args) (the same), or guide.posterior(*args), "
+            "which every amortized guide answers",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self.site_posteriors(*args, **kwargs)
 
-    @torch.no_grad()
-    def quantiles(self, quantiles: Sequence[float] | Tensor, *args, **kwargs) -> dict[str, Tensor]:
-        """Posterior quantiles of every latent site; each result has a leading quantile dim."""
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        self._load_networks_from_param_store()
-        result = self._global_call("quantiles", quantiles, *args, **kwargs)
-        loc, scale = self._encode(self._get_context(None, args, kwargs))
-        q = torch.as_tensor(quantiles, dtype=loc.dtype, device=loc.device)
+    def _median_latent(self, output: EncoderOutput) -> Tensor:
+        return output.loc
+
+    def _local_quantiles(self, output: EncoderOutput, q: Tensor) -> dict[str, Tensor]:
+        result = {}
         for site in self._local_sites:
-            site_loc, site_scale = self._split(loc, site), self._split(scale, site)
+            site_loc, site_scale = self._split(output.loc, site), self._split(output.scale, site)
             q_site = q.reshape((-1,) + (1,) * site_loc.dim())
             values = dist.Normal(site_loc, site_scale).icdf(q_site)
             result[site.name] = values if site.transform is None else site.transform(values)

@@ -35,6 +35,8 @@ __all__ = [
     "ParticleVectorizationError",
     "Trace_IWELBO",
     "log_weights",
+    "site_log_prob",
+    "stop_distribution",
 ]
 
 #: Gradient estimators of :class:`Trace_IWELBO`.
@@ -97,7 +99,7 @@ def _stop_value(value, site: str):
     if isinstance(value, Tensor):
         return value.detach()
     if isinstance(value, Distribution):
-        return _stop_distribution(value, site)
+        return stop_distribution(value, site)
     if isinstance(value, Transform):
         return _stop_transform(value, site)
     if isinstance(value, (list, tuple)) and any(isinstance(v, Transform) for v in value):
@@ -145,8 +147,9 @@ def _refuse_module(module, site: str) -> None:
     )
 
 
-def _stop_distribution(fn: Distribution, site: str) -> Distribution:
-    """``fn`` with every parameter detached: log q(z; stop_gradient(phi)) as a function of z.
+def stop_distribution(fn: Distribution, site: str) -> Distribution:
+    """``fn`` with every parameter detached: log q(z; stop_gradient(phi)) as a function of z
+    (what the STL and DReG estimators evaluate; ``site`` names the site in errors).
 
     A ``Delta`` is kept as it is: its log-density (the Jacobian of a reparameterization,
     as in Pyro's autoguides) depends on parameters only through the sampled values.
@@ -173,7 +176,7 @@ def _independent_bernoulli_log_prob(fn: Independent, value: Tensor) -> Tensor:
     return -_sum_rightmost(loss, fn.reinterpreted_batch_ndims)
 
 
-def _log_prob(site) -> Tensor:
+def site_log_prob(site) -> Tensor:
     fn = site["fn"]
     if (
         isinstance(fn, Independent)
@@ -649,7 +652,7 @@ class Trace_IWELBO(ELBO):
                     site["type"] == "sample"
                     and not isinstance(site["fn"], _Subsample)
                     and not any(f.name == name for f in site["cond_indep_stack"])
-                    and _reads_particles(site, _log_prob(site), size)
+                    and _reads_particles(site, site_log_prob(site), size)
                 ):
                     return True
         return False
@@ -705,10 +708,15 @@ class Trace_IWELBO(ELBO):
             ) from error
         return model_trace, guide_trace
 
-    def _get_trace(self, model, guide, args, kwargs):
-        """One (model trace, guide trace) pair, particles included (Pyro's ELBO interface)."""
+    def get_traces(self, model: Callable, guide: Callable, *args, **kwargs):
+        """One ``(model_trace, guide_trace)`` pair as the bound draws it: with the
+        particle dimension (vectorized particles) and the globals shared by all particles."""
         self._ensure_setup(model, guide, args, kwargs)
         return self._traces(model, guide, args, kwargs)
+
+    def _get_trace(self, model, guide, args, kwargs):
+        """Pyro's ELBO interface: :meth:`get_traces`."""
+        return self.get_traces(model, guide, *args, **kwargs)
 
     def _terms(self, model_trace, guide_trace, stopped: bool) -> LogWeights:
         """Log-densities split into per-(particle, datapoint) local parts and global sums."""
@@ -747,8 +755,8 @@ class Trace_IWELBO(ELBO):
                 # DReG reweights the gradient through a reparameterized local sample
                 sample = guide_latent and not score and not isinstance(site["fn"], Delta)
                 if stopped and guide_latent and not score:
-                    site = dict(site, fn=_stop_distribution(site["fn"], name))
-                log_p = _log_prob(site)
+                    site = dict(site, fn=stop_distribution(site["fn"], name))
+                log_p = site_log_prob(site)
                 if score:
                     unscaled = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
                     stack = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
@@ -1086,8 +1094,8 @@ def _rows_coupled(
         if frame is None or other is None:
             continue
         with torch.no_grad():
-            before = _per_datapoint(_log_prob(site), frame.dim - 1, frame.dim)
-            after = _per_datapoint(_log_prob(other), frame.dim - 1, frame.dim)
+            before = _per_datapoint(site_log_prob(site), frame.dim - 1, frame.dim)
+            after = _per_datapoint(site_log_prob(other), frame.dim - 1, frame.dim)
         if before.shape != after.shape or before.shape[-1] < 2:
             continue
         before, after = before[..., 1:], after[..., 1:]
@@ -1135,7 +1143,7 @@ def _downstream_costs(model_trace, guide_trace) -> MultiFrameTensor:
     latent ones, as a MultiFrameTensor for per-plate sums."""
 
     def scaled(site):
-        log_p = _log_prob(site)
+        log_p = site_log_prob(site)
         return log_p if _is_one(site["scale"]) else log_p * site["scale"]
 
     log_r = MultiFrameTensor()

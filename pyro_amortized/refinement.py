@@ -10,7 +10,9 @@ steps: at evaluation only, or in training as SAVI or SA-VAE do.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import pyro
@@ -18,33 +20,83 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from .guides import AutoAmortizedGuide
-from .local import (
-    _check_counts,
-    _clip_rows,
-    _family,
-    _fix_globals,
-    _local_guide,
-    _PerDatapointOptimizer,
-)
+from .checks import check_count, check_counts, check_probability, check_rate, options_from, renamed
+from .encoders import EncoderOutput
+from .guides import AutoAmortizedGuide, GuideCall
 from .objectives import Trace_IWELBO
+from .perdatapoint import (
+    OPTIMIZERS,
+    PerDatapointOptimizer,
+    fix_globals,
+    per_datapoint_guide,
+    run_per_datapoint,
+)
 
-__all__ = ["MODES", "Refined", "SemiAmortizedGuide", "refine"]
+__all__ = ["ESTIMATORS", "MODES", "RefineOptions", "Refined", "SemiAmortizedGuide", "refine"]
 
-OPTIMIZERS = ("adam", "sgd")
 #: When :class:`SemiAmortizedGuide` refines, and what it trains with the refined posterior.
 MODES = ("test", "savi", "sa-vae")
-# refine's options besides num_steps, with their defaults
-REFINE_DEFAULTS = {
-    "step_size": 2e-2,
-    "optimizer": "adam",
-    "momentum": 0.0,
-    "num_particles": 1,
-    "estimator": "iwae",
-    "max_grad_norm": None,
-}
+#: The inner steps' gradient estimators.
+ESTIMATORS = ("iwae", "stl")
+
+
+@dataclass(frozen=True)
+class RefineOptions:
+    """The options of refinement (:func:`refine`, :class:`SemiAmortizedGuide`, and
+    :func:`~pyro_amortized.diagnostics.inference_gaps`'s ``refine_options``), validated.
+
+    Arguments:
+        num_steps: Gradient steps per datapoint (0: none).
+        lr: The inner optimizer's learning rate. On 500 binarized-MNIST test images of a
+            VAE trained 30 epochs with the ELBO, Adam with 10 draws a step recovered 75%,
+            85%, 86% and 84% of the amortization gap in 20 steps at 1e-2, 2e-2, 3e-2 and
+            5e-2, and 97%, 96%, 94% and 89% in 100 steps.
+        optimizer: ``"adam"`` or ``"sgd"``.
+        momentum: SGD's momentum (``optimizer="sgd"`` only; Kim et al. use 0.5 with a
+            learning rate of 1).
+        num_particles: Draws of each step's ELBO estimate.
+        estimator: ``"iwae"`` (the reparameterized gradient) or ``"stl"`` (sticking the
+            landing: zero variance once the posterior is exact).
+        max_grad_norm: Clip each datapoint's gradient to this norm (``None``: no clipping).
+    """
+
+    num_steps: int = 20
+    lr: float = 2e-2
+    optimizer: str = "adam"
+    momentum: float = 0.0
+    num_particles: int = 1
+    estimator: str = "iwae"
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        self.check(type(self).__name__)
+
+    def check(self, owner: str) -> None:
+        """Raise a ``ValueError`` naming ``owner`` for the first invalid option."""
+        check_count(owner, "num_steps", self.num_steps, minimum=0)
+        check_counts(owner, num_particles=self.num_particles)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"{owner}: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
+            )
+        check_rate(owner, "lr", self.lr)
+        check_probability(owner, "momentum", self.momentum, high=False)
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"{owner}: momentum is SGD's; pass optimizer='sgd' or momentum=0")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"{owner}: estimator must be 'iwae' or 'stl', got {self.estimator!r}")
+        check_rate(owner, "max_grad_norm", self.max_grad_norm, optional=True)
+
+    def optimizer_for(self, params: list[Tensor]) -> PerDatapointOptimizer:
+        """The per-datapoint optimizer these options describe, on ``params``."""
+        return PerDatapointOptimizer(
+            params,
+            optimizer=self.optimizer,
+            lr=self.lr,
+            momentum=self.momentum,
+            max_grad_norm=self.max_grad_norm,
+        )
 
 
 class Refined(NamedTuple):
@@ -58,16 +110,16 @@ class Refined(NamedTuple):
 
 
 def refine(
-    guide: AutoAmortizedGuide,
     model: Callable,
+    guide: AutoAmortizedGuide,
     *args,
-    num_steps: int = 20,
-    step_size: float = 2e-2,
-    optimizer: str = "adam",
-    momentum: float = 0.0,
-    num_particles: int = 1,
-    estimator: str = "iwae",
-    max_grad_norm: float | None = None,
+    num_steps: int = RefineOptions.num_steps,
+    lr: float = RefineOptions.lr,
+    optimizer: str = RefineOptions.optimizer,
+    momentum: float = RefineOptions.momentum,
+    num_particles: int = RefineOptions.num_particles,
+    estimator: str = RefineOptions.estimator,
+    max_grad_norm: float | None = RefineOptions.max_grad_norm,
     progress: bool = False,
     **kwargs,
 ) -> Refined:
@@ -75,27 +127,19 @@ def refine(
 
     Each datapoint's posterior starts at the encoder's output and takes ``num_steps``
     steps of Adam or SGD on its own ELBO estimate (``num_particles`` draws a step); all
-    datapoints move together in one batched tensor program, and each datapoint's steps
+    datapoints move together in one batched tensor program
+    (:func:`~pyro_amortized.perdatapoint.run_per_datapoint`), and each datapoint's steps
     are exactly those it would take alone. Only the per-datapoint (loc, scale) move: the
     model's parameters, the encoder's and a flow's networks are held fixed (a flow guide
     keeps its flow, at each datapoint's own context, on top of the refined base Normal).
     Globals are fixed at the guide's median.
 
     Arguments:
-        guide: An amortized guide.
         model: The model (called with all its datapoints at once).
+        guide: An amortized guide.
         *args: The model's arguments.
-        num_steps: Gradient steps per datapoint.
-        step_size: The optimizer's learning rate. On 500 binarized-MNIST test images of a
-            VAE trained 30 epochs with the ELBO, Adam with 10 draws a step recovered 75%,
-            85%, 86% and 84% of the amortization gap in 20 steps at 1e-2, 2e-2, 3e-2 and
-            5e-2, and 97%, 96%, 94% and 89% in 100 steps.
-        optimizer: ``"adam"`` or ``"sgd"``.
-        momentum: SGD's momentum (``optimizer="sgd"`` only).
-        num_particles: Draws of each step's ELBO estimate.
-        estimator: ``"iwae"`` (the reparameterized gradient) or ``"stl"`` (sticking the
-            landing: zero variance once the posterior is exact).
-        max_grad_norm: Clip each datapoint's gradient to this norm (``None``: no clipping).
+        num_steps, lr, optimizer, momentum, num_particles, estimator, max_grad_norm: See
+            :class:`RefineOptions`.
         progress: Show a ``tqdm`` progress bar (on stderr).
         **kwargs: The model's keyword arguments.
 
@@ -103,49 +147,76 @@ def refine(
         A :class:`Refined`: the model and a guide for the refined posteriors (both with the
         globals fixed), the refined base parameters and every step's bound estimates.
 
+    The old order ``refine(guide, model, ...)`` and ``step_size=`` still work for one
+    release, with a ``FutureWarning``.
+
     References:
         Inference Suboptimality in Variational Autoencoders (Cremer, Li and Duvenaud, 2018).
         Semi-Amortized Variational Autoencoders (Kim, Wiseman, Miller, Sontag and Rush, 2018).
         On the Challenges of Learning with Inference Networks on Sparse, High-dimensional
         Data (Krishnan, Liang and Hoffman, 2018).
     """
+    if isinstance(model, AutoAmortizedGuide) and not isinstance(guide, AutoAmortizedGuide):
+        warnings.warn(
+            "refine(guide, model, ...) is deprecated and will be removed in the next release; "
+            "pass the model first, refine(model, guide, ...), as Pyro's SVI and ELBOs take them",
+            FutureWarning,
+            stacklevel=2,
+        )
+        model, guide = guide, model
+    if "step_size" in kwargs:  # the old name, which the model does not take
+        lr = renamed("refine", "step_size", "lr", kwargs.pop("step_size"))
     if not isinstance(guide, AutoAmortizedGuide):
         raise ValueError(f"refine: the guide ({type(guide).__name__}) is not an AutoAmortizedGuide")
-    _check_refine_options(
+    options = options_from(
+        RefineOptions,
         "refine",
-        num_steps=num_steps,
-        step_size=step_size,
-        optimizer=optimizer,
-        momentum=momentum,
-        num_particles=num_particles,
-        estimator=estimator,
-        max_grad_norm=max_grad_norm,
+        dict(
+            num_steps=num_steps,
+            lr=lr,
+            optimizer=optimizer,
+            momentum=momentum,
+            num_particles=num_particles,
+            estimator=estimator,
+            max_grad_norm=max_grad_norm,
+        ),
     )
-    model, _, local_plate, globals_ = _fix_globals(model, guide, args, kwargs, "refine")
-    family = _family(guide, "refine")
-    local_guide, params = _local_guide(
-        model, guide, args, kwargs, local_plate, family, "encoder", 1, None
+    return refine_with(model, guide, args, kwargs, options, progress=progress)
+
+
+def refine_with(
+    model: Callable,
+    guide: AutoAmortizedGuide,
+    args: tuple,
+    kwargs: Mapping,
+    options: RefineOptions,
+    *,
+    progress: bool = False,
+) -> Refined:
+    """:func:`refine` with its options as a :class:`RefineOptions`."""
+    fixed = fix_globals(model, guide, args, kwargs, owner="refine")
+    local_guide, params = per_datapoint_guide(
+        fixed.model, guide, args, kwargs, local_plate=fixed.local_plate, family=guide.family
     )
     base = params[:2]  # the table's loc and log scale; a flow's networks stay the guide's
-    if globals_:
-        local_guide = poutine.condition(local_guide, data=globals_)
-    elbo = Trace_IWELBO(num_particles, local_plate=local_plate)
-    step = _PerDatapointOptimizer(
-        base, optimizer, step_size, momentum=momentum, max_grad_norm=max_grad_norm
+    if fixed.values:
+        local_guide = poutine.condition(local_guide, data=fixed.values)
+    elbo = Trace_IWELBO(options.num_particles, local_plate=fixed.local_plate)
+    stop_guide = options.estimator == "stl"
+
+    def bound(_: list[Tensor]) -> Tensor:  # the base moves in place, in the guide's table
+        weights = elbo.log_weights(fixed.model, local_guide, *args, stop_guide=stop_guide, **kwargs)
+        return weights.log_w.mean(0)
+
+    run = run_per_datapoint(
+        bound,
+        options.optimizer_for(base),
+        num_steps=options.num_steps,
+        progress=progress,
+        desc="refine",
     )
-    bounds = []
-    for _ in tqdm(range(num_steps), desc="refine", unit="step", disable=not progress):
-        weights = elbo.log_weights(
-            model, local_guide, *args, stop_guide=estimator == "stl", **kwargs
-        )
-        bound = weights.log_w.mean(0)
-        grads = torch.autograd.grad(-bound.sum(), base)
-        step.step(grads)
-        bounds.append(bound.detach())
-    N = step.num_rows
-    bounds = torch.stack(bounds) if bounds else base[0].new_zeros(0, N)
     loc, log_scale = (p.detach() for p in base)
-    return Refined(model, local_guide, loc, log_scale.exp(), bounds)
+    return Refined(fixed.model, local_guide, loc, log_scale.exp(), run.bounds)
 
 
 class SemiAmortizedGuide(nn.Module):
@@ -183,15 +254,14 @@ class SemiAmortizedGuide(nn.Module):
 
     Arguments:
         guide: An amortized guide.
-        num_steps: Gradient steps per datapoint and call (0: the plain guide).
-        step_size: The inner optimizer's learning rate (see :func:`refine`).
-        optimizer: ``"adam"`` or ``"sgd"``.
-        momentum: SGD's momentum (Kim et al. use 0.5 with step size 1).
-        num_particles: Draws of each step's ELBO estimate.
         mode: ``"test"``, ``"savi"`` or ``"sa-vae"``.
-        estimator: ``"iwae"`` or ``"stl"``: the inner steps' gradient estimator.
-        max_grad_norm: Clip each datapoint's step gradient to this norm (``None``: no
-            clipping).
+        num_steps, lr, optimizer, momentum, num_particles, estimator, max_grad_norm: See
+            :class:`RefineOptions` (``num_steps=0`` gives the plain guide). The old
+            ``step_size=`` still works for one release, with a ``FutureWarning``.
+
+    The guide composes through the guide API: :meth:`~AutoAmortizedGuide.prepare` draws
+    the call's globals, the encoder's output is refined, and
+    :meth:`~AutoAmortizedGuide.sample_local` samples the local sites from the result.
 
     Example:
         >>> from pyro_amortized import AutoAmortizedNormal, Trace_IWELBO
@@ -215,42 +285,48 @@ class SemiAmortizedGuide(nn.Module):
         self,
         guide: AutoAmortizedGuide,
         *,
-        num_steps: int = 20,
-        step_size: float = 2e-2,
-        optimizer: str = "adam",
-        momentum: float = 0.0,
-        num_particles: int = 1,
         mode: str = "test",
-        estimator: str = "iwae",
-        max_grad_norm: float | None = None,
+        num_steps: int = RefineOptions.num_steps,
+        lr: float = RefineOptions.lr,
+        optimizer: str = RefineOptions.optimizer,
+        momentum: float = RefineOptions.momentum,
+        num_particles: int = RefineOptions.num_particles,
+        estimator: str = RefineOptions.estimator,
+        max_grad_norm: float | None = RefineOptions.max_grad_norm,
+        step_size: float | None = None,
     ):
         if not isinstance(guide, AutoAmortizedGuide):
             raise ValueError(
                 f"SemiAmortizedGuide: the guide ({type(guide).__name__}) is not an "
                 "AutoAmortizedGuide; wrap an AutoAmortizedNormal, AutoAmortizedIAF or "
-                "AutoAmortizedFlow"
+                "AutoAmortizedRealNVP"
             )
         if mode not in MODES:
             raise ValueError(f"SemiAmortizedGuide: mode must be one of {MODES}, got {mode!r}")
-        _check_refine_options(
+        if step_size is not None:
+            lr = renamed("SemiAmortizedGuide", "step_size", "lr", step_size)
+        options = options_from(
+            RefineOptions,
             "SemiAmortizedGuide",
-            num_steps=num_steps,
-            step_size=step_size,
-            optimizer=optimizer,
-            momentum=momentum,
-            num_particles=num_particles,
-            estimator=estimator,
-            max_grad_norm=max_grad_norm,
+            dict(
+                num_steps=num_steps,
+                lr=lr,
+                optimizer=optimizer,
+                momentum=momentum,
+                num_particles=num_particles,
+                estimator=estimator,
+                max_grad_norm=max_grad_norm,
+            ),
         )
         super().__init__()
         self.guide = guide
-        self.num_steps, self.step_size, self.optimizer = num_steps, step_size, optimizer
-        self.momentum, self.num_particles, self.mode = momentum, num_particles, mode
-        self.estimator, self.max_grad_norm = estimator, max_grad_norm
-        self._elbo = Trace_IWELBO(num_particles, local_plate=guide.local_plate)
-        # what the inner steps condition on: this call's globals (and plate indices)
-        self._data: dict[str, Tensor] = {}
-        self._inner = (_Conditioned(guide.model, self), _Conditioned(guide, self))
+        self.mode = mode
+        self.options = options
+        self._elbo = Trace_IWELBO(options.num_particles, local_plate=guide.local_plate)
+        # The inner (model, guide) pair: one pair for all calls, so that the inner ELBO
+        # sets itself up once; each step tells it this call's globals and parameters.
+        self._step = _InnerStep()
+        self._inner = (_ConditionedModel(guide.model, self._step), _AtParameters(guide, self._step))
 
     @property
     def local_plate(self) -> str:
@@ -264,74 +340,64 @@ class SemiAmortizedGuide(nn.Module):
 
     def refines(self) -> bool:
         """Whether a call now refines: in evaluation always, in training unless ``"test"``."""
-        return self.num_steps > 0 and (not self.training or self.mode != "test")
+        return self.options.num_steps > 0 and (not self.training or self.mode != "test")
 
     def forward(self, *args, **kwargs) -> dict[str, Tensor]:
         if not self.refines():
             return self.guide(*args, **kwargs)
-        guide, previous = self.guide, self.guide._refiner
-        guide._refiner = lambda encode, plate, globals_: self._refine(
-            encode, plate, globals_, args, kwargs
-        )
-        try:
-            return guide(*args, **kwargs)
-        finally:
-            guide._refiner = previous
+        call = self.guide.prepare(*args, **kwargs)
+        output = self.guide.encode_rows(call.rows)
+        return self.guide.sample_local(call, self._refine(call, output, args, kwargs))
 
-    def _refine(
-        self, encode: Callable, plate: pyro.plate, globals_: dict[str, Tensor], args, kwargs
-    ) -> tuple[Tensor, ...]:
-        """The guide's encoder output for ``plate``'s datapoints, with the base refined."""
-        out = tuple(encode())
+    def _refine(self, call: GuideCall, out: EncoderOutput, args, kwargs) -> EncoderOutput:
+        """The encoder's output for the call's datapoints, with the base refined."""
+        options = self.options
         # under no_grad (a loss's value, fit's warm-up) training mode refines all the same
         training = self.training and torch.is_grad_enabled()
         unrolled = training and self.mode == "sa-vae"
-        data = dict(globals_)
+        data = dict(call.values)
+        plate = call.plate
         if plate.subsample_size < plate.size:  # the steps see this call's rows
             data[plate.name] = plate.indices
-        start = [out[0], out[1].log()]
-        rest = out[2:] if unrolled else tuple(t.detach() for t in out[2:])
-        with torch.enable_grad():
-            base = start if unrolled else [t.detach().requires_grad_() for t in start]
-            optimizer = _PerDatapointOptimizer(
-                base,
-                self.optimizer,
-                self.step_size,
-                momentum=self.momentum,
-                max_grad_norm=self.max_grad_norm,
-            )
-            for step in range(self.num_steps):
-                if unrolled and self.max_grad_norm is not None:
-                    for t in base:  # Kim et al. clip what flows back into each step
-                        t.register_hook(_ClipRows(self.max_grad_norm))
-                bound = self._bound(base, rest, data, args, kwargs)
-                grads = torch.autograd.grad(-bound.sum(), base, create_graph=unrolled)
-                if step == 0 and training and self.mode == "savi":
-                    self._encoder_bound(plate, start, grads)
-                base = optimizer.update(base, grads)
-                if not unrolled:
-                    base = [t.detach().requires_grad_() for t in base]
-        loc, log_scale = base if unrolled else (t.detach() for t in base)
-        return (loc, log_scale.exp()) + out[2:]
+        start = [out.loc, out.scale.log()]
+        context = out.context
+        if context is not None and not unrolled:
+            context = context.detach()
+        stop_guide = options.estimator == "stl"
 
-    def _bound(self, base: list[Tensor], rest: tuple, data: dict, args, kwargs) -> Tensor:
-        """Each datapoint's ELBO estimate at base parameters ``base``, ``[B]``."""
-        loc, log_scale = base
-        fixed = (loc, log_scale.exp()) + rest
-        guide, previous = self.guide, self.guide._refiner
-        guide._refiner = lambda encode, plate, globals_: fixed
-        self._data = data
-        try:
+        def bound(base: list[Tensor]) -> Tensor:
+            """Each datapoint's ELBO estimate at base parameters ``base``, ``[B]``."""
+            loc, log_scale = base
+            self._step.data = data
+            self._step.output = EncoderOutput(loc, log_scale.exp(), context)
             with poutine.block():
                 # the inner pair shares the minibatch through conditioning, which Pyro's
                 # checks of a user's (model, guide) would flag; the outer pair is checked
                 with pyro.validation_enabled(False):
                     weights = self._elbo.log_weights(
-                        *self._inner, *args, stop_guide=self.estimator == "stl", **kwargs
+                        *self._inner, *args, stop_guide=stop_guide, **kwargs
                     )
-        finally:
-            guide._refiner = previous
-        return weights.log_w.mean(0)
+            return weights.log_w.mean(0)
+
+        on_first_step = None
+        if training and self.mode == "savi":
+
+            def on_first_step(grads: list[Tensor]) -> None:
+                self._encoder_bound(plate, start, grads)
+
+        with torch.enable_grad():
+            # leaves of their own (cloned), which the steps move in place
+            base = start if unrolled else [t.detach().clone().requires_grad_() for t in start]
+            run = run_per_datapoint(
+                bound,
+                options.optimizer_for(base),
+                num_steps=options.num_steps,
+                unrolled=unrolled,
+                on_first_step=on_first_step,
+            )
+        self._step.output = None  # nothing of this call's graph outlives it
+        loc, log_scale = run.params if unrolled else (t.detach() for t in run.params)
+        return EncoderOutput(loc, log_scale.exp(), out.context)
 
     def _encoder_bound(self, plate: pyro.plate, start: list[Tensor], grads) -> None:
         """SAVI's encoder loss: a site of log-density 0 whose gradient is the encoder's
@@ -340,63 +406,45 @@ class SemiAmortizedGuide(nn.Module):
             ((s - s.detach()) * g.detach()).sum(-1) for s, g in zip(start, grads, strict=True)
         )
         # the plate's dimension sits where the guide's plate puts it
-        surrogate = surrogate.reshape(surrogate.shape + (1,) * (-1 - self.guide._local_frame.dim))
+        surrogate = surrogate.reshape(surrogate.shape + (1,) * (-1 - plate.dim))
         with plate:
             pyro.sample(
-                f"_{self.guide._pyro_name}_encoder_bound",
+                f"_{type(self).__name__}_encoder_bound",
                 dist.Delta(torch.zeros_like(surrogate), log_density=surrogate),
                 infer={"is_auxiliary": True},
             )
 
 
-class _Conditioned:
-    """Calls ``fn`` conditioned on its owner's current ``_data``.
+class _InnerStep:
+    """What the inner steps of one call see: its globals and plate indices (``data``),
+    and the base parameters of the step (``output``)."""
 
-    One object for all calls, so that the inner ELBO sets itself up only once.
-    """
+    __slots__ = ("data", "output")
 
-    def __init__(self, fn: Callable, owner: SemiAmortizedGuide):
-        self.fn, self.owner = fn, owner
+    def __init__(self):
+        self.data: dict[str, Tensor] = {}
+        self.output: EncoderOutput | None = None
+
+
+class _ConditionedModel:
+    """The model conditioned on the inner step's ``data``."""
+
+    def __init__(self, model: Callable, step: _InnerStep):
+        self.model, self.step = model, step
 
     def __call__(self, *args, **kwargs):
-        return poutine.condition(self.fn, data=self.owner._data)(*args, **kwargs)
+        return poutine.condition(self.model, data=self.step.data)(*args, **kwargs)
 
 
-class _ClipRows:
-    """Backward hook clipping each datapoint's (row's) gradient to ``max_norm``."""
+class _AtParameters:
+    """The guide with the inner step's ``data`` and its local sites sampled at the step's
+    base parameters, through the guide API (:meth:`~AutoAmortizedGuide.prepare` and
+    :meth:`~AutoAmortizedGuide.sample_local`)."""
 
-    __slots__ = ("max_norm",)
+    def __init__(self, guide: AutoAmortizedGuide, step: _InnerStep):
+        self.guide, self.step = guide, step
 
-    def __init__(self, max_norm: float):
-        self.max_norm = max_norm
-
-    def __call__(self, grad: Tensor) -> Tensor:
-        return _clip_rows([grad], self.max_norm)[0]
-
-
-def _check_refine_options(
-    owner: str,
-    *,
-    num_steps: int,
-    step_size: float,
-    optimizer: str,
-    momentum: float,
-    num_particles: int,
-    estimator: str,
-    max_grad_norm: float | None,
-) -> None:
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
-        raise ValueError(f"{owner}: num_steps must be an int >= 0, got {num_steps!r}")
-    _check_counts(owner, num_particles=num_particles)
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"{owner}: optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
-    if not step_size > 0:
-        raise ValueError(f"{owner}: step_size must be > 0, got {step_size!r}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"{owner}: momentum must be in [0, 1), got {momentum!r}")
-    if momentum and optimizer != "sgd":
-        raise ValueError(f"{owner}: momentum is SGD's; pass optimizer='sgd' or momentum=0")
-    if estimator not in ("iwae", "stl"):
-        raise ValueError(f"{owner}: estimator must be 'iwae' or 'stl', got {estimator!r}")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"{owner}: max_grad_norm must be None or > 0, got {max_grad_norm!r}")
+    def __call__(self, *args, **kwargs):
+        with poutine.condition(data=self.step.data):
+            call = self.guide.prepare(*args, **kwargs)
+            return self.guide.sample_local(call, self.step.output)

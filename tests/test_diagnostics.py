@@ -6,7 +6,7 @@ import pytest
 import torch
 from linear_gaussian import AffineEncoder, LinearGaussian, correlated_problem, exact_encoder
 
-from pyro_amortized import AutoAmortizedFlow, AutoAmortizedIAF, AutoAmortizedNormal, Trace_IWELBO
+from pyro_amortized import AutoAmortizedIAF, AutoAmortizedNormal, AutoAmortizedRealNVP, Trace_IWELBO
 from pyro_amortized.diagnostics import (
     InferenceGaps,
     active_units,
@@ -175,7 +175,9 @@ def test_active_units_bad_inputs():
     flow = AutoAmortizedIAF(model, hidden_dims=(4,), num_transforms=1)
     with pytest.raises(ValueError, match="num_samples must be an int >= 2, got 1"):
         active_units(flow, x, num_samples=1)
-    with pytest.raises(ValueError, match="has neither encode\\(\\) nor get_posterior\\(\\)"):
+    with pytest.raises(
+        ValueError, match="is not an amortized guide \\(one with posterior\\(\\)\\)"
+    ):
         active_units(lambda x: None, x)
 
 
@@ -206,7 +208,7 @@ def test_inference_gaps_split_matches_the_analytic_kls(float64, wrong, tmp_path)
         model, guide, x, families=("normal",), num_samples=S, elbo_samples=S, progress=False
     )
     W, c, var = model.posterior()
-    q = guide.encode(x)["z"]
+    q = guide.site_posteriors(x)["z"]
     kl = _kl_diagonal(q.base_dist.loc, q.base_dist.scale, x @ W.T + c, var).detach()
     # Standard errors of the means over datapoints: of L[q] from the spread of its
     # log-weights; L[q*] and log p̂ are exact up to what Adam's jitter leaves (second
@@ -253,7 +255,7 @@ def test_active_units_kl_of_a_constrained_site_by_monte_carlo(float64):
     guide(x)
     S = 4000
     units = active_units(guide, x, num_samples=S)
-    base = guide.encode(x)["s"].base_dist
+    base = guide.site_posteriors(x)["s"].base_dist
     exact = torch.distributions.kl_divergence(base, dist.Normal(0.0, 1.0)).mean().detach()
     # the estimate's standard error, from the spread of log q - log p under q
     u = base.sample((S,))
@@ -275,7 +277,7 @@ def test_active_units_kl_of_a_constrained_site_with_an_event_dim(float64):
     guide(x)
     S = 4000
     units = active_units(guide, x, num_samples=S)
-    base = guide.encode(x)["s"].base_dist.base_dist  # Independent(Normal) -> Normal
+    base = guide.site_posteriors(x)["s"].base_dist.base_dist  # Independent(Normal) -> Normal
     exact = torch.distributions.kl_divergence(base, dist.Normal(0.0, 1.0)).mean(0).detach()
     u = base.sample((S,))
     ratio = (base.log_prob(u) - dist.Normal(0.0, 1.0).log_prob(u)).detach()
@@ -367,11 +369,11 @@ def test_inference_gaps_approximation_gap_is_the_mean_field_kl(float64):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(init="zero"), "init must be 'encoder' or 'prior'"),
-        (dict(max_steps=0), "max_steps must be an int >= 1"),
-        (dict(patience=1.5), "patience must be an int >= 1"),
-        (dict(lr=0.0), "lr must be > 0"),
-        (dict(num_flows=0), "num_flows must be an int >= 1"),
+        (dict(local_options=dict(init="zero")), "init must be 'encoder' or 'prior'"),
+        (dict(local_options=dict(max_steps=0)), "max_steps must be an int >= 1"),
+        (dict(local_options=dict(patience=1.5)), "patience must be an int >= 1"),
+        (dict(local_options=dict(lr=0.0)), "lr must be > 0"),
+        (dict(local_options=dict(num_transforms=0)), "num_transforms must be an int >= 1"),
         (dict(families=("normal", "maf")), "families must be among"),
     ],
 )
@@ -385,7 +387,7 @@ def test_inference_gaps_bad_arguments(kwargs, match):
 
 
 @pytest.mark.parametrize(
-    "cls, own", [(AutoAmortizedIAF, "iaf"), (AutoAmortizedFlow, "flow")], ids=["iaf", "flow"]
+    "cls, own", [(AutoAmortizedIAF, "iaf"), (AutoAmortizedRealNVP, "flow")], ids=["iaf", "flow"]
 )
 def test_inference_gaps_split_a_flow_guides_gaps_with_its_own_family(cls, own):
     model = LinearGaussian()
@@ -399,7 +401,7 @@ def test_inference_gaps_split_a_flow_guides_gaps_with_its_own_family(cls, own):
         families=("normal",),
         num_samples=20,
         elbo_samples=20,
-        max_steps=3,
+        local_options={"max_steps": 3},
         progress=False,
     )
     assert report.family == own
@@ -457,7 +459,7 @@ def test_inference_gaps_report_how_much_refinement_recovers(float64):
         elbo_samples=100,
         refine_steps=(0, 2000),
         # Adam's fixed step settles at 1e-2; at 2e-2 one datapoint still swung 1e-4 nats
-        refine_options={"estimator": "stl", "step_size": 1e-2},
+        refine_options={"estimator": "stl", "lr": 1e-2},
         progress=False,
     )
     torch.testing.assert_close(report.refined[2000], model.log_evidence(x), rtol=0, atol=1e-9)
@@ -466,5 +468,24 @@ def test_inference_gaps_report_how_much_refinement_recovers(float64):
     assert abs(report.recovered(0)) < 0.1  # no steps: the encoder's bound, other draws
     assert "| amortization gap recovered by 2000 refinement steps |" in report.table()
     assert set(report.to_dict()["recovered"]) == {"0", "2000"}
-    with pytest.raises(ValueError, match="refine_options has \\['lr'\\]"):
-        inference_gaps(model, guide, x, refine_steps=(5,), refine_options={"lr": 0.1})
+    with pytest.raises(ValueError, match="refine_options has \\['learning_rate'\\]"):
+        inference_gaps(model, guide, x, refine_steps=(5,), refine_options={"learning_rate": 0.1})
+
+
+def test_inference_gaps_old_keywords_warn_and_mean_the_same():
+    model = LinearGaussian()
+    x = model.sample(3)
+    guide = AutoAmortizedNormal(model, hidden_dims=(4,))
+    guide(x)
+    options = dict(families=("normal",), num_samples=4, elbo_samples=4, progress=False)
+    pyro.set_rng_seed(0)
+    new = inference_gaps(model, guide, x, local_options={"max_steps": 2, "lr": 1e-2}, **options)
+    pyro.set_rng_seed(0)
+    with pytest.warns(FutureWarning) as record:
+        old = inference_gaps(model, guide, x, max_steps=2, lr=1e-2, **options)
+    messages = [str(w.message) for w in record]
+    assert any("max_steps= is deprecated" in m and "local_options" in m for m in messages)
+    assert any("lr= is deprecated" in m for m in messages)
+    assert torch.equal(new.optimal_elbo["normal"], old.optimal_elbo["normal"])
+    with pytest.raises(ValueError, match="lr= and local_options\\['lr'\\] both given"):
+        inference_gaps(model, guide, x, lr=1e-2, local_options={"lr": 1e-3}, **options)

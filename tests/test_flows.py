@@ -10,13 +10,14 @@ from pyro.distributions import transforms as T
 from torch import nn
 
 from pyro_amortized import (
-    AutoAmortizedFlow,
     AutoAmortizedIAF,
     AutoAmortizedNormal,
+    AutoAmortizedRealNVP,
     MLPEncoder,
     Trace_IWELBO,
 )
-from pyro_amortized.objectives import _stop_distribution
+from pyro_amortized.encoders import EncoderOutput
+from pyro_amortized.objectives import stop_distribution
 
 
 def gaussian_model(x):
@@ -34,7 +35,7 @@ def mixed_model(x):
 
 def conditioned_steps(guide, x):
     """The guide's IAF steps conditioned on the context of ``x``, built afresh (no cache)."""
-    _, _, h = guide._encode(x)
+    _, _, h = guide.encode_rows(x)
     return [step.condition(h) for step in guide.flow]
 
 
@@ -72,7 +73,7 @@ def test_log_det_equals_slogdet_of_the_jacobian_which_is_triangular(float64, sta
     guide = AutoAmortizedIAF(model, hidden_dims=(8,), num_transforms=2, stable=stable)
     guide(x)
     randomize(guide.flow)
-    _, _, h = guide._encode(x)
+    _, _, h = guide.encode_rows(x)
     for step in guide.flow:
         u = torch.randn(4)
         # a fresh conditioning per call: the transform's cache would hand back old values
@@ -100,7 +101,7 @@ def test_log_q_integrates_to_one_in_2d(float64, stable):
     )
     guide(x)
     randomize(guide.flow, 1.0 if stable else 0.5)
-    q = guide.get_posterior(x)
+    q = guide.joint_distribution(guide.encoder_output(x))
     proposal = dist.Normal(torch.zeros(2), 3.0).to_event(1)
     n = 200_000
     u = proposal.sample((n,))
@@ -120,7 +121,7 @@ def test_sample_shapes_with_particles_and_batch():
     assert trace.nodes["z"]["value"].shape == (5, 7, 2)
     assert trace.nodes["s"]["value"].shape == (5, 7)
     assert (trace.nodes["s"]["value"] > 0).all()
-    assert trace.nodes[guide._latent_name]["value"].shape == (5, 7, 3)
+    assert trace.nodes[guide.latent_name]["value"].shape == (5, 7, 3)
     loss = Trace_IWELBO(5).loss(mixed_model, guide, x)
     assert math.isfinite(loss)
 
@@ -171,7 +172,7 @@ def test_positive_site_log_q_includes_the_support_jacobian(float64):
     guide = AutoAmortizedIAF(mixed_model, hidden_dims=(8,), num_transforms=1)
     trace = poutine.trace(guide).get_trace(x)
     trace.compute_log_prob()
-    u = trace.nodes[guide._latent_name]["value"]
+    u = trace.nodes[guide.latent_name]["value"]
     s = trace.nodes["s"]["value"]
     assert torch.allclose(s, u[:, 2].exp())
     # log q(s) picks up -log |ds/du| = -u for s = exp(u)
@@ -181,8 +182,8 @@ def test_positive_site_log_q_includes_the_support_jacobian(float64):
 
 FLOW_GUIDES = {
     "iaf": (lambda: AutoAmortizedIAF(mixed_model, hidden_dims=(8,), num_transforms=2), 3),
-    "real-nvp": (lambda: AutoAmortizedFlow(mixed_model, hidden_dims=(8,), auxiliary=False), 3),
-    "auxiliary": (lambda: AutoAmortizedFlow(mixed_model, hidden_dims=(8,)), 6),
+    "real-nvp": (lambda: AutoAmortizedRealNVP(mixed_model, hidden_dims=(8,), auxiliary=False), 3),
+    "auxiliary": (lambda: AutoAmortizedRealNVP(mixed_model, hidden_dims=(8,)), 6),
 }
 
 
@@ -194,15 +195,15 @@ def test_save_and_load_give_the_same_log_q(float64, tmp_path, kind):
     guide(x)
     randomize(guide)
     u = torch.randn(5, width)
-    before = guide.get_posterior(x).log_prob(u)
+    before = guide.joint_distribution(guide.encoder_output(x)).log_prob(u)
     torch.save(guide.state_dict(), tmp_path / "guide.pt")
 
     pyro.clear_param_store()
     other = make()
     other(x)
-    assert not torch.allclose(other.get_posterior(x).log_prob(u), before)
+    assert not torch.allclose(other.joint_distribution(other.encoder_output(x)).log_prob(u), before)
     other.load_state_dict(torch.load(tmp_path / "guide.pt", weights_only=True))
-    assert torch.equal(other.get_posterior(x).log_prob(u), before)
+    assert torch.equal(other.joint_distribution(other.encoder_output(x)).log_prob(u), before)
 
 
 # ------------------------------------------------------------ STL and DReG through the flow
@@ -253,9 +254,9 @@ def test_stopped_flow_density_keeps_the_value_and_only_the_path(float64):
     guide = AutoAmortizedIAF(mixed_model, hidden_dims=(8,), num_transforms=2)
     guide(x)
     randomize(guide.flow)
-    q = guide.get_posterior(x)
+    q = guide.joint_distribution(guide.encoder_output(x))
     u = q.rsample()
-    stopped = _stop_distribution(q, "u")
+    stopped = stop_distribution(q, "u")
     assert torch.allclose(stopped.log_prob(u), q.log_prob(u), atol=1e-10)
     params = list(guide.encoder.parameters()) + list(guide.flow.parameters())
     # Without the path through u, the stopped density depends on no parameter at all.
@@ -335,17 +336,19 @@ def test_user_encoder_with_wrong_outputs_is_named():
         guide(x)
 
 
-# ------------------------------------------------------------------ AutoAmortizedFlow
+# ------------------------------------------------------------------ AutoAmortizedRealNVP
 @pytest.mark.parametrize("auxiliary", [True, False])
 def test_coupling_steps_invert_and_their_log_det_is_the_jacobians(float64, auxiliary):
     x = torch.randn(1, 3)
-    guide = AutoAmortizedFlow(gaussian_model, hidden_dims=(8,), num_flows=2, auxiliary=auxiliary)
+    guide = AutoAmortizedRealNVP(
+        gaussian_model, hidden_dims=(8,), num_transforms=2, auxiliary=auxiliary
+    )
     guide(x)
     randomize(guide)
-    loc, scale, h = guide._encode(x)
+    loc, scale, h = guide.encode_rows(x)
     width = 6 if auxiliary else 3
     u = torch.randn(width)
-    for transform in guide._posterior(loc[0], scale[0], h[0]).transforms:
+    for transform in guide.joint_distribution(EncoderOutput(loc[0], scale[0], h[0])).transforms:
         y = transform(u)
         assert torch.allclose(transform._inverse(y), u, atol=1e-10)
         J = torch.autograd.functional.jacobian(lambda u, t=transform: t._call(u), u)
@@ -362,10 +365,12 @@ def test_real_nvp_log_q_integrates_to_one_in_2d(float64):
             z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
             pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x)
 
-    guide = AutoAmortizedFlow(model, hidden_dims=(8,), num_flows=3, auxiliary=False, init_scale=0.8)
+    guide = AutoAmortizedRealNVP(
+        model, hidden_dims=(8,), num_transforms=3, auxiliary=False, init_scale=0.8
+    )
     guide(x)
     randomize(guide.flow, 0.5)
-    q = guide.get_posterior(x)
+    q = guide.joint_distribution(guide.encoder_output(x))
     proposal = dist.Normal(torch.zeros(2), 3.0).to_event(1)
     n = 200_000
     u = proposal.sample((n,))
@@ -378,14 +383,14 @@ def test_real_nvp_log_q_integrates_to_one_in_2d(float64):
 @pytest.mark.parametrize("auxiliary", [True, False])
 def test_flow_sample_shapes_with_particles_and_batch(auxiliary):
     x = torch.randn(7, 2)
-    guide = AutoAmortizedFlow(mixed_model, hidden_dims=(8,), auxiliary=auxiliary)
+    guide = AutoAmortizedRealNVP(mixed_model, hidden_dims=(8,), auxiliary=auxiliary)
     guide(x)
     with pyro.plate("particles", 5, dim=-2):
         trace = poutine.trace(guide).get_trace(x)
     assert trace.nodes["z"]["value"].shape == (5, 7, 2)
     assert trace.nodes["s"]["value"].shape == (5, 7)
     width = 6 if auxiliary else 3
-    assert trace.nodes[guide._latent_name]["value"].shape == (5, 7, width)
+    assert trace.nodes[guide.latent_name]["value"].shape == (5, 7, width)
     for estimator in ("iwae", "stl", "dreg"):
         assert math.isfinite(Trace_IWELBO(5, estimator=estimator).loss(mixed_model, guide, x))
 
@@ -393,11 +398,11 @@ def test_flow_sample_shapes_with_particles_and_batch(auxiliary):
 def _flow_at_exact_posterior(auxiliary):
     model = LinearGaussian()
     x = model.sample(6)
-    guide = AutoAmortizedFlow(
+    guide = AutoAmortizedRealNVP(
         model,
         encoder=WithZeroContext(exact_encoder(model), 3),
         context_dim=3,
-        num_flows=2,
+        num_transforms=2,
         hidden_dims=(8,),
         auxiliary=auxiliary,
     )
@@ -440,18 +445,18 @@ def test_real_nvp_needs_two_dimensions():
             z = pyro.sample("z", dist.Normal(0.0, 1.0))
             pyro.sample("x", dist.Normal(z, 1.0), obs=x)
 
-    guide = AutoAmortizedFlow(model, auxiliary=False, hidden_dims=(4,))
+    guide = AutoAmortizedRealNVP(model, auxiliary=False, hidden_dims=(4,))
     with pytest.raises(ValueError, match="at least 2 unconstrained local latent dimensions"):
         guide(torch.randn(3))
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [(dict(num_flows=-1), "num_flows"), (dict(auxiliary=1), "auxiliary")],
+    [(dict(num_transforms=-1), "num_transforms"), (dict(auxiliary=1), "auxiliary")],
 )
 def test_flow_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        AutoAmortizedFlow(gaussian_model, **kwargs)
+        AutoAmortizedRealNVP(gaussian_model, **kwargs)
 
 
 # ------------------------------------------------------------ plates and the param store
@@ -470,7 +475,7 @@ def inner_plate(x):
 
 FLOW_CLASSES = {
     "iaf": lambda model: AutoAmortizedIAF(model, hidden_dims=(8,), num_transforms=2),
-    "auxiliary": lambda model: AutoAmortizedFlow(model, hidden_dims=(8,), num_flows=2),
+    "auxiliary": lambda model: AutoAmortizedRealNVP(model, hidden_dims=(8,), num_transforms=2),
 }
 
 
@@ -513,7 +518,7 @@ def test_param_store_save_and_load_restore_the_flow_and_train_it(float64, tmp_pa
     guide = make()
     train(guide, 5)
     u = torch.randn(5, width)
-    before = guide.get_posterior(x).log_prob(u)
+    before = guide.joint_distribution(guide.encoder_output(x)).log_prob(u)
     pyro.get_param_store().save(tmp_path / "params.pt")
     pyro.clear_param_store()
     del guide
@@ -521,7 +526,7 @@ def test_param_store_save_and_load_restore_the_flow_and_train_it(float64, tmp_pa
     pyro.get_param_store().load(tmp_path / "params.pt")
     fresh = make()
     fresh(x)  # the first call
-    assert torch.equal(fresh.get_posterior(x).log_prob(u), before)
+    assert torch.equal(fresh.joint_distribution(fresh.encoder_output(x)).log_prob(u), before)
     loaded = {name: p.detach().clone() for name, p in fresh.named_parameters()}
     train(fresh, 20)
     changed = {name for name, p in fresh.named_parameters() if not torch.equal(loaded[name], p)}

@@ -55,7 +55,7 @@ def x():
 def test_splits_local_and_global_sites(x):
     guide = AutoAmortizedNormal(hierarchical, hidden_dims=(8,))
     sample = guide(x)
-    assert [s.name for s in guide._local_sites] == ["z", "s"]
+    assert list(guide.local_sites) == ["z", "s"]
     assert isinstance(guide.global_guide, AutoNormal)
     assert sample["mu"].shape == ()
     assert sample["z"].shape == (20, 2)
@@ -219,7 +219,7 @@ def test_median_quantiles_and_encode_match_the_exact_posterior():
     assert torch.allclose(q[1], mean)
     z90 = dist.Normal(0.0, 1.0).icdf(torch.tensor(0.9))
     assert torch.allclose(q[2], mean + z90 * var.sqrt())
-    posterior = guide.encode(x)["z"]
+    posterior = guide.site_posteriors(x)["z"]
     assert torch.allclose(posterior.mean, mean)
     assert torch.allclose(posterior.variance, var.expand(7, 2))
 
@@ -576,7 +576,7 @@ def test_param_store_save_and_load_restore_the_encoder_and_train_it(x, tmp_path)
     guide = AutoAmortizedNormal(hierarchical, hidden_dims=(8,))
     train(guide, 5)
     value = guide(x)["z"].detach()
-    score = guide.encode(x)["z"].log_prob(value)
+    score = guide.site_posteriors(x)["z"].log_prob(value)
     mu = guide.median(x)["mu"]
     pyro.get_param_store().save(tmp_path / "params.pt")
     pyro.clear_param_store()
@@ -585,7 +585,7 @@ def test_param_store_save_and_load_restore_the_encoder_and_train_it(x, tmp_path)
     pyro.get_param_store().load(tmp_path / "params.pt")
     fresh = AutoAmortizedNormal(hierarchical, hidden_dims=(8,))
     fresh(x)  # the first call
-    assert torch.equal(fresh.encode(x)["z"].log_prob(value), score)
+    assert torch.equal(fresh.site_posteriors(x)["z"].log_prob(value), score)
     assert torch.equal(fresh.median(x)["mu"], mu)
     loaded = [p.detach().clone() for p in fresh.encoder.parameters()]
     train(fresh, 20)

@@ -281,7 +281,7 @@ def test_global_sites_are_shared_by_all_particles(float64):
     guide(x)
     elbo = Trace_IWELBO(6)
     elbo.loss(model, guide, x)
-    model_trace, guide_trace = elbo._get_trace(model, guide, (x,), {})
+    model_trace, guide_trace = elbo.get_traces(model, guide, x)
     assert guide_trace.nodes["mu"]["value"].shape == ()
     assert guide_trace.nodes["z"]["value"].shape == (6, 7)
     assert model_trace.nodes["x"]["fn"].batch_shape == (6, 7)
@@ -524,14 +524,14 @@ def test_context_rows_disagreeing_with_the_model_plate(float64):
 @pytest.mark.parametrize("event_dims", [1, 2])
 @pytest.mark.parametrize("param", ["logits", "probs"])
 def test_bernoulli_likelihood_shortcut_is_bitwise_exact(event_dims, param):
-    from pyro_amortized.objectives import _log_prob
+    from pyro_amortized.objectives import site_log_prob
 
     raw = torch.randn(5, 4, 3, 6, requires_grad=True)
     fn = dist.Bernoulli(**{param: raw if param == "logits" else raw.sigmoid()})
     fn = fn.to_event(event_dims)
     value = torch.bernoulli(torch.full((4, 3, 6), 0.4))  # broadcast against the batch
     site = {"fn": fn, "value": value, "args": (), "kwargs": {}, "mask": None}
-    ours, torchs = _log_prob(site), fn.log_prob(value)
+    ours, torchs = site_log_prob(site), fn.log_prob(value)
     assert torch.equal(ours, torchs)
     (grad_ours,) = torch.autograd.grad(ours.sum(), raw, retain_graph=True)
     (grad_torch,) = torch.autograd.grad(torchs.sum(), raw)
@@ -539,12 +539,12 @@ def test_bernoulli_likelihood_shortcut_is_bitwise_exact(event_dims, param):
 
 
 def test_bernoulli_likelihood_shortcut_keeps_validation():
-    from pyro_amortized.objectives import _log_prob
+    from pyro_amortized.objectives import site_log_prob
 
     fn = dist.Bernoulli(logits=torch.zeros(3, 4), validate_args=True).to_event(1)
     site = {"fn": fn, "value": torch.full((3, 4), 0.5), "args": (), "kwargs": {}, "mask": None}
     with pytest.raises(ValueError, match="support"):
-        _log_prob(site)
+        site_log_prob(site)
 
 
 def test_site_specific_scale_stays_inside_and_subsample_scale_outside(float64):
@@ -574,7 +574,7 @@ def test_site_specific_scale_stays_inside_and_subsample_scale_outside(float64):
     seed=st.integers(0, 2**16),
 )
 def test_stopped_distribution_has_same_density_and_only_the_value_path(shape, family, seed):
-    from pyro_amortized.objectives import _stop_distribution
+    from pyro_amortized.objectives import stop_distribution
 
     g = torch.Generator().manual_seed(seed)
     a = (torch.rand(shape, generator=g) + 0.5).requires_grad_()
@@ -590,7 +590,7 @@ def test_stopped_distribution_has_same_density_and_only_the_value_path(shape, fa
         ),
     }[family]().to_event(1)
     value = fn.sample().requires_grad_()
-    stopped = _stop_distribution(fn, "z")
+    stopped = stop_distribution(fn, "z")
     assert torch.equal(stopped.log_prob(value), fn.log_prob(value))
     grads = torch.autograd.grad(stopped.log_prob(value).sum(), [a, b, value], allow_unused=True)
     assert grads[0] is None and grads[1] is None

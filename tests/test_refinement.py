@@ -1,3 +1,4 @@
+import dataclasses
 import inspect
 import math
 
@@ -14,9 +15,10 @@ from pyro_amortized import (
     AutoAmortizedNormal,
     SemiAmortizedGuide,
     Trace_IWELBO,
+    Validation,
     fit,
 )
-from pyro_amortized.refinement import MODES, REFINE_DEFAULTS, refine
+from pyro_amortized.refinement import MODES, RefineOptions, refine
 
 
 def _wrong_encoder_problem(n=10):
@@ -39,16 +41,14 @@ def _kl_to_posterior(loc, scale, mean, var):
     return 0.5 * (scale**2 / var + (loc - mean) ** 2 / var - 1 + (var / scale**2).log()).sum(-1)
 
 
-@pytest.mark.parametrize("optimizer, step_size", [("adam", 1e-2), ("sgd", 0.05)])
-def test_refinement_converges_to_the_exact_posterior(float64, optimizer, step_size):
+@pytest.mark.parametrize("optimizer, lr", [("adam", 1e-2), ("sgd", 0.05)])
+def test_refinement_converges_to_the_exact_posterior(float64, optimizer, lr):
     # With STL the gradient vanishes at the exact posterior, so the steps settle there.
     model, x, guide, mean, var = _wrong_encoder_problem()
-    refined = refine(
-        guide, model, x, num_steps=2000, step_size=step_size, optimizer=optimizer, estimator="stl"
-    )
+    refined = refine(model, guide, x, num_steps=2000, lr=lr, optimizer=optimizer, estimator="stl")
     assert (refined.loc - mean).abs().max() < 1e-3
     assert (refined.scale - var.sqrt()).abs().max() < 1e-3
-    start = guide.encode(x)["z"].base_dist
+    start = guide.site_posteriors(x)["z"].base_dist
     assert (start.loc - mean).abs().max() > 0.3  # the start was far: the check has teeth
 
 
@@ -60,9 +60,7 @@ def test_refined_bound_rises_monotonically_in_expectation(float64):
     kls = []
     for k in range(0, 31, 3):
         pyro.set_rng_seed(5)
-        r = refine(
-            guide, model, x, num_steps=k, step_size=0.02, optimizer="sgd", num_particles=1000
-        )
+        r = refine(model, guide, x, num_steps=k, lr=0.02, optimizer="sgd", num_particles=1000)
         kls.append(_kl_to_posterior(r.loc, r.scale, mean, var))
     kls = torch.stack(kls)  # [checkpoints, datapoints]
     assert (kls[1:] < kls[:-1]).all(), kls
@@ -74,7 +72,7 @@ def test_refinement_holds_the_model_and_encoder_fixed(float64):
     before = {
         k: v.detach().clone() for k, v in [*model.named_parameters(), *guide.named_parameters()]
     }
-    refine(guide, model, x, num_steps=5)
+    refine(model, guide, x, num_steps=5)
     for name, value in [*model.named_parameters(), *guide.named_parameters()]:
         assert torch.equal(value, before[name]), name
         assert value.grad is None, name
@@ -89,7 +87,7 @@ def test_each_datapoint_is_refined_as_if_alone(float64):
     results = []
     for data in (x, other):
         pyro.set_rng_seed(2)
-        results.append(refine(guide, model, data, num_steps=10, num_particles=3, max_grad_norm=0.5))
+        results.append(refine(model, guide, data, num_steps=10, num_particles=3, max_grad_norm=0.5))
     assert torch.equal(results[0].loc[1:], results[1].loc[1:])
     assert torch.equal(results[0].scale[1:], results[1].scale[1:])
     assert not torch.equal(results[0].loc[0], results[1].loc[0])
@@ -97,8 +95,8 @@ def test_each_datapoint_is_refined_as_if_alone(float64):
 
 def test_gradient_clipping_bounds_each_datapoints_step(float64):
     model, x, guide, _, _ = _wrong_encoder_problem()
-    start = guide.encode(x)["z"].base_dist
-    r = refine(guide, model, x, num_steps=1, step_size=1.0, optimizer="sgd", max_grad_norm=0.1)
+    start = guide.site_posteriors(x)["z"].base_dist
+    r = refine(model, guide, x, num_steps=1, lr=1.0, optimizer="sgd", max_grad_norm=0.1)
     moved = torch.cat([r.loc - start.loc, r.scale.log() - start.scale.log()], -1).norm(dim=-1)
     assert (moved <= 0.1 + 1e-12).all()
     assert (moved > 0.1 - 1e-9).any()  # the clip was active for some
@@ -112,7 +110,7 @@ def test_refining_a_flow_guide_moves_only_the_base(float64):
     with torch.no_grad():
         for p in guide.parameters():
             p.add_(0.2 * torch.randn_like(p))
-    start = refine(guide, model, x, num_steps=0)
+    start = refine(model, guide, x, num_steps=0)
     # no steps: the refined guide is the guide (the same draws give the same log q)
     elbo = Trace_IWELBO(4)
     values = []
@@ -121,7 +119,7 @@ def test_refining_a_flow_guide_moves_only_the_base(float64):
         pyro.set_rng_seed(3)
         values.append(elbo.log_weights(model, g, x).guide_local)
     torch.testing.assert_close(values[1], values[0], rtol=1e-12, atol=0)
-    refined = refine(guide, model, x, num_steps=20)
+    refined = refine(model, guide, x, num_steps=20)
     flows = [[p.detach().clone() for p in r.guide.flow.parameters()] for r in (start, refined)]
     for a, b in zip(*flows, strict=True):
         assert torch.equal(a, b)
@@ -132,7 +130,7 @@ def test_refining_a_flow_guide_moves_only_the_base(float64):
     "kwargs, match",
     [
         (dict(num_steps=-1), "num_steps must be an int >= 0"),
-        (dict(step_size=0.0), "step_size must be > 0"),
+        (dict(lr=0.0), "lr must be > 0"),
         (dict(optimizer="rmsprop"), "optimizer must be one of"),
         (dict(momentum=0.9), "momentum is SGD's"),
         (dict(optimizer="sgd", momentum=1.0), "momentum must be in \\[0, 1\\)"),
@@ -146,14 +144,15 @@ def test_refine_bad_arguments(kwargs, match):
     x = model.sample(3)
     guide = AutoAmortizedNormal(model, hidden_dims=(4,))
     with pytest.raises(ValueError, match="refine: " + match):
-        refine(guide, model, x, **kwargs)
+        refine(model, guide, x, **kwargs)
     with pytest.raises(ValueError, match="not an AutoAmortizedGuide"):
-        refine(lambda x: None, model, x)
+        refine(model, lambda x: None, x)
 
 
 def test_refine_defaults_are_refines_own():
     parameters = inspect.signature(refine).parameters
-    assert REFINE_DEFAULTS == {k: parameters[k].default for k in REFINE_DEFAULTS}
+    defaults = {f.name: f.default for f in dataclasses.fields(RefineOptions)}
+    assert defaults == {k: parameters[k].default for k in defaults}
 
 
 # ------------------------------------------------------------------ SemiAmortizedGuide
@@ -169,7 +168,7 @@ def test_semi_amortized_guide_in_eval_refines_to_the_exact_posterior(float64, su
     model, x, guide, mean, var = _wrong_encoder_problem()
     model.subsample_size = subsample_size
     guide = AutoAmortizedNormal(model, encoder=guide.encoder)  # set up for this plate
-    semi = SemiAmortizedGuide(guide, num_steps=2000, step_size=1e-2, estimator="stl")
+    semi = SemiAmortizedGuide(guide, num_steps=2000, lr=1e-2, estimator="stl")
     semi.eval()
     base, rows = _site_base(semi, x)
     assert (base.loc - mean[rows]).abs().max() < 1e-3
@@ -192,7 +191,7 @@ def test_semi_amortized_guide_holds_the_globals_at_the_calls_draw(float64):
             pyro.sample("x", dist.Normal(z @ lg.A.T + b, lg.sigma).to_event(1), obs=x)
 
     guide = AutoAmortizedNormal(model, hidden_dims=(4,), init_scale=0.5)
-    semi = SemiAmortizedGuide(guide, num_steps=2000, step_size=1e-2, estimator="stl").eval()
+    semi = SemiAmortizedGuide(guide, num_steps=2000, lr=1e-2, estimator="stl").eval()
     trace = poutine.trace(semi).get_trace(x)
     b = trace.nodes["b"]["value"]
     base = trace.nodes["z"]["fn"].base_dist
@@ -221,11 +220,9 @@ def _gradients(loss_fn, params):
 
 @pytest.mark.parametrize("guide_class", ["normal", "iaf"])
 @pytest.mark.parametrize(
-    "optimizer, step_size, momentum", [("sgd", 0.1, 0.0), ("sgd", 0.1, 0.5), ("adam", 0.05, 0.0)]
+    "optimizer, lr, momentum", [("sgd", 0.1, 0.0), ("sgd", 0.1, 0.5), ("adam", 0.05, 0.0)]
 )
-def test_sa_vae_gradients_match_finite_differences(
-    float64, guide_class, optimizer, step_size, momentum
-):
+def test_sa_vae_gradients_match_finite_differences(float64, guide_class, optimizer, lr, momentum):
     # The loss as a function of every parameter, the draws fixed by the seed: SA-VAE's
     # gradients (through the unrolled steps, into encoder and model alike) are its
     # derivatives. Those of mode "test" (the plain guide's) are not.
@@ -234,7 +231,7 @@ def test_sa_vae_gradients_match_finite_differences(
         guide = AutoAmortizedIAF(model, hidden_dims=(3,), num_transforms=1)
         guide(x)
     params = [*guide.parameters(), *model.parameters()]
-    options = dict(num_steps=3, optimizer=optimizer, step_size=step_size, momentum=momentum)
+    options = dict(num_steps=3, optimizer=optimizer, lr=lr, momentum=momentum)
     elbo = Trace_IWELBO(2)
 
     def loss(semi):
@@ -295,7 +292,7 @@ def test_savi_trains_the_encoder_on_its_own_bound_and_the_model_on_the_refined(f
     idx = torch.tensor([0, 3, 5, 9])
     encoder, decoder = list(guide.parameters()), list(model.parameters())
     elbo = Trace_IWELBO(1)
-    savi = SemiAmortizedGuide(guide, num_steps=10, mode="savi", step_size=0.1)
+    savi = SemiAmortizedGuide(guide, num_steps=10, mode="savi", lr=0.1)
 
     def loss(g):
         pyro.set_rng_seed(4)
@@ -326,7 +323,7 @@ def test_semi_amortized_guide_trains_with_fit(float64):
             guide,
             Trace_IWELBO(2),
             x,
-            valid=x[:10],
+            validation=Validation(x[:10]),
             epochs=3,
             batch_size=16,
             optimizer=pyro.optim.Adam({"lr": 1e-2}),
@@ -356,4 +353,5 @@ def test_semi_amortized_guide_bad_arguments(kwargs, match):
 
 def test_semi_amortized_guide_defaults_are_refines():
     parameters = inspect.signature(SemiAmortizedGuide).parameters
-    assert REFINE_DEFAULTS == {k: parameters[k].default for k in REFINE_DEFAULTS}
+    defaults = {f.name: f.default for f in dataclasses.fields(RefineOptions)}
+    assert defaults == {k: parameters[k].default for k in defaults}

@@ -6,8 +6,8 @@ import torch
 from linear_gaussian import LinearGaussian, correlated_problem
 from pyro.nn import ConditionalAutoRegressiveNN, ConditionalDenseNN
 
-from pyro_amortized import AutoAmortizedFlow, AutoAmortizedIAF, AutoAmortizedNormal, Trace_IWELBO
-from pyro_amortized.local import _local_guide, _PerRowNetwork, optimize_local
+from pyro_amortized import AutoAmortizedIAF, AutoAmortizedNormal, AutoAmortizedRealNVP, Trace_IWELBO
+from pyro_amortized.perdatapoint import _PerRowNetwork, optimize_local, per_datapoint_guide
 
 
 def _log_weights(model, guide, x, num_particles, seed):
@@ -64,8 +64,8 @@ def test_per_row_networks_are_independent_and_keep_the_masks(float64):
 @pytest.mark.parametrize(
     "cls, options, family",
     [
-        (AutoAmortizedFlow, {"num_flows": 2}, "flow"),
-        (AutoAmortizedFlow, {"num_flows": 2, "auxiliary": False}, "flow"),
+        (AutoAmortizedRealNVP, {"num_transforms": 2}, "flow"),
+        (AutoAmortizedRealNVP, {"num_transforms": 2, "auxiliary": False}, "flow"),
         (AutoAmortizedIAF, {"num_transforms": 2}, "iaf"),
     ],
     ids=["auxiliary flow", "real-nvp", "iaf"],
@@ -78,7 +78,9 @@ def test_a_flow_of_the_guides_class_starts_as_the_guide(float64, cls, options, f
     with torch.no_grad():  # a guide far from its identity start
         for p in guide.parameters():
             p.add_(0.3 * torch.randn_like(p))
-    local, params = _local_guide(model, guide, (x,), {}, "data", family, "encoder", 2, None)
+    local, params = per_datapoint_guide(
+        model, guide, (x,), {}, local_plate="data", family=family, num_transforms=2
+    )
     assert all(p.shape[0] == len(x) for p in params)
     amortized = _log_weights(model, guide, x, 5, seed=1)
     per_datapoint = _log_weights(model, local, x, 5, seed=1)
@@ -92,13 +94,15 @@ def test_a_fresh_flow_starts_as_the_encoders_normal(float64, family):
     x = model.sample(8)
     guide = AutoAmortizedNormal(model, hidden_dims=(8,))
     guide(x)
-    local, _ = _local_guide(model, guide, (x,), {}, "data", family, "encoder", 2, None)
+    local, _ = per_datapoint_guide(
+        model, guide, (x,), {}, local_plate="data", family=family, num_transforms=2
+    )
     trace = pyro.poutine.trace(local).get_trace(x)
     trace.compute_log_prob()
     log_q = sum(site["log_prob"] for site in trace.nodes.values() if site["type"] == "sample")
     # for the auxiliary flow, log q(z, v) - log r(v | z): exact at its start, whatever v
     z = trace.nodes["z"]["value"]
-    torch.testing.assert_close(log_q, guide.encode(x)["z"].log_prob(z), rtol=1e-12, atol=0)
+    torch.testing.assert_close(log_q, guide.site_posteriors(x)["z"].log_prob(z), rtol=1e-12, atol=0)
 
 
 # ------------------------------------------------------------------ the optimum
@@ -149,7 +153,7 @@ def test_local_flows_beat_the_mean_field_bound(float64, family):
         (dict(init="zero"), "init must be 'encoder' or 'prior'"),
         (dict(max_steps=0), "max_steps must be an int >= 1"),
         (dict(patience=1.5), "patience must be an int >= 1"),
-        (dict(num_flows=True), "num_flows must be an int >= 1"),
+        (dict(num_transforms=True), "num_transforms must be an int >= 1"),
         (dict(lr=0.0), "lr must be > 0"),
     ],
 )
