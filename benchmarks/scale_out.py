@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 from models.datasets import load_dataset  # noqa: E402
 from models.vae import VALID_BATCH_SIZE, adam_options, build, parse_args  # noqa: E402
-from pyro_amortized import fit  # noqa: E402
+from pyro_amortized import Checkpoint, Validation, fit  # noqa: E402
 from pyro_amortized.optim import Adam  # noqa: E402
 
 CONTESTANTS = ("fit", "lightning", "fit+checkpoints", "lightning+checkpoints+logger")
@@ -69,13 +69,11 @@ def train_fit(args, data, *, checkpoints: bool, directory: Path):
         guide,
         loss,
         data.train,
-        valid=data.valid,
+        validation=Validation(data.valid, batch_size=VALID_BATCH_SIZE),
         epochs=args.epochs,
         batch_size=100,
         optimizer=Adam(adam_options(1e-3)),
-        valid_batch_size=VALID_BATCH_SIZE,
-        checkpoint=directory / "checkpoint.pt" if checkpoints else None,
-        resume=False,
+        checkpoint=Checkpoint(directory / "checkpoint.pt", resume=False) if checkpoints else None,
         seed=args.seed,
         progress=False,
     )
@@ -98,8 +96,7 @@ def train_lightning(args, data, *, checkpoints: bool, directory: Path, devices: 
             loss,
             data.train,
             batch_size=100,
-            valid=data.valid,
-            valid_batch_size=VALID_BATCH_SIZE,
+            validation=Validation(data.valid, batch_size=VALID_BATCH_SIZE),
             optimizer=lambda params: torch.optim.Adam(params, **adam_options(1e-3)),
             seed=args.seed,
         )

@@ -17,7 +17,7 @@ from .objectives import (
 from .optim import JointOptim
 from .refinement import SemiAmortizedGuide
 from .schedules import CyclicalSchedule, LinearSchedule
-from .training import History, fit
+from .training import Checkpoint, History, Validation, fit
 
 __all__ = [
     "ESTIMATORS",
@@ -25,6 +25,7 @@ __all__ = [
     "AutoAmortizedGuide",
     "AutoAmortizedIAF",
     "AutoAmortizedNormal",
+    "Checkpoint",
     "CyclicalSchedule",
     "History",
     "JointOptim",
@@ -34,6 +35,7 @@ __all__ = [
     "ParticleVectorizationError",
     "SemiAmortizedGuide",
     "Trace_IWELBO",
+    "Validation",
     "fit",
     "log_weights",
 ]

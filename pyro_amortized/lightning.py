@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import lightning.pytorch as pl
 import pyro
@@ -27,8 +28,9 @@ from pyro.infer import ELBO
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .checks import check_count, check_counts, check_rate
 from .diagnostics import log_marginal_likelihood
-from .training import History, Schedule
+from .training import History, Schedule, Validation, validation_option
 
 __all__ = ["PyroLightningModule", "steps_per_epoch"]
 
@@ -51,12 +53,14 @@ class PyroLightningModule(pl.LightningModule):
     RNG with ``torch.initial_seed() + rank`` in ``setup``, so their Monte Carlo
     draws are independent.
 
-    **Validation** is :func:`~pyro_amortized.fit`'s: every validation row once (worker r
-    takes rows r, r + W, ...), in chunks of ``valid_batch_size`` rows with the model and
-    guide in ``.eval()`` mode and gradients off (but out of ``torch.inference_mode``, so a
-    :class:`~pyro_amortized.SemiAmortizedGuide` can refine), chunk losses weighted by
-    chunk size / ``len(valid)`` and summed over the workers. Lightning's sanity check
-    leaves torch's RNG as it found it.
+    **Validation** is :func:`~pyro_amortized.fit`'s (:meth:`Validation.bound
+    <pyro_amortized.Validation.bound>`): every validation row once (worker r takes rows r,
+    r + W, ...), in chunks of ``validation.batch_size`` rows with the model and guide in
+    ``.eval()`` mode and gradients off (but out of ``torch.inference_mode``, so a
+    :class:`~pyro_amortized.SemiAmortizedGuide` can refine), chunk losses weighted by chunk
+    size / ``len(validation.data)`` and summed over the workers. Lightning's sanity check
+    leaves torch's RNG as it found it. Early stopping is Lightning's ``EarlyStopping``
+    callback on ``"valid_bound"`` (``mode="max"``), not ``validation.patience``.
 
     **Logged** (to Lightning's loggers and progress bar): ``"bound"``, the negative loss
     per datapoint of the step on this worker, at every ``log_every_n_steps``-th step (the
@@ -84,10 +88,10 @@ class PyroLightningModule(pl.LightningModule):
             :class:`~pyro_amortized.Trace_IWELBO`.
         train: Training data, one row per datapoint.
         batch_size: Rows per step on each worker.
-        valid: Validation data with the same row shape, or ``None``.
-        valid_batch_size: Rows per validation chunk; defaults to ``batch_size``.
-        valid_loss: Objective of the validation bound; defaults to ``loss``. Pass an
-            unannealed one when ``schedule`` anneals ``loss``.
+        validation: The validation data, its chunk size (defaults to ``batch_size``) and
+            its objective (defaults to ``loss``; pass an unannealed one when ``schedule``
+            anneals ``loss``), as for :func:`~pyro_amortized.fit`, without a patience;
+            or ``None``.
         optimizer: ``optimizer(parameters) -> torch.optim.Optimizer``; defaults to Adam
             with learning rate ``lr``.
         lr: Adam's learning rate when ``optimizer`` is ``None``.
@@ -99,13 +103,17 @@ class PyroLightningModule(pl.LightningModule):
         resample: ``resample(train, generator)`` gives the data each epoch trains on, as
             in ``fit`` (e.g. dynamic binarization); the generator is seeded by ``seed`` and
             the epoch, so every worker, and a resumed run, draws the same data.
+        **deprecated: The flat keywords of the previous release, still accepted for this
+            one with a ``FutureWarning``: ``valid``, ``valid_batch_size`` and ``valid_loss``
+            (now ``validation=Validation(valid, batch_size=..., loss=...)``).
 
     Attributes:
         history: The run's :class:`~pyro_amortized.History`, resumed epochs included.
 
     Raises:
         ValueError: ``module_local_params`` is off, ``model`` or ``guide`` is not an
-            ``nn.Module``, or an argument is out of range.
+            ``nn.Module``, an argument is out of range, or the validation options are given
+            both as ``validation=`` and in the deprecated spelling.
 
     References:
         Pyro's example ``svi_lightning.py``, which this generalizes to minibatch indices,
@@ -120,9 +128,7 @@ class PyroLightningModule(pl.LightningModule):
         train: Tensor,
         *,
         batch_size: int,
-        valid: Tensor | None = None,
-        valid_batch_size: int | None = None,
-        valid_loss: ELBO | None = None,
+        validation: Validation | None = None,
         optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer] | None = None,
         lr: float = 1e-3,
         schedule: Schedule | None = None,
@@ -131,8 +137,10 @@ class PyroLightningModule(pl.LightningModule):
         log_marginal_rows: int = 1000,
         seed: int = 0,
         resample: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+        **deprecated: Any,
     ):
         super().__init__()
+        owner = "PyroLightningModule"
         if not pyro.settings.get("module_local_params"):
             raise ValueError(
                 "PyroLightningModule needs pyro.settings.set(module_local_params=True) before "
@@ -146,34 +154,37 @@ class PyroLightningModule(pl.LightningModule):
             )
         if not isinstance(train, Tensor) or train.dim() == 0 or len(train) < 1:
             raise ValueError("PyroLightningModule: train must be a tensor with one row or more")
-        for name, value in (
-            ("batch_size", batch_size),
-            ("valid_batch_size", valid_batch_size),
-            ("log_marginal_samples", log_marginal_samples),
-            ("log_marginal_rows", log_marginal_rows),
-        ):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"PyroLightningModule: {name} must be an int >= 1, got {value!r}")
-        if valid is not None and valid.shape[1:] != train.shape[1:]:
+        check_counts(
+            owner,
+            batch_size=batch_size,
+            log_marginal_samples=log_marginal_samples,
+            log_marginal_rows=log_marginal_rows,
+        )
+        validation = validation_option(owner, validation, deprecated, train)
+        if validation is not None and validation.patience is not None:
             raise ValueError(
-                f"PyroLightningModule: valid rows have shape {tuple(valid.shape[1:])}, train "
-                f"rows {tuple(train.shape[1:])}"
+                f"{owner}: early stopping is Lightning's here: leave out the Validation's "
+                "patience and give the Trainer callbacks=[EarlyStopping('valid_bound', "
+                f"mode='max', patience={validation.patience})]"
             )
-        if not lr > 0:
-            raise ValueError(f"PyroLightningModule: lr must be > 0, got {lr!r}")
-        if log_marginal_every < 0 or (log_marginal_every and valid is None):
+        check_rate(owner, "lr", lr)
+        check_count(owner, "log_marginal_every", log_marginal_every, minimum=0)
+        if log_marginal_every and validation is None:
             raise ValueError(
-                "PyroLightningModule: log_marginal_every must be >= 0, and > 0 only with valid "
-                f"data; got {log_marginal_every}"
+                f"{owner}: log_marginal_every must be >= 0, and > 0 only with validation data "
+                f"(validation=Validation(...)); got {log_marginal_every}"
             )
         self.model, self.guide, self.loss = model, guide, loss
-        self.valid_loss = loss if valid_loss is None else valid_loss
+        self.valid_loss = loss if validation is None or validation.loss is None else validation.loss
         self.elbo = loss(model, guide)
         self.valid_elbo = self.valid_loss(model, guide)
         # plain attributes, not buffers: the data stays out of state_dict and checkpoints
-        self.train_data, self.valid_data = train, valid
+        self.train_data = train
+        self.valid_data = None if validation is None else validation.data
         self.batch_size = batch_size
-        self.valid_batch_size = valid_batch_size or batch_size
+        self.valid_batch_size = batch_size
+        if validation is not None and validation.batch_size is not None:
+            self.valid_batch_size = validation.batch_size
         self.make_optimizer, self.lr = optimizer, lr
         self.schedule = schedule
         self.log_marginal_every = log_marginal_every

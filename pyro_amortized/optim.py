@@ -16,6 +16,8 @@ from torch.optim import AdamW as _TorchAdamW
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
+from .checks import check_count, check_rate
+
 __all__ = ["Adam", "AdamW", "JointOptim", "decaying_adam"]
 
 OptimArgs = dict | Callable[..., dict]
@@ -218,12 +220,18 @@ def decaying_adam(lr: float, *, final_lr: float, steps: int) -> pyro.optim.Clipp
     the last iterates of a stochastic optimization settle.
 
     Raises:
-        ValueError: Unless ``0 < final_lr <= lr`` and ``steps >= 1``.
+        ValueError: Unless ``lr`` and ``final_lr`` are finite, ``0 < final_lr <= lr``, and
+            ``steps`` is an int ``>= 1``.
     """
-    if not 0 < final_lr <= lr:
+    lr = check_rate("decaying_adam", "lr", lr)
+    final_lr = check_rate("decaying_adam", "final_lr", final_lr)
+    if final_lr > lr:
         raise ValueError(
             f"decaying_adam needs 0 < final_lr <= lr, got lr={lr} and final_lr={final_lr}"
         )
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"decaying_adam needs an int steps >= 1, got {steps!r}")
+    try:
+        check_count("decaying_adam", "steps", steps)
+    except ValueError:
+        # the wording its callers (and tests) know
+        raise ValueError(f"decaying_adam needs an int steps >= 1, got {steps!r}") from None
     return pyro.optim.ClippedAdam({"lr": lr, "lrd": (final_lr / lr) ** (1 / steps)})

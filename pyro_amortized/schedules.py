@@ -20,23 +20,11 @@ Example:
 
 from __future__ import annotations
 
-import math
-
 from pyro.infer import ELBO
 
+from .checks import check_count, check_finite, check_probability
+
 __all__ = ["CyclicalSchedule", "LinearSchedule"]
-
-
-def _check_number(owner: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _check_steps(owner: str, name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{owner}: {name} must be an int >= 1, got {value!r}")
-    return value
 
 
 class _Schedule:
@@ -92,9 +80,9 @@ class LinearSchedule(_Schedule):
         attribute: str = "entropy_weight",
     ):
         super().__init__(attribute)
-        self.start = _check_number("LinearSchedule", "start", start)
-        self.end = _check_number("LinearSchedule", "end", end)
-        self.steps = _check_steps("LinearSchedule", "steps", steps)
+        self.start = check_finite("LinearSchedule", "start", start)
+        self.end = check_finite("LinearSchedule", "end", end)
+        self.steps = check_count("LinearSchedule", "steps", steps)
 
     def value(self, step: int) -> float:
         """The weight at global step ``step``."""
@@ -140,14 +128,11 @@ class CyclicalSchedule(_Schedule):
         attribute: str = "kl_weight",
     ):
         super().__init__(attribute)
-        self.start = _check_number("CyclicalSchedule", "start", start)
-        self.end = _check_number("CyclicalSchedule", "end", end)
-        self.steps = _check_steps("CyclicalSchedule", "steps", steps)
-        self.cycles = _check_steps("CyclicalSchedule", "cycles", cycles)
-        ratio = _check_number("CyclicalSchedule", "ratio", ratio)
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"CyclicalSchedule: ratio must be in (0, 1], got {ratio!r}")
-        self.ratio = ratio
+        self.start = check_finite("CyclicalSchedule", "start", start)
+        self.end = check_finite("CyclicalSchedule", "end", end)
+        self.steps = check_count("CyclicalSchedule", "steps", steps)
+        self.cycles = check_count("CyclicalSchedule", "cycles", cycles)
+        self.ratio = check_probability("CyclicalSchedule", "ratio", ratio, low=False)
 
     def value(self, step: int) -> float:
         """The weight at global step ``step``."""

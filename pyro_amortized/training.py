@@ -1,4 +1,9 @@
-"""fit(): minibatch SVI with progress bar, validation, early stopping and resumable checkpoints."""
+"""fit(): minibatch SVI with progress bar, validation, early stopping and resumable checkpoints.
+
+The options that travel together are values: :class:`Validation` (the validation data, its
+chunk size, its objective and the early-stopping patience) and :class:`Checkpoint` (the
+file and whether to resume from it).
+"""
 
 from __future__ import annotations
 
@@ -7,8 +12,9 @@ import math
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +28,10 @@ from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .checks import check_bool, check_count, check_counts
 from .optim import JointOptim
 
-__all__ = ["History", "fit"]
+__all__ = ["Checkpoint", "History", "Validation", "fit"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -83,25 +90,160 @@ class History:
         return cls(**{f.name: state[f.name] for f in dataclasses.fields(cls)})
 
 
+@dataclass(frozen=True, eq=False)
+class Validation:
+    r"""Validation for :func:`fit`: the data whose bound is computed after every epoch, and
+    early stopping on it.
+
+    The bound is the one of :meth:`bound`: per datapoint, the model and guide in evaluation
+    mode, in chunks of ``batch_size`` rows.
+
+    Arguments:
+        data: Validation data, a tensor with one row per datapoint, its rows shaped as the
+            training rows.
+        batch_size: Rows per validation chunk; ``None`` takes :func:`fit`'s
+            ``batch_size`` (and in :meth:`bound`, all rows in one call).
+        loss: Objective of the bound; ``None`` takes :func:`fit`'s ``loss``. Pass an
+            unannealed one (e.g. a second ``Trace_IWELBO``) when ``schedule`` anneals the
+            training objective, so the validation bound is the bound.
+        patience: Stop after this many epochs without a higher validation bound; ``None``
+            trains all epochs.
+
+    Raises:
+        ValueError: An argument is of the wrong type or out of range.
+
+    Example:
+        >>> validation = Validation(torch.zeros(20, 2), batch_size=10, patience=5)
+        >>> validation
+        Validation(data=<tensor of shape (20, 2)>, batch_size=10, loss=None, patience=5)
+    """
+
+    data: Tensor
+    _: KW_ONLY
+    batch_size: int | None = None
+    loss: ELBO | None = None
+    patience: int | None = None
+
+    def __post_init__(self) -> None:
+        data = self.data
+        if not isinstance(data, Tensor) or data.dim() == 0 or data.shape[0] < 1:
+            got = f"shape {tuple(data.shape)}" if isinstance(data, Tensor) else type(data).__name__
+            raise ValueError(
+                f"Validation: data must be a tensor with at least one row (one row per "
+                f"datapoint), got {got}"
+            )
+        check_count("Validation", "batch_size", self.batch_size, optional=True)
+        if self.loss is not None and not isinstance(self.loss, ELBO):
+            raise ValueError(
+                "Validation: loss must be None (fit's loss) or a pyro.infer.ELBO, got "
+                f"{type(self.loss).__name__}"
+            )
+        check_count("Validation", "patience", self.patience, optional=True)
+
+    def __repr__(self) -> str:
+        return (
+            f"Validation(data=<tensor of shape {tuple(self.data.shape)}>, batch_size="
+            f"{self.batch_size}, loss={self.loss!r}, patience={self.patience})"
+        )
+
+    def bound(self, model: Callable, guide: Callable) -> float:
+        r"""The validation bound per datapoint, as :func:`fit` computes it after every epoch
+        (nats; higher is better).
+
+        That is ``-loss.loss(model, guide, data, idx) / len(data)`` under
+        ``torch.no_grad()``, with the model and guide in evaluation mode (``.eval()``, when
+        they are ``nn.Module``\ s, put back in their mode afterwards: a
+        :class:`~pyro_amortized.SemiAmortizedGuide` then refines), in chunks of
+        ``batch_size`` rows averaged with weights chunk size / ``len(data)`` (each chunk's
+        loss is already scaled up to the whole set). With one chunk of every row ``idx``
+        is ``None``.
+
+        Arguments:
+            model: The Pyro model, called as ``model(data, idx)``.
+            guide: Its guide, called alike.
+
+        Raises:
+            ValueError: ``loss`` is ``None`` (:func:`fit` fills in its own objective).
+        """
+        if self.loss is None:
+            raise ValueError(
+                "Validation.bound needs an objective: pass Validation(data, loss=...) (fit "
+                "fills in its own loss)"
+            )
+        modules = [m for m in (model, guide) if isinstance(m, nn.Module)]
+        modes = [m.training for m in modules]
+        for module in modules:
+            module.eval()
+        try:
+            with torch.no_grad():
+                return self._chunked_bound(model, guide)
+        finally:
+            for module, mode in zip(modules, modes, strict=True):
+                module.train(mode)
+
+    def _chunked_bound(self, model: Callable, guide: Callable) -> float:
+        data, chunk, loss = self.data, self.batch_size, self.loss
+        size = data.shape[0]
+        if chunk is None or chunk >= size:
+            # One call on the whole set: idx=None, so the plate is not subsampled.
+            return -loss.loss(model, guide, data, None) / size
+        total = 0.0
+        for idx in torch.arange(size, device=data.device).split(chunk):
+            # Each chunk's loss is scaled by size / len(idx) to the whole set: divided by
+            # size it is a per-datapoint loss, and the chunks weigh by their share of rows.
+            total += loss.loss(model, guide, data, idx) / size * (len(idx) / size)
+        return -total
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Checkpointing for :func:`fit`: the file written at the end of every epoch, and
+    whether a run resumes from it.
+
+    Arguments:
+        path: The checkpoint file, a ``str`` or ``os.PathLike`` (kept as a ``Path``). Its
+            directory is created if needed.
+        resume: Resume from ``path`` when the file exists; with ``False`` an existing file
+            is overwritten at the end of the first epoch.
+
+    Raises:
+        ValueError: ``path`` is not a path or ``resume`` not a bool.
+
+    Example:
+        >>> Checkpoint("runs/vae.pt", resume=False)
+        Checkpoint(path=PosixPath('runs/vae.pt'), resume=False)
+    """
+
+    path: str | os.PathLike
+    _: KW_ONLY
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, (str, os.PathLike)):
+            raise ValueError(
+                f"Checkpoint: path must be a str or an os.PathLike (the file to write), got "
+                f"{self.path!r}"
+            )
+        check_bool("Checkpoint", "resume", self.resume)
+        object.__setattr__(self, "path", Path(self.path))
+
+
 def fit(
     model: Callable,
     guide: Callable,
     loss: ELBO,
     train: Tensor,
     *,
-    valid: Tensor | None = None,
     epochs: int,
     batch_size: int,
     optimizer: PyroOptim,
-    valid_batch_size: int | None = None,
-    valid_loss: ELBO | None = None,
-    patience: int | None = None,
+    validation: Validation | None = None,
+    checkpoint: Checkpoint | str | os.PathLike | None = None,
     schedule: Schedule | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    resume: bool = True,
     seed: int = 0,
     progress: bool = True,
     resample: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+    **deprecated: Any,
 ) -> History:
     r"""Train ``model`` and ``guide`` by minibatch SVI, with validation and checkpoints.
 
@@ -127,29 +269,26 @@ def fit(
     ``seed`` (owned by ``fit``, so shuffling does not touch the global RNG), calls
     ``schedule(epoch, step, loss)`` before each step (``step`` is the global step count,
     from 0), takes ``svi.step(train, idx)`` on each minibatch (the last one may be smaller),
-    then computes the validation bound per datapoint, ``-valid_loss.loss(model, guide,
-    valid, idx) / len(valid)`` under ``torch.no_grad()``, with the model and guide in
-    evaluation mode (``.eval()``, when they are ``nn.Module``\ s: a
-    :class:`~pyro_amortized.SemiAmortizedGuide` then refines), in chunks of ``valid_batch_size``
-    rows averaged with weights chunk size / ``len(valid)`` (each chunk's loss is already
-    scaled up to the whole set). Sampling inside Pyro uses torch's global RNG: seed it with
-    ``pyro.set_rng_seed`` before calling ``fit``.
+    then, with a ``validation``, computes its bound per datapoint (:meth:`Validation.bound`:
+    the model and guide in evaluation mode, in chunks, under ``torch.no_grad()``). Sampling
+    inside Pyro uses torch's global RNG: seed it with ``pyro.set_rng_seed`` before calling
+    ``fit``.
 
-    **Checkpoints.** With ``checkpoint=PATH`` a checkpoint is written at the end of every
-    epoch, atomically (to ``PATH.tmp``, then renamed), so a crash never leaves a broken
-    file. It holds the values of every Pyro parameter the model and guide use, the
-    optimizer's state, the model's and guide's ``state_dict()`` (when they are
-    ``nn.Module``\ s: buffers are not in Pyro's parameter store), the history, the global
+    **Checkpoints.** With ``checkpoint=Checkpoint(PATH)`` (or just ``PATH``) a checkpoint is
+    written at the end of every epoch, atomically (to ``PATH.tmp``, then renamed), so a
+    crash never leaves a broken file. It holds the values of every Pyro parameter the model
+    and guide use, the optimizer's state, the model's and guide's ``state_dict()`` (when they
+    are ``nn.Module``\ s: buffers are not in Pyro's parameter store), the history, the global
     RNG states (torch, Python, NumPy, CUDA) and the shuffling generator's state. When
-    ``PATH`` exists and ``resume`` is true, ``fit`` first calls the guide and the loss once
-    to create the lazily built parameters (an autoguide's encoder), then loads the
-    checkpoint into them (in place) with the optimizer's and RNGs' states, and goes on with
-    the next epoch: the run continues exactly as it would have without the interruption,
-    step losses included, given the same arguments. The optimizer's state held before the
-    call is discarded in favor of the checkpoint's. If the checkpoint already holds
-    ``epochs`` epochs (or training had stopped early and still would), the state is loaded
-    and nothing is trained. The file is read with ``torch.load(weights_only=True)``, which
-    runs no code from it.
+    ``PATH`` exists and the checkpoint's ``resume`` is true, ``fit`` first calls the guide
+    and the loss once to create the lazily built parameters (an autoguide's encoder), then
+    loads the checkpoint into them (in place) with the optimizer's and RNGs' states, and
+    goes on with the next epoch: the run continues exactly as it would have without the
+    interruption, step losses included, given the same arguments. The optimizer's state held
+    before the call is discarded in favor of the checkpoint's. If the checkpoint already
+    holds ``epochs`` epochs (or training had stopped early and still would), the state is
+    loaded and nothing is trained. The file is read with ``torch.load(weights_only=True)``,
+    which runs no code from it.
 
     Arguments:
         model: A Pyro model following the convention above: an ``nn.Module`` (e.g. a
@@ -158,23 +297,16 @@ def fit(
         loss: The training objective, a :class:`pyro.infer.ELBO` such as
             :class:`~pyro_amortized.Trace_IWELBO`.
         train: Training data, a tensor with one row per datapoint.
-        valid: Validation data with the same row shape, or ``None``.
         epochs: Total number of epochs, counting those of a resumed checkpoint.
         batch_size: Rows per training step.
         optimizer: A :class:`pyro.optim.PyroOptim`, e.g. ``pyro_amortized.optim.Adam``.
-        valid_batch_size: Rows per validation chunk; defaults to ``batch_size``.
-        valid_loss: Objective for the validation bound; defaults to ``loss``. Pass an
-            unannealed one (e.g. a second ``Trace_IWELBO``) when ``schedule`` anneals
-            ``loss``, so the validation bound is the bound.
-        patience: Stop after this many epochs without a higher validation bound (needs
-            ``valid``); ``None`` trains all ``epochs``.
+        validation: The validation data and its options (chunk size, objective,
+            early-stopping patience), or ``None`` to train without validation.
+        checkpoint: Where to write checkpoints and whether to resume, a :class:`Checkpoint`;
+            a path stands for ``Checkpoint(path)``; ``None`` writes no checkpoints.
         schedule: Called as ``schedule(epoch, step, loss)`` before every step, e.g. to
             set ``loss.entropy_weight``. It must depend on its arguments only: nothing
             about it is checkpointed.
-        checkpoint: Path of the checkpoint file, or ``None`` for no checkpoints. Its
-            directory is created if needed.
-        resume: Resume from ``checkpoint`` when the file exists; with ``False`` an
-            existing file is overwritten at the end of the first epoch.
         seed: Seed of the shuffling generator.
         progress: Show a ``tqdm`` progress bar (on stderr) with the epoch's running loss
             per datapoint and the last validation bound. ``False`` prints nothing.
@@ -182,15 +314,21 @@ def fit(
             drawn with fit's generator so that a resumed run draws the same; e.g. dynamic
             binarization of grey-level images,
             ``lambda x, g: torch.bernoulli(x, generator=g)``.
+        **deprecated: The flat keywords of the previous release, each still accepted
+            for this one with a ``FutureWarning``: ``valid``, ``valid_batch_size``,
+            ``valid_loss`` and ``patience`` (now ``validation=Validation(valid,
+            batch_size=..., loss=..., patience=...)``) and ``resume`` (now
+            ``checkpoint=Checkpoint(path, resume=...)``).
 
     Returns:
         The :class:`History` of the whole run, resumed epochs included.
 
     Raises:
-        ValueError: An argument is invalid; the checkpoint was written for different
-            data, batch size, seed, model or guide; or the guide's data plate does not
-            take the minibatch indices (an ``AutoAmortizedNormal`` first called without
-            them), which would make every step silently full-batch.
+        ValueError: An argument is invalid (or given both in its deprecated and its new
+            spelling); the checkpoint was written for different data, batch size, seed,
+            model or guide; or the guide's data plate does not take the minibatch indices
+            (an ``AutoAmortizedNormal`` first called without them), which would make every
+            step silently full-batch.
         FloatingPointError: A step's loss (or a validation bound) is NaN or infinite.
             The message names the epoch and step; the checkpoint file keeps the last
             epoch completed before it. Parameters in memory are those after the failed
@@ -206,41 +344,39 @@ def fit(
         ...         pyro.sample("x", dist.Normal(z, 1.0).to_event(1), obs=x[ind])
         >>> guide = AutoAmortizedNormal(model, hidden_dims=(8,))
         >>> history = fit(model, guide, Trace_IWELBO(2), torch.randn(20, 2), epochs=2,
-        ...               batch_size=8, optimizer=Adam({"lr": 0.01}), progress=False)
-        >>> history.epochs, history.steps
-        (2, 6)
+        ...               batch_size=8, optimizer=Adam({"lr": 0.01}),
+        ...               validation=Validation(torch.randn(10, 2)), progress=False)
+        >>> history.epochs, history.steps, history.best_epoch is not None
+        (2, 6, True)
     """
-    _check_arguments(
-        model,
-        guide,
-        loss,
-        train,
-        valid,
-        epochs,
-        batch_size,
-        optimizer,
-        valid_batch_size,
-        valid_loss,
-        patience,
-        schedule,
-        checkpoint,
-        resume,
-        seed,
-        progress,
-        resample,
-    )
-    valid_loss = loss if valid_loss is None else valid_loss
+    checkpoint = _checkpoint_option(checkpoint, deprecated)  # takes resume= out
+    _check_problem(model, guide, loss, train)
+    validation = validation_option("fit", validation, deprecated, train)
+    check_counts("fit", epochs=epochs, batch_size=batch_size)
+    _check_steps(optimizer, schedule, resample, seed)
+    check_bool("fit", "progress", progress)
     num_data = train.shape[0]
-    if valid_batch_size is None:
-        valid_batch_size = batch_size
-    path = None if checkpoint is None else Path(checkpoint)
+    patience = None
+    if validation is not None:
+        patience = validation.patience
+        # fit's own batch size and objective where the validation names none; with a single
+        # training row the guide never saw subsample indices and could not follow them, so
+        # the whole set is then one chunk
+        chunk = batch_size if validation.batch_size is None else validation.batch_size
+        validation = dataclasses.replace(
+            validation,
+            batch_size=None if num_data == 1 else chunk,
+            loss=loss if validation.loss is None else validation.loss,
+        )
+    path = None if checkpoint is None else checkpoint.path
     config = {"num_data": num_data, "batch_size": batch_size, "seed": seed}
 
     state = None
-    if path is not None and resume and path.exists():
+    if path is not None and checkpoint.resume and path.exists():
         state = _read_checkpoint(path, config)
     # the warm-up sees data like an epoch's, from a generator of its own (fit's stays put)
     warm = train if resample is None else resample(train, torch.Generator().manual_seed(seed))
+    valid_loss = loss if validation is None else validation.loss
     names = _warm_up(model, guide, loss, valid_loss, warm, batch_size)
     generator = torch.Generator().manual_seed(seed)
     history = History()
@@ -291,8 +427,8 @@ def fit(
                 bar.set_postfix(_postfix(epoch_loss / rows_seen, history), refresh=False)
 
             bound = None
-            if valid is not None:
-                bound = _valid_bound(model, guide, valid_loss, valid, valid_batch_size, num_data)
+            if validation is not None:
+                bound = validation.bound(model, guide)
                 if not math.isfinite(bound):
                     raise FloatingPointError(
                         f"the validation bound became {bound} at epoch {epoch} (global step "
@@ -312,28 +448,120 @@ def fit(
 
 
 # ------------------------------------------------------------------ arguments
-def _check_arguments(
-    model,
-    guide,
-    loss,
-    train,
-    valid,
-    epochs,
-    batch_size,
-    optimizer,
-    valid_batch_size,
-    valid_loss,
-    patience,
-    schedule,
-    checkpoint,
-    resume,
-    seed,
-    progress,
-    resample,
-) -> None:
-    def positive_int(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+# The flat keywords of the previous release and the field of Validation each stands for.
+_VALIDATION_KEYWORDS = {
+    "valid": "data",
+    "valid_batch_size": "batch_size",
+    "valid_loss": "loss",
+    "patience": "patience",
+}
 
+
+def validation_option(
+    owner: str, validation: Validation | None, deprecated: dict[str, Any], train: Tensor
+) -> Validation | None:
+    """The :class:`Validation` that ``validation=`` or the deprecated flat keywords spell,
+    checked against the training data.
+
+    ``deprecated`` holds the keyword arguments the caller took as ``**deprecated`` (those of
+    :func:`fit` other than ``resume``, those of
+    :class:`~pyro_amortized.lightning.PyroLightningModule`): ``valid``,
+    ``valid_batch_size``, ``valid_loss`` and ``patience`` each give a ``FutureWarning`` that
+    names the new spelling and are mapped onto a :class:`Validation`. Without ``valid``
+    data, a ``patience`` is refused and the other two are ignored, as they were. To be
+    removed with the flat keywords in the next release.
+
+    Arguments:
+        owner: The function or class the options were passed to, for the messages.
+        validation: What the caller passed as ``validation=``.
+        deprecated: The caller's other keyword arguments.
+        train: The training data (already checked), whose rows the validation rows match.
+
+    Raises:
+        ValueError: ``validation`` is not a :class:`Validation`, its rows are shaped
+            unlike ``train``'s, both ``validation=`` and a flat keyword were passed, or a
+            flat one is invalid (the message names it as it was passed).
+        TypeError: ``deprecated`` holds another keyword, as Python says of an unexpected one.
+    """
+    for name in deprecated:
+        if name not in _VALIDATION_KEYWORDS:
+            raise TypeError(f"{owner}() got an unexpected keyword argument {name!r}")
+    if deprecated:
+        if validation is not None:
+            raise ValueError(
+                f"{owner}: pass the validation options either as validation=Validation(...) "
+                f"or as the deprecated {', '.join(f'{name}=' for name in deprecated)}, not both"
+            )
+        validation = _from_deprecated(owner, deprecated)
+    if validation is None:
+        return None
+    if not isinstance(validation, Validation):
+        raise ValueError(
+            f"{owner}: validation must be None or a Validation(data, ...), got {validation!r}"
+        )
+    if validation.data.shape[1:] != train.shape[1:]:
+        raise ValueError(
+            f"{owner}: valid rows have shape {tuple(validation.data.shape[1:])} but train rows "
+            f"have shape {tuple(train.shape[1:])}"
+        )
+    return validation
+
+
+def _from_deprecated(owner: str, deprecated: dict[str, Any]) -> Validation | None:
+    for name in deprecated:
+        field_name = _VALIDATION_KEYWORDS[name]
+        spelling = (
+            "Validation(valid)" if name == "valid" else f"Validation(valid, {field_name}=...)"
+        )
+        warnings.warn(
+            f"{owner}: {name}= is deprecated and will be removed in the next release; pass "
+            f"validation={spelling}",
+            FutureWarning,
+            stacklevel=4,
+        )
+    for name in ("valid_batch_size", "patience"):
+        check_count(owner, name, deprecated.get(name), optional=True)
+    if deprecated.get("valid") is None:
+        if deprecated.get("patience") is not None:
+            raise ValueError(
+                f"{owner}: patience needs a validation set; pass "
+                "validation=Validation(data, patience=...)"
+            )
+        return None
+    return Validation(**{_VALIDATION_KEYWORDS[name]: value for name, value in deprecated.items()})
+
+
+def _checkpoint_option(
+    checkpoint: Checkpoint | str | os.PathLike | None, deprecated: dict[str, Any]
+) -> Checkpoint | None:
+    """fit's ``checkpoint=`` as a :class:`Checkpoint`, with the deprecated ``resume=``
+    (taken out of ``deprecated``)."""
+    if checkpoint is not None and not isinstance(checkpoint, (Checkpoint, str, os.PathLike)):
+        raise ValueError(
+            "fit: checkpoint must be None or a path (or a Checkpoint(path, resume=...)), got "
+            f"{checkpoint!r}"
+        )
+    if "resume" not in deprecated:
+        return Checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    resume = deprecated.pop("resume")
+    if isinstance(checkpoint, Checkpoint):
+        raise ValueError(
+            "fit: pass resume either in checkpoint=Checkpoint(path, resume=...) or as the "
+            "deprecated resume=, not both"
+        )
+    warnings.warn(
+        "fit: resume= is deprecated and will be removed in the next release; pass "
+        "checkpoint=Checkpoint(path, resume=...)",
+        FutureWarning,
+        stacklevel=3,
+    )
+    check_bool("fit", "resume", resume)
+    # without a checkpoint there is nothing to resume from, as before
+    return None if checkpoint is None else Checkpoint(checkpoint, resume=resume)
+
+
+def _check_problem(model: Callable, guide: Callable, loss: ELBO, train: Tensor) -> None:
+    """What fit trains: the model and guide, the objective and the data."""
     if not callable(model):
         raise ValueError(f"fit: model must be a callable Pyro model, got {model!r}")
     if not callable(guide):
@@ -345,50 +573,25 @@ def _check_arguments(
             "fit: train must be a tensor with at least one row (one row per datapoint), got "
             + (f"shape {tuple(train.shape)}" if isinstance(train, Tensor) else type(train).__name__)
         )
-    if valid is not None:
-        if not isinstance(valid, Tensor) or valid.dim() == 0 or valid.shape[0] < 1:
-            raise ValueError("fit: valid must be None or a tensor with at least one row")
-        if valid.shape[1:] != train.shape[1:]:
-            raise ValueError(
-                f"fit: valid rows have shape {tuple(valid.shape[1:])} but train rows have "
-                f"shape {tuple(train.shape[1:])}"
-            )
-    if not positive_int(epochs):
-        raise ValueError(f"fit: epochs must be an int >= 1, got {epochs!r}")
-    if not positive_int(batch_size):
-        raise ValueError(f"fit: batch_size must be an int >= 1, got {batch_size!r}")
+
+
+def _check_steps(
+    optimizer: PyroOptim, schedule: Schedule | None, resample: Callable | None, seed: int
+) -> None:
+    """How fit steps: the optimizer, the schedule and resampling, the shuffling's seed."""
     if not isinstance(optimizer, PyroOptim):
         raise ValueError(
             "fit: optimizer must be a pyro.optim.PyroOptim (e.g. pyro_amortized.optim.Adam or "
             f"pyro.optim.Adam), got {type(optimizer).__name__}"
         )
-    if valid_batch_size is not None and not positive_int(valid_batch_size):
-        raise ValueError(
-            f"fit: valid_batch_size must be None or an int >= 1, got {valid_batch_size!r}"
-        )
-    if valid_loss is not None and not isinstance(valid_loss, ELBO):
-        raise ValueError(
-            f"fit: valid_loss must be None or a pyro.infer.ELBO, got {type(valid_loss).__name__}"
-        )
-    if patience is not None:
-        if not positive_int(patience):
-            raise ValueError(f"fit: patience must be None or an int >= 1, got {patience!r}")
-        if valid is None:
-            raise ValueError("fit: patience needs a validation set; pass valid=")
     if schedule is not None and not callable(schedule):
         raise ValueError(
             f"fit: schedule must be None or a callable (epoch, step, loss), got {schedule!r}"
         )
-    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
-        raise ValueError(f"fit: checkpoint must be None or a path, got {checkpoint!r}")
-    if not isinstance(resume, bool):
-        raise ValueError(f"fit: resume must be a bool, got {resume!r}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ValueError(f"fit: seed must be an int, got {seed!r}")
-    if not isinstance(progress, bool):
-        raise ValueError(f"fit: progress must be a bool, got {progress!r}")
     if resample is not None and not callable(resample):
         raise ValueError(f"fit: resample must be None or a callable, got {resample!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"fit: seed must be an int, got {seed!r}")
 
 
 # ----------------------------------------------------------------- the loop
@@ -422,38 +625,6 @@ def _last_good(path: Path | None, written: Path | None) -> str:
     if written is None:
         return f"no checkpoint was written yet (checkpoint={str(path)!r})"
     return f"the last good checkpoint is {written}"
-
-
-def _valid_bound(
-    model: Callable, guide: Callable, loss: ELBO, valid: Tensor, chunk: int, num_train: int
-) -> float:
-    modules = [m for m in (model, guide) if isinstance(m, nn.Module)]
-    modes = [m.training for m in modules]
-    for module in modules:
-        module.eval()
-    try:
-        with torch.no_grad():
-            return _chunked_bound(loss, model, guide, valid, chunk, num_train)
-    finally:
-        for module, mode in zip(modules, modes, strict=True):
-            module.train(mode)
-
-
-def _chunked_bound(
-    loss: ELBO, model: Callable, guide: Callable, valid: Tensor, chunk: int, num_train: int
-) -> float:
-    size = valid.shape[0]
-    if chunk >= size or num_train == 1:
-        # One call on the whole set: idx=None, so the plate is not subsampled. (With a
-        # single training row the guide never saw subsample indices and could not follow
-        # them.)
-        return -loss.loss(model, guide, valid, None) / size
-    total = 0.0
-    for idx in torch.arange(size, device=valid.device).split(chunk):
-        # Each chunk's loss is scaled by size / len(idx) to the whole set: divided by
-        # size it is a per-datapoint loss, and the chunks weigh by their share of rows.
-        total += loss.loss(model, guide, valid, idx) / size * (len(idx) / size)
-    return -total
 
 
 # -------------------------------------------------------------- checkpoints
@@ -569,14 +740,15 @@ def _read_checkpoint(path: Path, config: dict[str, int]) -> dict[str, Any]:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(
             f"fit: {path} is not a fit() checkpoint of format {CHECKPOINT_FORMAT} (found "
-            f"{found!r}); pass resume=False to overwrite it"
+            f"{found!r}); pass checkpoint=Checkpoint(path, resume=False) to overwrite it"
         )
     for key, value in config.items():
         if state["config"][key] != value:
             raise ValueError(
                 f"fit: the checkpoint {path} was written with {key}={state['config'][key]} "
                 f"but this call has {key}={value}; a resumed run needs the same data, "
-                "batch_size and seed (or pass resume=False to start over)"
+                "batch_size and seed (or pass checkpoint=Checkpoint(path, resume=False) to start "
+                "over)"
             )
     return state
 

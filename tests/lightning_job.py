@@ -23,7 +23,7 @@ def build(seed: int = 0):
     from pyro.nn import PyroModule
     from torch import nn
 
-    from pyro_amortized import AutoAmortizedNormal, Trace_IWELBO
+    from pyro_amortized import AutoAmortizedNormal, Trace_IWELBO, Validation
     from pyro_amortized.lightning import PyroLightningModule
 
     class Model(PyroModule):
@@ -60,7 +60,7 @@ def build(seed: int = 0):
         guide,
         Trace_IWELBO(4),
         data[:N_TRAIN],
-        valid=data[N_TRAIN:],
+        validation=Validation(data[N_TRAIN:]),
         batch_size=BATCH,
         lr=0.02,
     )

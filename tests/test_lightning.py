@@ -6,10 +6,9 @@ import pyro
 import pytest
 import torch
 
-from pyro_amortized import SemiAmortizedGuide, Trace_IWELBO
+from pyro_amortized import SemiAmortizedGuide, Trace_IWELBO, Validation
 from pyro_amortized.diagnostics import log_marginal_likelihood
 from pyro_amortized.lightning import PyroLightningModule, steps_per_epoch
-from pyro_amortized.training import _valid_bound
 
 JOB = Path(__file__).resolve().parent / "lightning_job.py"
 ROOT = JOB.parents[1]
@@ -52,9 +51,22 @@ def test_the_module_needs_module_local_params():
     "kwargs, match",
     [
         (dict(batch_size=0), "batch_size must be an int >= 1"),
+        (dict(batch_size=True), r"PyroLightningModule: batch_size must be an int >= 1, got True"),
         (dict(batch_size=8, lr=0.0), "lr must be > 0"),
+        (dict(batch_size=8, lr=float("nan")), "lr must be > 0"),
         (dict(batch_size=8, log_marginal_every=2), "log_marginal_every must be >= 0"),
-        (dict(batch_size=8, valid=torch.zeros(3, 4)), r"valid rows have shape \(4,\)"),
+        (dict(batch_size=8, log_marginal_every=-1), "log_marginal_every must be an int >= 0"),
+        (dict(batch_size=8, log_marginal_samples=True), "log_marginal_samples must be an int"),
+        (dict(batch_size=8, log_marginal_rows=0), "log_marginal_rows must be an int >= 1"),
+        (
+            dict(batch_size=8, validation=Validation(torch.zeros(3, 4))),
+            r"valid rows have shape \(4,\)",
+        ),
+        (dict(batch_size=8, validation=torch.zeros(3, 5)), "validation must be None or a Valid"),
+        (
+            dict(batch_size=8, validation=Validation(torch.zeros(3, 5), patience=2)),
+            r"early stopping is Lightning's .*EarlyStopping\('valid_bound', mode='max', patie",
+        ),
     ],
 )
 def test_bad_arguments_are_named(kwargs, match):
@@ -152,9 +164,8 @@ def test_the_validation_bound_is_fits_even_for_a_refining_guide():
             refining,
             Trace_IWELBO(4),
             train,
-            valid=valid,
+            validation=Validation(valid, batch_size=24),
             batch_size=8,
-            valid_batch_size=24,
             log_marginal_every=1,
             log_marginal_samples=8,
             log_marginal_rows=40,
@@ -164,7 +175,9 @@ def test_the_validation_bound_is_fits_even_for_a_refining_guide():
         torch.manual_seed(3)
         logged = _trainer().validate(module, verbose=False)[0]
         torch.manual_seed(3)
-        bound = _valid_bound(module.model, refining, module.valid_loss, valid, 24, 96)
+        bound = Validation(valid, batch_size=24, loss=module.valid_loss).bound(
+            module.model, refining
+        )
         refining.eval()  # as Lightning leaves it for on_validation_epoch_end
         log_px = log_marginal_likelihood(
             module.model, refining, valid[:40], num_samples=8, progress=False
@@ -194,7 +207,7 @@ def test_schedule_history_and_resample_per_step_and_epoch():
             built.guide,
             Trace_IWELBO(2),
             data[:96],
-            valid=data[96:],
+            validation=Validation(data[96:]),
             batch_size=8,
             schedule=schedule,
             resample=resample,
@@ -219,3 +232,36 @@ def test_steps_per_epoch_drops_the_rows_ddp_cannot_share():
     assert steps_per_epoch(96, 8, 2) == 6
     assert steps_per_epoch(97, 8, 2) == 6  # 48 rows per worker
     assert steps_per_epoch(100, 8, 1) == 13  # one process keeps the short last step
+
+
+def test_the_deprecated_validation_keywords_warn_and_build_the_same_module():
+    from lightning_job import build
+
+    with pyro.settings.context(module_local_params=True):
+        built, data = build()
+        args = (built.model, built.guide, built.loss, data[:96])
+        loss = Trace_IWELBO(2)
+        new = PyroLightningModule(
+            *args, batch_size=8, validation=Validation(data[96:], batch_size=16, loss=loss)
+        )
+        with pytest.warns(FutureWarning) as warned:
+            old = PyroLightningModule(
+                *args, batch_size=8, valid=data[96:], valid_batch_size=16, valid_loss=loss
+            )
+        with pytest.raises(ValueError, match="as the deprecated valid=, not both"):
+            PyroLightningModule(
+                *args, batch_size=8, validation=Validation(data[96:]), valid=data[96:]
+            )
+        with pytest.raises(TypeError, match="unexpected keyword argument 'valid_size'"):
+            PyroLightningModule(*args, batch_size=8, valid_size=16)
+    assert sorted(str(w.message) for w in warned) == [
+        "PyroLightningModule: valid= is deprecated and will be removed in the next release; "
+        "pass validation=Validation(valid)",
+        "PyroLightningModule: valid_batch_size= is deprecated and will be removed in the next "
+        "release; pass validation=Validation(valid, batch_size=...)",
+        "PyroLightningModule: valid_loss= is deprecated and will be removed in the next "
+        "release; pass validation=Validation(valid, loss=...)",
+    ]
+    for module in (new, old):
+        assert torch.equal(module.valid_data, data[96:]) and module.valid_loss is loss
+        assert module.valid_batch_size == 16 and len(module.val_dataloader()) == 4  # 64 rows

@@ -257,3 +257,9 @@ def test_decaying_adam_reaches_final_lr_after_its_steps():
         decaying_adam(0.01, final_lr=0.1, steps=10)
     with pytest.raises(ValueError, match="steps >= 1"):
         decaying_adam(0.01, final_lr=0.001, steps=0)
+    with pytest.raises(ValueError, match="steps >= 1, got True"):
+        decaying_adam(0.01, final_lr=0.001, steps=True)
+    with pytest.raises(ValueError, match=r"decaying_adam: lr must be > 0 \(a finite number\)"):
+        decaying_adam(float("nan"), final_lr=0.001, steps=10)
+    with pytest.raises(ValueError, match=r"decaying_adam: final_lr must be > 0"):
+        decaying_adam(0.01, final_lr=0.0, steps=10)

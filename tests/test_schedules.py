@@ -69,6 +69,11 @@ def test_fit_sets_the_weight_before_every_step(attribute):
         (lambda: LinearSchedule(0.0, 1.0, 5, attribute="kl weight"), "attribute must name"),
         (lambda: CyclicalSchedule(0.0, 1.0, 10, cycles=0), "cycles must be an int >= 1"),
         (lambda: CyclicalSchedule(0.0, 1.0, 10, ratio=0.0), r"ratio must be in \(0, 1\]"),
+        (lambda: LinearSchedule(0.0, 1.0, True), "LinearSchedule: steps must be an int >= 1"),
+        (lambda: LinearSchedule(True, 1.0, 5), "LinearSchedule: start must be a finite number"),
+        (lambda: CyclicalSchedule(0.0, 1.0, 10, cycles=2.0), "cycles must be an int >= 1"),
+        (lambda: CyclicalSchedule(0.0, 1.0, 10, ratio=float("nan")), r"ratio must be in \(0, 1\]"),
+        (lambda: CyclicalSchedule(0.0, 1.0, 10, ratio=1.5), r"ratio must be in \(0, 1\], got 1.5"),
     ],
 )
 def test_bad_arguments(make, match):

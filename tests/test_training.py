@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import random
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from pyro_amortized import AutoAmortizedNormal, Trace_IWELBO
 from pyro_amortized.optim import Adam
-from pyro_amortized.training import History, fit
+from pyro_amortized.training import Checkpoint, History, Validation, fit
 
 
 class TinyVAE(PyroModule):
@@ -48,7 +49,7 @@ def build(optim=Adam, lr=0.01):
 def run(data, epochs, **kwargs):
     train, valid = data
     model, guide, loss, optimizer = build(**kwargs.pop("build", {}))
-    options = {"valid": valid, "batch_size": 16, "progress": False, **kwargs}
+    options = {"validation": Validation(valid), "batch_size": 16, "progress": False, **kwargs}
     history = fit(model, guide, loss, train, epochs=epochs, optimizer=optimizer, **options)
     return history, model, guide
 
@@ -114,7 +115,8 @@ def test_resume_in_the_same_process_after_an_interruption(data, tmp_path):
         if step == 10:  # epoch 2, after the checkpoint of epochs 0 and 1
             raise KeyboardInterrupt
 
-    options = {"valid": valid, "batch_size": 16, "progress": False, "optimizer": optimizer}
+    options = {"validation": Validation(valid), "batch_size": 16, "progress": False}
+    options["optimizer"] = optimizer
     with pytest.raises(KeyboardInterrupt):
         fit(
             model,
@@ -206,37 +208,22 @@ def test_early_stopping_on_the_validation_bound(data, tmp_path):
     model, guide, loss, optimizer = build(optim=pyro.optim.SGD, lr=0.0)
     model_holder["model"] = model
     path = tmp_path / "run.pt"
-    options = {"valid": valid, "batch_size": 16, "optimizer": optimizer, "progress": False}
-    history = fit(
-        model,
-        guide,
-        loss,
-        train,
-        epochs=20,
-        patience=2,
-        schedule=worsen,
-        checkpoint=path,
-        **options,
-    )
+    options = {"batch_size": 16, "optimizer": optimizer, "progress": False, "checkpoint": path}
+
+    def train_with_patience(patience, **kwargs):
+        validation = Validation(valid, patience=patience)
+        return fit(model, guide, loss, train, epochs=20, validation=validation, **options, **kwargs)
+
+    history = train_with_patience(2, schedule=worsen)
     assert history.epochs == 3 and history.steps == 12
     assert history.stopped_early and history.best_epoch == 0
     assert history.valid_bound[0] > history.valid_bound[1] > history.valid_bound[2]
     assert torch.load(path, weights_only=True)["history"]["stopped_early"]
 
     # Resuming with the same patience trains nothing; more patience trains on.
-    again = fit(model, guide, loss, train, epochs=20, patience=2, checkpoint=path, **options)
+    again = train_with_patience(2)
     assert again.stopped_early and again.steps == 12
-    more = fit(
-        model,
-        guide,
-        loss,
-        train,
-        epochs=20,
-        patience=3,
-        schedule=worsen,
-        checkpoint=path,
-        **options,
-    )
+    more = train_with_patience(3, schedule=worsen)
     assert more.epochs == 4 and more.stopped_early and more.best_epoch == 0
 
 
@@ -257,10 +244,9 @@ def test_validation_bound_is_the_bound_per_datapoint(batch_size):
             guide,
             loss,
             train,
-            valid=valid,
+            validation=Validation(valid, batch_size=chunk),
             epochs=1,
             batch_size=batch_size,
-            valid_batch_size=chunk,
             optimizer=pyro.optim.SGD({"lr": 0.0}),
             progress=False,
         )
@@ -282,7 +268,7 @@ def test_validation_bound_is_the_bound_per_datapoint(batch_size):
 
 
 def test_history_and_step_counts(data):
-    history, *_ = run(data, 2, valid=None)
+    history, *_ = run(data, 2, validation=None)
     assert history.steps == 8 and len(history.step_losses) == 8  # 16 + 16 + 16 + 12 rows
     assert history.valid_bound == [None, None] and history.best_epoch is None
     assert len(history.epoch_time) == 2 and all(t > 0 for t in history.epoch_time)
@@ -312,26 +298,95 @@ def test_progress_bar_shows_loss_and_bound(data, capsys):
         ({"batch_size": 0}, "batch_size must be an int >= 1"),
         ({"train": torch.zeros(0, 12)}, "train must be a tensor with at least one row"),
         ({"train": [[0.0] * 12]}, "train must be a tensor with at least one row"),
-        ({"valid": torch.zeros(5, 3)}, r"valid rows have shape \(3,\)"),
+        ({"validation": Validation(torch.zeros(5, 3))}, r"valid rows have shape \(3,\)"),
+        ({"validation": torch.zeros(5, 12)}, "validation must be None or a Validation"),
         ({"loss": lambda model, guide: 0.0}, "loss must be a pyro.infer.ELBO"),
         ({"optimizer": torch.optim.Adam}, "optimizer must be a pyro.optim.PyroOptim"),
-        ({"valid_batch_size": 0}, "valid_batch_size must be None or an int >= 1"),
-        ({"patience": 0}, "patience must be None or an int >= 1"),
-        ({"patience": 2, "valid": None}, "patience needs a validation set"),
         ({"schedule": 3}, "schedule must be None or a callable"),
         ({"checkpoint": 3}, "checkpoint must be None or a path"),
         ({"seed": "0"}, "seed must be an int"),
+        ({"progress": 1}, "fit: progress must be a bool, got 1"),
+        ({"epochs": True}, r"fit: epochs must be an int >= 1, got True"),
     ],
 )
 def test_bad_arguments(data, change, match):
+    train, valid = data
+    model, guide, loss, optimizer = build()
+    arguments = {"model": model, "guide": guide, "loss": loss, "train": train}
+    options = {"epochs": 1, "batch_size": 16, "optimizer": optimizer, "progress": False}
+    arguments.update(options, validation=Validation(valid))
+    arguments.update(change)
+    with pytest.raises(ValueError, match=match):
+        fit(**arguments)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ({"valid": torch.zeros(5, 3)}, r"valid rows have shape \(3,\)"),
+        ({"valid_batch_size": 0}, "valid_batch_size must be None or an int >= 1"),
+        ({"patience": 0}, "patience must be None or an int >= 1"),
+        ({"patience": True}, "fit: patience must be None or an int >= 1, got True"),
+        ({"patience": 2, "valid": None}, "patience needs a validation set"),
+        ({"valid_loss": 3}, "Validation: loss must be None .* or a pyro.infer.ELBO, got int"),
+        ({"resume": 1, "checkpoint": "run.pt"}, "fit: resume must be a bool, got 1"),
+    ],
+)
+def test_bad_deprecated_keywords(data, change, match):
     train, valid = data
     model, guide, loss, optimizer = build()
     arguments = {"model": model, "guide": guide, "loss": loss, "train": train, "valid": valid}
     options = {"epochs": 1, "batch_size": 16, "optimizer": optimizer, "progress": False}
     arguments.update(options)
     arguments.update(change)
+    with pytest.warns(FutureWarning, match="is deprecated"):
+        with pytest.raises(ValueError, match=match):
+            fit(**arguments)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda x: Validation(torch.zeros(0, 12)), "Validation: data must be a tensor with at"),
+        (lambda x: Validation(torch.tensor(1.0)), r"at least one row .*, got shape \(\)"),
+        (lambda x: Validation(x.tolist()), "Validation: data must be a tensor .*, got list"),
+        (lambda x: Validation(x, batch_size=0), "Validation: batch_size must be None or an int"),
+        (
+            lambda x: Validation(x, batch_size=True),
+            r"batch_size must be None or an int >= 1, got T",
+        ),
+        (lambda x: Validation(x, batch_size=2.0), r"batch_size must be None or an int >= 1, got 2"),
+        (
+            lambda x: Validation(x, loss=lambda m, g: 0),
+            "Validation: loss must be None .* pyro.infer.ELBO, got function",
+        ),
+        (lambda x: Validation(x, patience=0), "Validation: patience must be None or an int >= 1"),
+        (lambda x: Validation(x, patience=True), "Validation: patience must be .*, got True"),
+        (lambda x: Checkpoint(3), "Checkpoint: path must be a str or an os.PathLike"),
+        (lambda x: Checkpoint(None), "Checkpoint: path must be a str or an os.PathLike"),
+        (lambda x: Checkpoint("run.pt", resume=1), "Checkpoint: resume must be a bool, got 1"),
+    ],
+)
+def test_bad_options(data, make, match):
     with pytest.raises(ValueError, match=match):
-        fit(**arguments)
+        make(data[1])
+
+
+def test_options_are_frozen_values_with_keyword_options(data, tmp_path):
+    valid = data[1]
+    validation = Validation(valid, batch_size=5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        validation.batch_size = 6
+    with pytest.raises(TypeError):
+        Validation(valid, 5)  # the options after the data are keywords
+    with pytest.raises(TypeError):
+        Checkpoint(tmp_path / "run.pt", False)
+    checkpoint = Checkpoint(str(tmp_path / "run.pt"))
+    assert checkpoint == Checkpoint(tmp_path / "run.pt") and checkpoint.path == tmp_path / "run.pt"
+    assert checkpoint.resume
+    # a Validation holds a tensor: it equals itself only
+    assert validation == validation and validation != Validation(valid, batch_size=5)
+    assert repr(validation).startswith("Validation(data=<tensor of shape (20, 12)>, batch_size=5")
 
 
 def test_resume_rejects_another_configuration_or_file(data, tmp_path):
@@ -343,7 +398,8 @@ def test_resume_rejects_another_configuration_or_file(data, tmp_path):
     ):
         run(data, 2, checkpoint=path, batch_size=8)
     new_process()
-    assert run(data, 1, checkpoint=path, batch_size=8, resume=False)[0].epochs == 1
+    again = run(data, 1, checkpoint=Checkpoint(path, resume=False), batch_size=8)
+    assert again[0].epochs == 1
 
     other = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(3)}, other)
@@ -438,7 +494,7 @@ def test_validation_runs_the_model_and_guide_in_eval_mode(data):
             return self.guide(*args, **kwargs)
 
     recording = Recording(guide)
-    options = {"valid": valid, "epochs": 1, "batch_size": 30, "progress": False}
+    options = {"validation": Validation(valid), "epochs": 1, "batch_size": 30, "progress": False}
     fit(model, recording, loss, train, optimizer=optimizer, **options)
     assert (True, True, True) in seen  # the training steps
     assert seen[-1] == (False, False, False)  # the validation, last
@@ -454,3 +510,111 @@ def test_history_add_epoch_keeps_the_best_bound():
     # the first epoch of the highest bound: a tie does not move it
     assert history.best_epoch == 2 and history.epochs == 5
     assert history.valid_bound == [None, -3.0, -2.0, -2.5, -2.0]
+
+
+def _figures(history: History) -> dict:
+    """A history without its epoch times, which no two runs share."""
+    return {k: v for k, v in history.to_dict().items() if k != "epoch_time"}
+
+
+def test_the_deprecated_validation_keywords_warn_and_train_as_their_new_spelling(data):
+    train, valid = data
+
+    def train_with(**options):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(1)
+        model, guide, loss, optimizer = build()
+        history = fit(
+            model, guide, loss, train, epochs=4, batch_size=16, optimizer=optimizer, **options
+        )
+        return history, params()
+
+    # an unannealed objective of its own, in chunks of 7 rows, early stopping after 1 epoch
+    new, expected = train_with(
+        validation=Validation(valid, batch_size=7, loss=Trace_IWELBO(5), patience=1),
+        progress=False,
+    )
+    with pytest.warns(FutureWarning) as warned:
+        old, actual = train_with(
+            valid=valid, valid_batch_size=7, valid_loss=Trace_IWELBO(5), patience=1, progress=False
+        )
+    assert sorted(str(w.message) for w in warned) == [
+        "fit: patience= is deprecated and will be removed in the next release; pass "
+        "validation=Validation(valid, patience=...)",
+        "fit: valid= is deprecated and will be removed in the next release; pass "
+        "validation=Validation(valid)",
+        "fit: valid_batch_size= is deprecated and will be removed in the next release; pass "
+        "validation=Validation(valid, batch_size=...)",
+        "fit: valid_loss= is deprecated and will be removed in the next release; pass "
+        "validation=Validation(valid, loss=...)",
+    ]
+    assert all(w.filename == __file__ for w in warned)  # the caller's line
+    assert _figures(old) == _figures(new) and None not in new.valid_bound
+    assert_same_params(expected, actual)
+    # a flat chunk size or objective without validation data is ignored, as it was
+    with pytest.warns(FutureWarning, match="valid_batch_size= is deprecated"):
+        alone, _ = train_with(valid_batch_size=7, progress=False)
+    assert alone.valid_bound == [None] * 4
+
+
+def test_the_deprecated_resume_keyword_warns_and_resumes_as_checkpoint_does(data, tmp_path):
+    path = tmp_path / "run.pt"
+    pyro.set_rng_seed(1)
+    run(data, 1, checkpoint=path)
+    deprecated = r"resume= is deprecated .*; pass checkpoint=Checkpoint\(path, resume=\.\.\.\)"
+    with pytest.warns(FutureWarning, match=deprecated):
+        fresh, *_ = run(data, 2, checkpoint=path, resume=False)  # overwritten: starts over
+    assert fresh.steps == 8
+    new_process()
+    with pytest.warns(FutureWarning, match=deprecated):
+        resumed, *_ = run(data, 3, checkpoint=path, resume=True)
+    assert resumed.steps == 12 and resumed.step_losses[:8] == fresh.step_losses
+    new_process()
+    again, *_ = run(data, 3, checkpoint=Checkpoint(str(path), resume=True))
+    assert again.step_losses == resumed.step_losses  # nothing left to train
+    with pytest.warns(FutureWarning, match=deprecated):
+        alone, *_ = run(data, 1, resume=False)  # no checkpoint: nothing to resume, as before
+    assert alone.epochs == 1
+
+
+def test_an_option_given_in_both_spellings_is_refused(data, tmp_path):
+    train, valid = data
+    model, guide, loss, optimizer = build()
+    options = {"epochs": 1, "batch_size": 16, "optimizer": optimizer, "progress": False}
+    both = "validation=Validation\\(...\\) or as the deprecated patience=, valid_loss=, not both"
+    with pytest.raises(ValueError, match=both):
+        fit(
+            model,
+            guide,
+            loss,
+            train,
+            validation=Validation(valid),
+            patience=2,
+            valid_loss=loss,
+            **options,
+        )
+    with pytest.raises(
+        ValueError, match=r"resume either in checkpoint=Checkpoint\(path, .*not both"
+    ):
+        fit(
+            model,
+            guide,
+            loss,
+            train,
+            checkpoint=Checkpoint(tmp_path / "run.pt"),
+            resume=False,
+            **options,
+        )
+    with pytest.raises(
+        TypeError, match="fit\\(\\) got an unexpected keyword argument 'valid_size'"
+    ):
+        fit(model, guide, loss, train, valid_size=10, **options)
+    assert not (tmp_path / "run.pt").exists()
+
+
+def test_validation_bound_outside_fit_needs_an_objective(data):
+    model, guide, loss, _ = build()
+    with pytest.raises(
+        ValueError, match=r"Validation.bound needs an objective: pass Validation\(data, loss="
+    ):
+        Validation(data[1]).bound(model, guide)
