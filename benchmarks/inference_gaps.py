@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         families=options.families,
         num_samples=options.num_samples,
         chunk_size=100,
-        max_steps=options.max_steps,
-        patience=options.patience,
+        local_options={"max_steps": options.max_steps, "patience": options.patience},
         progress=sys.stderr.isatty(),
     )
     print(report.table())

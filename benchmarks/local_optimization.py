@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 
 from models.datasets import DatasetNotFoundError, load_dataset  # noqa: E402
 from models.vae import build, parse_args  # noqa: E402
-from pyro_amortized.local import optimize_local  # noqa: E402
+from pyro_amortized.perdatapoint import optimize_local  # noqa: E402
 
 MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "binarized_mnist"
 

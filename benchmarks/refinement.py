@@ -40,18 +40,18 @@ from _runs import restore_run, split_argv  # noqa: E402
 
 import pyro_amortized.optim  # noqa: E402
 from pyro_amortized import Trace_IWELBO  # noqa: E402
-from pyro_amortized.diagnostics import _chunked_estimate, inference_gaps  # noqa: E402
+from pyro_amortized.diagnostics import inference_gaps, per_datapoint_elbo  # noqa: E402
 from pyro_amortized.refinement import refine  # noqa: E402
 
 STEPS = (20, 100)
-OPTIONS = {"step_size": 1e-2, "optimizer": "adam", "num_particles": 10}
+OPTIONS = {"lr": 1e-2, "optimizer": "adam", "num_particles": 10}
 
 
 def hand_refine(decoder, x: Tensor, loc: Tensor, scale: Tensor, steps: int, draws: int = 10):
     """Batched Adam on each datapoint's (loc, log scale): the ELBO of ``draws`` draws a step."""
     loc = loc.detach().clone().requires_grad_()
     log_scale = scale.detach().log().requires_grad_()
-    optimizer = torch.optim.Adam([loc, log_scale], lr=OPTIONS["step_size"])
+    optimizer = torch.optim.Adam([loc, log_scale], lr=OPTIONS["lr"])
     for _ in range(steps):
         elbo = hand_elbo(decoder, x, loc, log_scale, draws)
         optimizer.zero_grad()
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"({report.seconds:.0f} s)")
 
     # 2. the hand-written refinement: its recovered fractions, from the same report
-    q = guide.encode(x)["z"].base_dist
+    q = guide.encoder_output(x)
     decoder = model.decoder
     gap = report.amortization_gap.mean()
     hand = {}
@@ -130,20 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     swept = {}
     for lr in options.sweep:
         for k in STEPS:
-            r = refine(guide, model, x, num_steps=k, **{**OPTIONS, "step_size": lr})
+            r = refine(model, guide, x, num_steps=k, **{**OPTIONS, "lr": lr})
             with torch.no_grad():
-                bound = _chunked_estimate(
-                    r.model,
-                    r.guide,
-                    (x,),
-                    {},
-                    num_samples=1000,
-                    chunk_size=100,
-                    batch_size=None,
-                    local_plate="data",
-                    reduce="mean",
-                    desc="",
-                    progress=False,
+                bound = per_datapoint_elbo(
+                    r.model, r.guide, x, num_samples=1000, chunk_size=100, local_plate="data"
                 )
             swept[f"{lr:g}, {k}"] = ((bound - report.elbo).mean() / gap).item()
             print(f"refine at lr {lr:g}, {k} steps: recovered {swept[f'{lr:g}, {k}']:.1%}")
@@ -151,12 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     # 3. time per refinement step, ours and by hand, and a refinement against a training step
     batch = x[:100]
     svi = SVI(model, guide, pyro_amortized.optim.Adam({"lr": 1e-3}), Trace_IWELBO(1))
-    qb = guide.encode(batch)["z"].base_dist
+    qb = guide.encoder_output(batch)
     one_draw = {**OPTIONS, "num_particles": 1}
     jobs = {  # the training steps come last in the first round: they move the model
-        "ours": lambda: refine(guide, model, batch, num_steps=20, **OPTIONS),
+        "ours": lambda: refine(model, guide, batch, num_steps=20, **OPTIONS),
         "hand": lambda: hand_refine(decoder, batch, qb.loc, qb.scale, 20),
-        "ours, 1 draw": lambda: refine(guide, model, batch, num_steps=20, **one_draw),
+        "ours, 1 draw": lambda: refine(model, guide, batch, num_steps=20, **one_draw),
         "train step": lambda: svi.step(batch),
     }
     times = {name: [] for name in jobs}

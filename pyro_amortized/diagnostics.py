@@ -32,6 +32,7 @@ __all__ = [
     "gap_table",
     "inference_gaps",
     "log_marginal_likelihood",
+    "per_datapoint_elbo",
 ]
 
 
@@ -87,22 +88,8 @@ def log_marginal_likelihood(
     References:
         Importance Weighted Autoencoders (Burda, Grosse and Salakhutdinov, 2016).
     """
-    check_counts("log_marginal_likelihood", num_samples=num_samples, chunk_size=chunk_size)
-    if batch_size is not None:
-        check_optional_count("log_marginal_likelihood", "batch_size", batch_size)
-        if not args or not isinstance(args[0], Tensor):
-            raise ValueError(
-                "log_marginal_likelihood: batch_size needs the data as the first argument, "
-                "model(data, idx), as fit calls it"
-            )
-    if local_plate is not None and (not isinstance(local_plate, str) or not local_plate):
-        raise ValueError(
-            f"log_marginal_likelihood: local_plate must be a plate name, got {local_plate!r}"
-        )
-    model, guide, local_plate, _ = fix_globals(
-        model, guide, args, kwargs, owner="log_marginal_likelihood", local_plate=local_plate
-    )
-    return _chunked_estimate(
+    return _estimate(
+        "log_marginal_likelihood",
         model,
         guide,
         args,
@@ -114,6 +101,65 @@ def log_marginal_likelihood(
         reduce="logmeanexp",
         desc=f"log p(x), S={num_samples}",
         progress=progress,
+    )
+
+
+@torch.no_grad()
+def per_datapoint_elbo(
+    model: Callable,
+    guide: Callable,
+    *args,
+    num_samples: int = 1000,
+    chunk_size: int = 500,
+    batch_size: int | None = None,
+    progress: bool = False,
+    local_plate: str | None = None,
+    **kwargs,
+) -> Tensor:
+    r"""Monte Carlo estimate of every datapoint's ELBO,
+    :math:`\frac{1}{S} \sum_s \log p(x_i, z_s) / q(z_s \mid x_i)`.
+
+    The same draws, chunks, global latents (fixed at the guide's ``median()``) and
+    arguments as :func:`log_marginal_likelihood`, with the mean of the log-weights in
+    place of their log-mean-exp: :math:`\mathcal{L}[q]` of
+    :func:`inference_gaps`, for one guide.
+
+    Returns:
+        ``[N]`` estimates, in nats, in the order of the local plate (``[1]`` without one).
+    """
+    return _estimate(
+        "per_datapoint_elbo",
+        model,
+        guide,
+        args,
+        kwargs,
+        num_samples=num_samples,
+        chunk_size=chunk_size,
+        batch_size=batch_size,
+        local_plate=local_plate,
+        reduce="mean",
+        desc=f"ELBO, S={num_samples}",
+        progress=progress,
+    )
+
+
+def _estimate(owner: str, model, guide, args, kwargs, *, batch_size, local_plate, **options):
+    """Either estimate, with its arguments checked and the globals fixed."""
+    check_counts(owner, num_samples=options["num_samples"], chunk_size=options["chunk_size"])
+    if batch_size is not None:
+        check_optional_count(owner, "batch_size", batch_size)
+        if not args or not isinstance(args[0], Tensor):
+            raise ValueError(
+                f"{owner}: batch_size needs the data as the first argument, "
+                "model(data, idx), as fit calls it"
+            )
+    if local_plate is not None and (not isinstance(local_plate, str) or not local_plate):
+        raise ValueError(f"{owner}: local_plate must be a plate name, got {local_plate!r}")
+    model, guide, local_plate, _ = fix_globals(
+        model, guide, args, kwargs, owner=owner, local_plate=local_plate
+    )
+    return _chunked_estimate(
+        model, guide, args, kwargs, batch_size=batch_size, local_plate=local_plate, **options
     )
 
 

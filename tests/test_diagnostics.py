@@ -13,6 +13,7 @@ from pyro_amortized.diagnostics import (
     gap_table,
     inference_gaps,
     log_marginal_likelihood,
+    per_datapoint_elbo,
 )
 from pyro_amortized.objectives import ParticleVectorizationError
 
@@ -28,6 +29,22 @@ def test_log_marginal_likelihood_is_exact_at_the_exact_posterior(float64, chunk_
     )
     assert estimate.shape == (7,)
     assert torch.allclose(estimate, model.log_evidence(x), atol=1e-9)
+
+
+def test_per_datapoint_elbo_is_log_evidence_at_the_exact_posterior_and_below_iwae(float64):
+    model = LinearGaussian()
+    x = model.sample(7)
+    exact = AutoAmortizedNormal(model, encoder=exact_encoder(model))
+    elbo = per_datapoint_elbo(model, exact, x, num_samples=5, chunk_size=2, batch_size=3)
+    assert torch.allclose(elbo, model.log_evidence(x), atol=1e-9)
+    pyro.clear_param_store()  # or the new guide takes the exact one's networks by name
+    wrong = AutoAmortizedNormal(model, encoder=exact_encoder(model, perturb=0.5))
+    wrong(x)  # set up before the seed, so that both estimates see the same draws
+    pyro.set_rng_seed(0)
+    elbo = per_datapoint_elbo(model, wrong, x, num_samples=50, chunk_size=20)
+    pyro.set_rng_seed(0)
+    iwae = log_marginal_likelihood(model, wrong, x, num_samples=50, chunk_size=20, progress=False)
+    assert (elbo < iwae).all()  # the mean of the same log-weights is below their log-mean-exp
 
 
 def test_log_marginal_likelihood_does_not_depend_on_the_chunking(float64):

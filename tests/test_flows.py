@@ -10,6 +10,7 @@ from pyro.distributions import transforms as T
 from torch import nn
 
 from pyro_amortized import (
+    AutoAmortizedFlow,
     AutoAmortizedIAF,
     AutoAmortizedNormal,
     AutoAmortizedRealNVP,
@@ -534,3 +535,43 @@ def test_param_store_save_and_load_restore_the_flow_and_train_it(float64, tmp_pa
         assert any(name.startswith(prefix) for name in changed), (prefix, sorted(changed))
     store = set(map(id, pyro.get_param_store().values()))
     assert all(id(p) in store for p in fresh.parameters())
+
+
+# ------------------------------------------------------------ deprecated names
+def test_auto_amortized_flow_is_a_deprecated_name_of_real_nvp(float64):
+    x = torch.randn(4, 3)
+    with pytest.warns(FutureWarning, match="AutoAmortizedFlow is deprecated.*AutoAmortizedRealNVP"):
+        old = AutoAmortizedFlow(gaussian_model, hidden_dims=(8,), num_transforms=3)
+    assert isinstance(old, AutoAmortizedRealNVP) and old.family == "flow"
+    assert old.num_transforms == 3 == old.num_flows
+    with pytest.warns(FutureWarning, match="num_flows is deprecated.*num_transforms"):
+        renamed = AutoAmortizedRealNVP(gaussian_model, hidden_dims=(8,), num_flows=3)
+    assert renamed.num_transforms == 3
+    new = AutoAmortizedRealNVP(gaussian_model, hidden_dims=(8,), num_transforms=3)
+    for guide in (old, renamed, new):
+        pyro.set_rng_seed(0)
+        guide(x)
+    assert len(old.flow) == len(renamed.flow) == len(new.flow) == 6  # (z, v) couplings
+
+
+def test_get_posterior_is_deprecated_for_joint_distribution():
+    x = torch.randn(4, 3)
+    guide = AutoAmortizedIAF(gaussian_model, hidden_dims=(8,))
+    with pytest.warns(FutureWarning, match="get_posterior\\(\\) is deprecated"):
+        old = guide.get_posterior(x)
+    new = guide.joint_distribution(guide.encoder_output(x))
+    u = new.sample()
+    assert torch.equal(old.log_prob(u), new.log_prob(u))
+
+
+def test_auxiliary_flows_local_distribution_samples_z_and_has_no_density():
+    x = torch.randn(4, 3)
+    guide = AutoAmortizedRealNVP(gaussian_model, hidden_dims=(8,))
+    q = guide.posterior(x)
+    assert q.event_shape == (3,) and q.joint.event_shape == (6,)
+    pyro.set_rng_seed(1)
+    z = q.rsample((2,))
+    pyro.set_rng_seed(1)
+    assert torch.equal(z, q.joint.rsample((2,))[..., :3])
+    with pytest.raises(NotImplementedError, match="no closed form"):
+        q.log_prob(z)

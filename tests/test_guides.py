@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from linear_gaussian import LinearGaussian, exact_encoder
+from pyro import poutine
 from pyro.infer import (
     SVI,
     Predictive,
@@ -18,7 +19,14 @@ from pyro.infer import (
 from pyro.infer.autoguide import AutoNormal
 from torch import nn
 
-from pyro_amortized import AutoAmortizedIAF, AutoAmortizedNormal, MLPEncoder, Trace_IWELBO
+from pyro_amortized import (
+    AutoAmortizedIAF,
+    AutoAmortizedNormal,
+    AutoAmortizedRealNVP,
+    MLPEncoder,
+    Trace_IWELBO,
+)
+from pyro_amortized.flows import QUANTILE_SAMPLES
 
 
 def hierarchical(x, idx=None, subsample_size=None):
@@ -233,6 +241,107 @@ def test_median_and_quantiles_include_globals_and_constraints(x):
     assert quantiles["mu"].shape[0] == 2
     assert (quantiles["s"][0] < quantiles["s"][1]).all()
     assert (quantiles["s"][0] > 0).all()
+
+
+# ------------------------------------------------------------------- guide API
+GUIDES = {
+    "normal": lambda model, **kw: AutoAmortizedNormal(model, hidden_dims=(8,), **kw),
+    "iaf": lambda model, **kw: AutoAmortizedIAF(model, hidden_dims=(8,), **kw),
+    "realnvp": lambda model, **kw: AutoAmortizedRealNVP(model, hidden_dims=(8,), **kw),
+}
+
+
+@pytest.mark.parametrize("name", GUIDES)
+def test_every_guide_answers_posterior_median_and_quantiles_with_the_same_shapes(x, name):
+    guide = GUIDES[name](hierarchical)
+    q = guide.posterior(x)  # the joint unconstrained local latent: z (2 columns), then s
+    assert guide.local_sites == ("z", "s") and guide.latent_dim == 3
+    assert q.batch_shape == (20,) and q.event_shape == (3,)
+    u = q.rsample((5,))
+    assert u.shape == (5, 20, 3) and u.requires_grad
+    sites = guide.latent_to_sites(u)
+    assert sites["z"].shape == (5, 20, 2) and sites["s"].shape == (5, 20)
+    assert (sites["s"] > 0).all()
+    median = guide.median(x)
+    assert {k: tuple(v.shape) for k, v in median.items()} == {"mu": (), "z": (20, 2), "s": (20,)}
+    quantiles = guide.quantiles([0.1, 0.5, 0.9], x)
+    shapes = {k: tuple(v.shape) for k, v in quantiles.items()}
+    assert shapes == {"mu": (3,), "z": (3, 20, 2), "s": (3, 20)}
+    for site in ("z", "s"):
+        assert (quantiles[site][0] < quantiles[site][1]).all()
+        assert (quantiles[site][1] < quantiles[site][2]).all()
+    assert (quantiles["s"] > 0).all()
+    assert guide.encoder_output(x).loc.shape == (20, 3)
+
+
+@pytest.mark.parametrize("name", ["iaf", "realnvp"])
+def test_identity_flow_median_and_quantiles_are_the_encoders_normals(x, name):
+    # A fresh flow is the identity, so the local latent is the encoder's Normal: the median
+    # is its loc exactly, and the Monte Carlo quantiles are its quantiles within 5 SE.
+    guide = GUIDES[name](hierarchical, init_scale=0.5)
+    normal = AutoAmortizedNormal(hierarchical, encoder=_BaseOf(guide), global_guide=lambda x: {})
+    torch.testing.assert_close(guide.median(x)["z"], normal.median(x)["z"], rtol=0, atol=1e-6)
+    levels = torch.tensor([0.1, 0.5, 0.9])
+    ours, exact = guide.quantiles(levels, x), normal.quantiles(levels, x)
+    standard = dist.Normal(0.0, 1.0)
+    # SE of a sample quantile: sqrt(q (1 - q) / n) / density, in units of the scale
+    se = (levels * (1 - levels) / QUANTILE_SAMPLES).sqrt() / standard.log_prob(
+        standard.icdf(levels)
+    ).exp()
+    scale = guide.encoder_output(x).scale[:, :2]
+    assert ((ours["z"] - exact["z"]).abs() < 5 * se[:, None, None] * scale).all()
+    assert torch.equal(guide.quantiles(levels, x)["z"], ours["z"])  # its own random stream
+
+
+class _BaseOf(nn.Module):
+    """A flow guide's encoder without its context: the Normal guide's encoder."""
+
+    def __init__(self, guide):
+        super().__init__()
+        self.guide = guide
+
+    def forward(self, context):
+        return self.guide.encode_rows(context)[:2]
+
+
+@pytest.mark.parametrize("name", GUIDES)
+def test_prepare_then_sample_local_is_a_call(x, name):
+    guide = GUIDES[name](hierarchical)
+    guide(x)
+    pyro.set_rng_seed(3)
+    whole = poutine.trace(guide).get_trace(x)
+    pyro.set_rng_seed(3)
+    with poutine.trace() as tracer:
+        call = guide.prepare(x)
+        guide.sample_local(call, guide.encode_rows(call.rows))
+    parts = tracer.trace
+    samples = [n for n, site in whole.nodes.items() if site["type"] == "sample"]
+    assert samples == [n for n, site in parts.nodes.items() if site["type"] == "sample"]
+    assert {"mu", "z", "s"} <= set(samples)
+    for name_ in samples:
+        assert torch.equal(parts.nodes[name_]["value"], whole.nodes[name_]["value"])
+
+
+@pytest.mark.parametrize("name", GUIDES)
+def test_sample_local_takes_given_local_parameters(x, name):
+    # the seam a wrapper uses: the local sites sampled from any (loc, scale, context)
+    guide = GUIDES[name](hierarchical, init_scale=1e-8)
+    guide(x)
+    call = guide.prepare(x)
+    output = guide.encode_rows(call.rows)
+    target = torch.full_like(output.loc, 0.7)
+    values = guide.sample_local(call, output._replace(loc=target))
+    torch.testing.assert_close(values["z"], torch.full((20, 2), 0.7), rtol=0, atol=1e-6)
+    torch.testing.assert_close(values["s"], torch.full((20,), 0.7).exp(), rtol=0, atol=1e-6)
+
+
+def test_normal_guides_encode_is_deprecated_for_site_posteriors(x):
+    guide = AutoAmortizedNormal(hierarchical, hidden_dims=(8,))
+    with pytest.warns(FutureWarning, match="encode\\(\\) is deprecated.*site_posteriors"):
+        old = guide.encode(x)
+    new = guide.site_posteriors(x)
+    assert set(old) == set(new) == {"z", "s"}
+    assert torch.equal(old["z"].mean, new["z"].mean)
 
 
 def test_importing_changes_nothing():

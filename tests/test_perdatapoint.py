@@ -7,7 +7,12 @@ from linear_gaussian import LinearGaussian, correlated_problem
 from pyro.nn import ConditionalAutoRegressiveNN, ConditionalDenseNN
 
 from pyro_amortized import AutoAmortizedIAF, AutoAmortizedNormal, AutoAmortizedRealNVP, Trace_IWELBO
-from pyro_amortized.perdatapoint import _PerRowNetwork, optimize_local, per_datapoint_guide
+from pyro_amortized.perdatapoint import (
+    LocalOptions,
+    _PerRowNetwork,
+    optimize_local,
+    per_datapoint_guide,
+)
 
 
 def _log_weights(model, guide, x, num_particles, seed):
@@ -184,3 +189,27 @@ def test_per_datapoint_guides_leave_the_param_store_alone(float64):
         after = dict(pyro.get_param_store().named_parameters())
         assert after.keys() == before.keys()
         assert all(after[k] is before[k] for k in before)
+
+
+# ------------------------------------------------------------ deprecated names
+def test_the_local_module_and_num_flows_are_deprecated(float64):
+    import importlib
+    import sys
+
+    sys.modules.pop("pyro_amortized.local", None)
+    with pytest.warns(FutureWarning, match="pyro_amortized.local is deprecated.*perdatapoint"):
+        local = importlib.import_module("pyro_amortized.local")
+    assert local.optimize_local is optimize_local
+    model = LinearGaussian()
+    x = model.sample(3)
+    guide = AutoAmortizedIAF(model, hidden_dims=(4,))
+    guide(x)
+    options = dict(family="normal", max_steps=2, progress=False)
+    pyro.set_rng_seed(0)
+    new = optimize_local(model, guide, x, num_transforms=1, **options)
+    pyro.set_rng_seed(0)
+    with pytest.warns(FutureWarning, match="optimize_local: num_flows= is deprecated"):
+        old = optimize_local(model, guide, x, num_flows=1, **options)
+    assert torch.equal(new.steps, old.steps)
+    with pytest.raises(ValueError, match="LocalOptions: num_transforms must be an int >= 1"):
+        LocalOptions(num_transforms=0)

@@ -355,3 +355,54 @@ def test_semi_amortized_guide_defaults_are_refines():
     parameters = inspect.signature(SemiAmortizedGuide).parameters
     defaults = {f.name: f.default for f in dataclasses.fields(RefineOptions)}
     assert defaults == {k: parameters[k].default for k in defaults}
+
+
+# ------------------------------------------------------------ deprecated names
+def test_refine_in_the_old_order_and_step_size_warn_and_refine_the_same(float64):
+    model, x, guide, _, _ = _wrong_encoder_problem()
+    pyro.set_rng_seed(0)
+    new = refine(model, guide, x, num_steps=5, lr=0.05)
+    pyro.set_rng_seed(0)
+    with pytest.warns(FutureWarning) as record:
+        old = refine(guide, model, x, num_steps=5, step_size=0.05)
+    messages = " ".join(str(w.message) for w in record)
+    assert "refine(guide, model, ...) is deprecated" in messages
+    assert "step_size= is deprecated" in messages and "pass lr=" in messages
+    assert torch.equal(new.loc, old.loc) and torch.equal(new.bounds, old.bounds)
+
+
+def test_semi_amortized_guides_step_size_is_deprecated_for_lr():
+    model, x, guide, _, _ = _wrong_encoder_problem()
+    with pytest.warns(FutureWarning, match="SemiAmortizedGuide: step_size= is deprecated"):
+        semi = SemiAmortizedGuide(guide, num_steps=3, step_size=0.05)
+    assert semi.options == RefineOptions(num_steps=3, lr=0.05)
+
+
+def test_refine_options_are_a_validated_frozen_value():
+    options = RefineOptions(num_steps=3, lr=0.1, optimizer="sgd", momentum=0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.lr = 1.0
+    with pytest.raises(ValueError, match="RefineOptions: momentum is SGD's"):
+        RefineOptions(momentum=0.5)
+    with pytest.raises(ValueError, match="RefineOptions: lr must be > 0"):
+        RefineOptions(lr=float("nan"))
+
+
+def test_semi_amortized_guide_reaches_no_private_attribute_of_the_guide():
+    # it composes the guide through its public API (prepare, encode_rows, sample_local)
+    import ast
+
+    import pyro_amortized.refinement as refinement
+
+    tree = ast.parse(inspect.getsource(refinement))
+    reached = {
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "guide"
+    }
+    assert reached == set()
+    assert not hasattr(AutoAmortizedNormal(lambda x: None), "_refiner")
