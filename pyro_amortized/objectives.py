@@ -283,6 +283,10 @@ class LogWeights(NamedTuple):
         K = log_w.shape[0]
         return torch.logsumexp(log_w, 0) - math.log(K) if K > 1 else log_w[0]
 
+    def mean_log_weight(self) -> Tensor:
+        """``[B]`` (or scalar) per-datapoint ELBO estimate ``(1/K) sum_k log w_k``."""
+        return self.log_w.mean(0)
+
 
 class ParticleVectorizationError(ValueError):
     """A model or guide network cannot take the particle dimension of vectorized particles."""

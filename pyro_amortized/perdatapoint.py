@@ -247,7 +247,7 @@ def fit_local(
     elbo = Trace_IWELBO(options.num_particles, local_plate=fixed.local_plate)
 
     def bound(_: list[Tensor]) -> Tensor:  # the parameters move in place, in the guide
-        return elbo.log_weights(fixed.model, local_guide, *args, **kwargs).log_w.mean(0)
+        return elbo.log_weights(fixed.model, local_guide, *args, **kwargs).mean_log_weight()
 
     run = run_per_datapoint(
         bound,

@@ -206,7 +206,7 @@ def refine_with(
 
     def bound(_: list[Tensor]) -> Tensor:  # the base moves in place, in the guide's table
         weights = elbo.log_weights(fixed.model, local_guide, *args, stop_guide=stop_guide, **kwargs)
-        return weights.log_w.mean(0)
+        return weights.mean_log_weight()
 
     run = run_per_datapoint(
         bound,
@@ -377,7 +377,7 @@ class SemiAmortizedGuide(nn.Module):
                     weights = self._elbo.log_weights(
                         *self._inner, *args, stop_guide=stop_guide, **kwargs
                     )
-            return weights.log_w.mean(0)
+            return weights.mean_log_weight()
 
         on_first_step = None
         if training and self.mode == "savi":

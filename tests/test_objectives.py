@@ -40,6 +40,20 @@ def test_exact_posterior_gives_log_evidence(float64, estimator, K, vectorize):
     assert torch.tensor(losses).std().item() < 1e-9
 
 
+@pytest.mark.parametrize("perturb", [0.0, 0.5])
+def test_log_weights_means_are_the_elbo_and_the_iwae_bound(float64, perturb):
+    model, guide, x = _setup(perturb=perturb)
+    weights = Trace_IWELBO(5).log_weights(model, guide, x)
+    log_w = weights.model_local - weights.guide_local
+    assert log_w.shape == (5, 6)
+    torch.testing.assert_close(weights.mean_log_weight(), log_w.mean(0), rtol=0, atol=0)
+    torch.testing.assert_close(weights.log_mean_weight(), log_w.logsumexp(0) - math.log(5))
+    if not perturb:  # the exact posterior: every weight is p(x)
+        torch.testing.assert_close(weights.mean_log_weight(), model.log_evidence(x))
+    else:  # Jensen: the ELBO is below the IWAE bound on the same draws
+        assert (weights.mean_log_weight() < weights.log_mean_weight()).all()
+
+
 @pytest.mark.parametrize("estimator", ESTIMATORS)
 def test_exact_posterior_with_subsample_argument(float64, estimator):
     model = LinearGaussian()
