@@ -209,7 +209,7 @@ class _AmortizedFlowGuide(AutoAmortizedGuide):
         )
         return self.joint_distribution(self.encoder_output(*args, **kwargs))
 
-    def sample_local(self, call: GuideCall, output: EncoderOutput) -> dict[str, Tensor]:
+    def _sample_sites(self, call: GuideCall, output: EncoderOutput) -> dict[str, Tensor]:
         loc, scale, h = output
         # The joint latent's datapoint dimension sits where the plate puts it: a plate at
         # dim=-2 gives the flow a batch of [batch, 1] (h broadcasts over particles as well).

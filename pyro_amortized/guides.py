@@ -202,16 +202,21 @@ class AutoAmortizedGuide(AutoGuide):
         ``guide(*args, **kwargs)`` is ``guide.sample_local(call, guide.encode_rows(call.rows))``
         with ``call = guide.prepare(*args, **kwargs)``.
         """
-        self.setup(*args, **kwargs)
-        context = self._raw_context(args, kwargs)
-        plates = self._make_plates(context.shape[0], args, kwargs)
-        values = self._global_sample(*args, **kwargs)
-        plate = plates[self.local_plate]
-        return GuideCall(plates, plate, values, self._select_rows(context, plate, args, kwargs))
+        # as in a call: under the module's Pyro context, so that the networks it reaches
+        # are registered in the trace (SVI trains what the trace shows)
+        with self._pyro_context:
+            self.setup(*args, **kwargs)
+            context = self._raw_context(args, kwargs)
+            plates = self._make_plates(context.shape[0], args, kwargs)
+            values = self._global_sample(*args, **kwargs)
+            plate = plates[self.local_plate]
+            rows = self._select_rows(context, plate, args, kwargs)
+        return GuideCall(plates, plate, values, rows)
 
     def encode_rows(self, rows: Tensor) -> EncoderOutput:
         """The encoder's output for context rows, one row per datapoint."""
-        return EncoderOutput(*self._encode(rows))
+        with self._pyro_context:
+            return EncoderOutput(*self._encode(rows))
 
     def encoder_output(self, *args, **kwargs) -> EncoderOutput:
         """The encoder's output for the datapoints of a model call (its minibatch rows,
@@ -224,6 +229,10 @@ class AutoAmortizedGuide(AutoGuide):
     def sample_local(self, call: GuideCall, output: EncoderOutput) -> dict[str, Tensor]:
         """The second half of a call: the local sites sampled from ``output`` under the
         call's plates. Returns every site's value, the call's globals included."""
+        with self._pyro_context:
+            return self._sample_sites(call, output)
+
+    def _sample_sites(self, call: GuideCall, output: EncoderOutput) -> dict[str, Tensor]:
         raise NotImplementedError
 
     def local_distribution(self, output: EncoderOutput) -> torch.distributions.Distribution:
@@ -898,7 +907,7 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
             return base
         return dist.TransformedDistribution(base, [site.transform])
 
-    def sample_local(self, call: GuideCall, output: EncoderOutput) -> dict[str, Tensor]:
+    def _sample_sites(self, call: GuideCall, output: EncoderOutput) -> dict[str, Tensor]:
         result = dict(call.values)
         for site in self._local_sites:
             with ExitStack() as stack:

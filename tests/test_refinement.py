@@ -406,3 +406,21 @@ def test_semi_amortized_guide_reaches_no_private_attribute_of_the_guide():
     }
     assert reached == set()
     assert not hasattr(AutoAmortizedNormal(lambda x: None), "_refiner")
+
+
+@pytest.mark.parametrize("mode", ["savi", "sa-vae"])
+@pytest.mark.parametrize("guide_class", [AutoAmortizedNormal, AutoAmortizedIAF])
+def test_svi_sees_and_trains_the_wrapped_guides_networks(mode, guide_class):
+    # the wrapper calls the guide's public steps, not guide(...): the networks must still
+    # be registered in the trace, or SVI would leave the encoder untrained
+    model, x, guide, _, _ = _wrong_encoder_problem()
+    pyro.clear_param_store()
+    guide = guide_class(model, hidden_dims=(4,))
+    semi = SemiAmortizedGuide(guide, num_steps=2, mode=mode)
+    trace = poutine.trace(semi).get_trace(x)
+    params = {name for name, site in trace.nodes.items() if site["type"] == "param"}
+    assert any(".encoder$$$" in name for name in params), params
+    before = {k: v.detach().clone() for k, v in guide.encoder.named_parameters()}
+    svi = pyro.infer.SVI(model, semi, pyro.optim.Adam({"lr": 1e-2}), Trace_IWELBO(2))
+    svi.step(x)
+    assert all(not torch.equal(v, before[k]) for k, v in guide.encoder.named_parameters())
