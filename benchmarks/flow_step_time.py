@@ -32,8 +32,9 @@ from pyro.infer import SVI
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
 import pyro_amortized.optim  # noqa: E402
+from models._vae_training import adam_options  # noqa: E402
 from models.datasets import load_dataset  # noqa: E402
-from models.vae import adam_options, build, parse_args  # noqa: E402
+from models.vae import build, parse_args  # noqa: E402
 
 GUIDES = ("normal", "iaf", "flow")
 ESTIMATORS = ("iwae", "dreg")

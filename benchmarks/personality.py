@@ -4,7 +4,7 @@ For each seed (``--seeds``, default 3) and each variant — the graded response 
 linear-Gaussian model, and the graded response model trained without answer dropout —
 5% of the observed answers are hidden at random (seeded), the model is fitted to the
 rest with ``fit_factor_model``'s defaults (amortized Normal guide, ``Trace_IWELBO(5)``
-with DReG, 100 epochs), and ``models.personality.compare`` reports:
+with DReG, 100 epochs), and ``models._personality_compare.compare`` reports:
 
 - Tucker's congruence per factor with ``factor_analyzer``'s loadings on the same answers
   (both oblimin-rotated and aligned to the traits, allowing sign flips and permutations);
@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
-from models.personality import compare, load_bfi  # noqa: E402
+from models._personality_compare import compare  # noqa: E402
+from models.questionnaires import load_bfi  # noqa: E402
 
 VARIANTS = {
     "grm": {"likelihood": "grm"},
@@ -45,7 +46,9 @@ VARIANTS = {
 def empty_row_kl(comparison, num_items: int) -> float:
     """KL(q || N(0, I)) of a person with no answers."""
     with torch.no_grad():
-        posterior = comparison.fitted.guide.encode(torch.full((1, num_items), math.nan))["z"]
+        posterior = comparison.fitted.guide.site_posteriors(torch.full((1, num_items), math.nan))[
+            "z"
+        ]
     prior = torch.distributions.Normal(torch.zeros_like(posterior.mean), 1.0)
     prior = torch.distributions.Independent(prior, 1)
     return float(torch.distributions.kl_divergence(posterior, prior))

@@ -30,7 +30,7 @@ normal draws, the reference's bound and every gradient of it must agree with
 
 Both are then evaluated on the test set: the ELBO (one sample per datapoint), the
 training bound (K samples) and log p(x) by importance sampling with ``--eval-samples``
-samples, ours by ``models.vae.evaluate`` (``pyro_amortized.diagnostics``), the
+samples, ours by ``models._vae_evaluation.evaluate`` (``pyro_amortized.diagnostics``), the
 reference by its own hand-written estimator.
 
 Run from the repository root, alone on the machine (the timing is the point)::
@@ -62,15 +62,10 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
+from models._vae_evaluation import evaluate  # noqa: E402
+from models._vae_training import VALID_BATCH_SIZE  # noqa: E402
 from models.datasets import Dataset, load_dataset  # noqa: E402
-from models.vae import (  # noqa: E402
-    ACTIVATIONS,
-    VALID_BATCH_SIZE,
-    build,
-    evaluate,
-    parse_args,
-    train,
-)
+from models.vae import ACTIVATIONS, build, parse_args, train  # noqa: E402
 from pyro_amortized.diagnostics import active_units  # noqa: E402
 
 DEFAULTS = [
@@ -221,7 +216,7 @@ class Reference:
         return torch.cat(results)
 
     def evaluate(self, args: argparse.Namespace, data: Dataset) -> dict[str, float]:
-        """The numbers of ``models.vae.evaluate``, under the same names."""
+        """The numbers of ``models._vae_evaluation.evaluate``, under the same names."""
         K = args.num_particles
         results = {
             f"train bound (IWAE-{K})": self.log_likelihood(data.train, K).mean().item(),

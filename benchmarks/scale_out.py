@@ -45,8 +45,9 @@ sys.path.insert(0, str(ROOT))
 import pyro  # noqa: E402
 import torch  # noqa: E402
 
+from models._vae_training import VALID_BATCH_SIZE, adam_options  # noqa: E402
 from models.datasets import load_dataset  # noqa: E402
-from models.vae import VALID_BATCH_SIZE, adam_options, build, parse_args  # noqa: E402
+from models.vae import build, parse_args  # noqa: E402
 from pyro_amortized import Checkpoint, Validation, fit  # noqa: E402
 from pyro_amortized.optim import Adam  # noqa: E402
 

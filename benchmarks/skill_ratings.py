@@ -33,17 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 
+from models._newcomer_compare import newcomer_experiment  # noqa: E402
+from models._skill_compare import oracle_probs, scores, trueskill_ratings  # noqa: E402
+from models._skill_likelihood import probit_outcome  # noqa: E402
 from models.tournaments import BETA, generate_tournament  # noqa: E402
-from models.trueskill import (  # noqa: E402
-    SkillModel,
-    fit_posterior,
-    newcomer_experiment,
-    oracle_probs,
-    predict,
-    probit_outcome,
-    scores,
-    trueskill_ratings,
-)
+from models.trueskill import SkillModel, fit_posterior, predict  # noqa: E402
 
 METHODS = ("trueskill", "probit", "learned")
 

@@ -31,7 +31,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DATASET_NAMES", "Dataset", "DatasetNotFoundError", "load_dataset", "read_amat"]
+__all__ = [
+    "DATASET_NAMES",
+    "Dataset",
+    "DatasetNotFoundError",
+    "binarize",
+    "load_dataset",
+    "read_amat",
+]
 
 DATASET_NAMES = ("digits", "binarized-mnist", "mnist", "fashion-mnist")
 
@@ -87,6 +94,19 @@ class Dataset:
     description: str
     image_shape: tuple[int, int]
     dynamic_binarization: bool = False
+
+
+def binarize(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Dynamic binarization: every epoch sees a new Bernoulli draw of the grey levels.
+
+    Arguments:
+        x: Grey levels in [0, 1].
+        generator: The random generator of the draw.
+
+    Returns:
+        A {0, 1} tensor shaped like ``x``.
+    """
+    return torch.bernoulli(x, generator=generator)
 
 
 def load_dataset(

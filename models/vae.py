@@ -8,18 +8,17 @@ pyro_amortized. With no arguments it trains on scikit-learn's bundled digits::
         --eval-samples 5000
 
 The second is the run of the README's quality bar, where ``benchmarks/reference_vae.py``
-trains it side by side with a VAE written out in plain PyTorch.
+trains it side by side with a VAE written out in plain PyTorch. The evaluation lives in
+``models._vae_evaluation``; the annealing, Adam's options and the Lightning trainer in
+``models._vae_training``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import functools
-import json
 import math
-import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -30,35 +29,32 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 import pyro_amortized.optim
-from models.datasets import DATASET_NAMES, Dataset, load_dataset
+from models._vae_evaluation import evaluate, gaps, print_table, refined_bounds, write_figures
+from models._vae_training import (
+    VALID_BATCH_SIZE,
+    adam_options,
+    annealing,
+    rank_zero_print,
+    train_lightning,
+)
+from models.datasets import DATASET_NAMES, Dataset, binarize, load_dataset
 from pyro_amortized import (
     ESTIMATORS,
-    AutoAmortizedFlow,
     AutoAmortizedIAF,
     AutoAmortizedNormal,
+    AutoAmortizedRealNVP,
     History,
-    LinearSchedule,
     MLPEncoder,
     Trace_IWELBO,
+    Validation,
     fit,
 )
-from pyro_amortized.diagnostics import (
-    InferenceGaps,
-    active_units,
-    inference_gaps,
-    log_marginal_likelihood,
-)
-from pyro_amortized.plotting import (
-    plot_image_grid,
-    plot_posterior_contours,
-    plot_training_curves,
-)
-from pyro_amortized.refinement import MODES, REFINE_DEFAULTS, SemiAmortizedGuide, refine
+from pyro_amortized.diagnostics import active_units
+from pyro_amortized.refinement import MODES, RefineOptions, SemiAmortizedGuide
+
+__all__ = ["ACTIVATIONS", "VAE", "build", "main", "parse_args", "train"]
 
 ACTIVATIONS = {"tanh": nn.Tanh, "elu": nn.ELU}
-# Rows per validation chunk: few chunks, so little per-call overhead, and K x 1000 x D
-# floats of memory.
-VALID_BATCH_SIZE = 1000
 
 
 class VAE(PyroModule):
@@ -215,7 +211,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "backpropagate through the steps into the encoder (Kim et al.)",
     )
     parser.add_argument(
-        "--refine-lr", type=float, default=REFINE_DEFAULTS["step_size"], help="Adam's step size"
+        "--refine-lr", type=float, default=RefineOptions.lr, help="Adam's step size"
     )
     parser.add_argument("--eval-samples", type=int, default=1000, help="S of the test log p(x)")
     parser.add_argument(
@@ -286,13 +282,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         pyro.set_rng_seed(args.seed)
         pyro.clear_param_store()
         data = load_dataset(args.dataset, root=args.root, download=args.download)
-        say = _rank_zero_print() if lightning else print
+        say = rank_zero_print() if lightning else print
         say(data.description)
         model, guide, loss = build(args, data.train)
         trained = guide
         if args.refine_mode != "test":
             trained = SemiAmortizedGuide(
-                guide, num_steps=args.refine_steps, step_size=args.refine_lr, mode=args.refine_mode
+                guide, num_steps=args.refine_steps, lr=args.refine_lr, mode=args.refine_mode
             )
         if lightning:
             history, rank_zero = train_lightning(args, model, trained, loss, data, out)
@@ -313,40 +309,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"figures and checkpoint in {out}/")
     results["active units"] = units.count
     return results
-
-
-def _rank_zero_print() -> Callable[..., None]:
-    # Lightning's DDP workers run this script too; they know their rank from the environment
-    from lightning.pytorch.utilities import rank_zero_only
-
-    return rank_zero_only(print)
-
-
-def gaps(
-    args: argparse.Namespace,
-    model: VAE,
-    guide: AutoAmortizedNormal | AutoAmortizedIAF | AutoAmortizedFlow,
-    test: Tensor,
-    out: Path,
-) -> InferenceGaps:
-    """The inference-gap report of ``test``: printed, and saved as gaps.json and gaps.png."""
-    report = inference_gaps(
-        model,
-        guide,
-        test,
-        families=args.gap_families,
-        num_samples=args.eval_samples,
-        chunk_size=100,  # 100 draws x N images x 784 logits at a time
-        max_steps=args.gap_max_steps,
-        progress=not args.no_progress,
-    )
-    print()
-    print(report.table())
-    print(f"({report.seconds:.0f} s)")
-    report.plot(out / "gaps.png")
-    with open(out / "gaps.json", "w") as file:
-        json.dump(report.to_dict(), file)
-    return report
 
 
 def build(
@@ -376,7 +338,7 @@ def build(
             model, num_transforms=args.num_transforms, stable=args.iaf_stable, **flow
         )
     elif args.guide == "flow":
-        guide = AutoAmortizedFlow(model, num_flows=args.num_transforms, **flow)
+        guide = AutoAmortizedRealNVP(model, num_transforms=args.num_transforms, **flow)
     else:
         guide = AutoAmortizedNormal(model, encoder=encoder)
     loss = Trace_IWELBO(args.num_particles, estimator=args.estimator)
@@ -404,224 +366,21 @@ def train(
             guide,
             loss,
             data.train,
-            valid=data.valid,
-            valid_loss=valid_loss,
+            validation=Validation(
+                data.valid,
+                batch_size=VALID_BATCH_SIZE,
+                loss=valid_loss,
+                patience=args.patience or None,
+            ),
             schedule=schedule,
             epochs=args.epochs if epochs is None else epochs,
             batch_size=args.batch_size,
             optimizer=pyro_amortized.optim.Adam(adam_options(args.lr)),
-            valid_batch_size=VALID_BATCH_SIZE,
-            patience=args.patience or None,
             checkpoint=checkpoint,
             seed=args.seed,
             progress=not args.no_progress,
-            resample=_binarize if data.dynamic_binarization else None,
+            resample=binarize if data.dynamic_binarization else None,
         )
-
-
-def annealing(
-    args: argparse.Namespace, steps_per_epoch: int
-) -> tuple[Callable | None, Trace_IWELBO | None]:
-    """The schedule of ``--anneal-entropy`` and ``--warmup`` (ramps given in epochs, applied
-    per step), and the unannealed validation objective it needs; ``(None, None)`` without."""
-    ramps = [
-        LinearSchedule(0.0, 1.0, epochs * steps_per_epoch, attribute=attribute)
-        for attribute, epochs in (
-            ("entropy_weight", args.anneal_entropy),
-            ("kl_weight", args.warmup),
-        )
-        if epochs > 0
-    ]
-    if not ramps:
-        return None, None
-    # the validation bound, and early stopping, stay on the unannealed bound
-    return _Ramps(ramps), Trace_IWELBO(args.num_particles, estimator=args.estimator)
-
-
-class _Ramps:
-    """Schedules applied in turn before every step."""
-
-    def __init__(self, ramps: list[LinearSchedule]):
-        self.ramps = ramps
-
-    def __call__(self, epoch: int, step: int, objective: Trace_IWELBO) -> None:
-        for ramp in self.ramps:
-            ramp(epoch, step, objective)
-
-
-def train_lightning(
-    args: argparse.Namespace,
-    model: VAE,
-    guide: AutoAmortizedNormal,
-    loss: Trace_IWELBO,
-    data: Dataset,
-    out: Path,
-) -> tuple[History, bool]:
-    """Trains with PyTorch Lightning's ``Trainer`` (:class:`PyroLightningModule`) on
-    ``args.devices`` processes or GPUs; returns the history and whether this is rank 0.
-
-    Lightning writes ``out/checkpoints/last.ckpt`` after every epoch and
-    ``out/checkpoints/best.ckpt`` at the best validation bound, and logs to
-    ``out/lightning/version_V/metrics.csv`` (V counts the runs). Given an ``out`` that
-    holds a ``last.ckpt`` it resumes from it, as :func:`train` does from its checkpoint.
-    """
-    import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
-
-    from pyro_amortized.lightning import PyroLightningModule, steps_per_epoch
-
-    # ramps and log intervals in steps: a worker takes 1/devices of the epoch's steps
-    steps = steps_per_epoch(len(data.train), args.batch_size, args.devices)
-    schedule, valid_loss = annealing(args, steps)
-    checkpoints = out / "checkpoints"
-    callbacks: list[pl.Callback] = [
-        ModelCheckpoint(checkpoints, "best", monitor="valid_bound", mode="max", save_last=True)
-    ]
-    if args.patience:
-        callbacks.append(EarlyStopping("valid_bound", mode="max", patience=args.patience))
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        accelerator=args.accelerator,
-        devices=args.devices,
-        strategy=args.strategy,
-        callbacks=callbacks,
-        logger=CSVLogger(out, name="lightning"),
-        enable_progress_bar=not args.no_progress,
-        enable_model_summary=False,
-        log_every_n_steps=min(50, steps),
-    )
-    module = PyroLightningModule(
-        model,
-        guide,
-        loss,
-        data.train,
-        batch_size=args.batch_size,
-        valid=data.valid,
-        valid_batch_size=VALID_BATCH_SIZE,
-        valid_loss=valid_loss,
-        optimizer=functools.partial(torch.optim.Adam, **adam_options(args.lr)),
-        schedule=schedule,
-        seed=args.seed,
-        resample=_binarize if data.dynamic_binarization else None,
-    )
-    last = checkpoints / "last.ckpt"
-    with pyro.validation_enabled(args.validate):
-        trainer.fit(module, ckpt_path=last if last.exists() else None)
-    # the evaluation runs on rank 0 alone, on the CPU, where the data is
-    module.cpu()
-    return module.history, trainer.is_global_zero
-
-
-def adam_options(lr: float) -> dict:
-    """Adam's options: torch's fused kernel where it runs on the CPU (torch >= 2.4).
-
-    The fused kernel updates each tensor in one pass instead of a dozen elementwise ops;
-    on the MNIST VAE that is 0.5 ms of a 7-8 ms step on 2 cores. The update is Adam's
-    all the same, up to float rounding.
-    """
-    return {"lr": lr, "fused": True} if torch.__version__ >= "2.4" else {"lr": lr}
-
-
-def evaluate(
-    args: argparse.Namespace, model: VAE, guide: AutoAmortizedNormal, data: Dataset
-) -> dict[str, float]:
-    """Mean bounds per datapoint: the training bound on every split, the test ELBO and log p(x)."""
-    train = data.train
-    if data.dynamic_binarization:  # evaluate on one fixed binarization of the grey levels
-        train = _binarize(train, torch.Generator().manual_seed(args.seed))
-    K = args.num_particles
-    results = {
-        f"train bound (IWAE-{K})": _mean_bound(model, guide, train, K),
-        f"valid bound (IWAE-{K})": _mean_bound(model, guide, data.valid, K),
-        f"test bound (IWAE-{K})": _mean_bound(model, guide, data.test, K),
-    }
-    if K > 1:
-        results["test ELBO"] = _mean_bound(model, guide, data.test, 1)
-    results[f"test log p(x) (IWAE-{args.eval_samples})"] = _mean_bound(
-        model, guide, data.test, args.eval_samples, progress=not args.no_progress
-    )
-    return results
-
-
-def refined_bounds(args: argparse.Namespace, model: VAE, guide, test: Tensor) -> dict[str, float]:
-    """The test ELBO (one draw per image) and log p(x) after ``args.refine_steps``
-    refinement steps from the encoder (:func:`~pyro_amortized.refinement.refine`), the
-    refined posterior being the proposal; the encoder's own are :func:`evaluate`'s."""
-    steps = args.refine_steps
-    refined = refine(guide, model, test, num_steps=steps, step_size=args.refine_lr)
-    results = {}
-    for label, num_samples in (
-        ("ELBO", 1),
-        (f"log p(x) (IWAE-{args.eval_samples})", args.eval_samples),
-    ):
-        value = log_marginal_likelihood(
-            refined.model,
-            refined.guide,
-            test,
-            num_samples=num_samples,
-            batch_size=100,
-            progress=num_samples > 1 and not args.no_progress,
-        )
-        results[f"test {label}, refined {steps} steps"] = value.mean().item()
-    return results
-
-
-def _binarize(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Dynamic binarization: every epoch sees a new Bernoulli draw of the grey levels."""
-    return torch.bernoulli(x, generator=generator)
-
-
-def _mean_bound(
-    model: VAE, guide: AutoAmortizedNormal, data: Tensor, num_samples: int, progress: bool = False
-) -> float:
-    estimates = log_marginal_likelihood(
-        model, guide, data, num_samples=num_samples, batch_size=100, progress=progress
-    )
-    return estimates.mean().item()
-
-
-def print_table(results, units, latent_dim, history, args) -> None:
-    epoch_time = statistics.median(history.epoch_time) if history.epoch_time else math.nan
-    print()
-    print(f"| {args.dataset}, K={args.num_particles}, {args.estimator} | nats per datapoint |")
-    print("|---|---|")
-    for name, value in results.items():
-        print(f"| {name} | {value:.3f} |")
-    print(f"| active units | {units.count} of {latent_dim} |")
-    print(f"| epochs | {history.epochs} (best {history.best_epoch}) |")
-    print(f"| time per epoch | {epoch_time:.2f} s |")
-
-
-def write_figures(out: Path, model: VAE, guide, test: Tensor, history, image_shape) -> None:
-    shown = test[:50]
-    curves = {"train bound": [-v for v in history.train_loss]}
-    curves["valid bound"] = [v for v in history.valid_bound if v is not None]
-    plot_training_curves(curves, out / "curves.png")
-    plot_image_grid(shown, out / "data.png", image_shape=image_shape, title="test images")
-    z = guide.median(shown)["z"]
-    plot_image_grid(
-        model.mean_image(z),
-        out / "reconstructions.png",
-        image_shape=image_shape,
-        title="reconstructions (posterior median)",
-    )
-    prior = torch.randn(50, model.latent_dim, dtype=test.dtype)
-    plot_image_grid(
-        model.mean_image(prior), out / "samples.png", image_shape=image_shape, title="samples"
-    )
-    if model.latent_dim == 2:
-        if isinstance(guide, AutoAmortizedFlow) and guide.auxiliary:
-            # q(z | x) is only bounded (through r(v | x, z)), not evaluated, so no contours
-            print("posterior contours skipped: the auxiliary flow has no closed-form q(z | x)")
-            return
-        posteriors = guide.encode if hasattr(guide, "encode") else _joint_posterior(guide)
-        plot_posterior_contours(model, posteriors, test, out / "posteriors.png")
-
-
-def _joint_posterior(guide: AutoAmortizedIAF):
-    # The VAE has one local site, z: the first columns of the flow's joint latent.
-    return lambda x: {"z": guide.get_posterior(x)}
 
 
 if __name__ == "__main__":

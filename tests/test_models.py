@@ -9,8 +9,9 @@ import pyro
 import pytest
 import torch
 
+from models._vae_training import train_lightning
 from models.datasets import load_dataset
-from models.vae import VAE, build, main, parse_args, train, train_lightning
+from models.vae import VAE, build, main, parse_args, train
 from pyro_amortized import AutoAmortizedNormal, Trace_IWELBO
 
 

@@ -7,33 +7,30 @@ import torch
 from pyro import poutine
 from torch import nn
 
-from models.personality import (
-    BFI_TRAITS,
-    FactorModel,
+from models._factor_analysis import (
     _importance_samples,
     align_to_traits,
     category_probs,
     congruence,
-    drop_answers,
-    factor_analyzer_loadings,
     factor_correlation,
     factor_scores,
-    fit_factor_model,
-    generate_questionnaire,
-    heldout_log_likelihood,
-    hide_answers,
     impute,
-    item_frequencies,
-    item_mean_normal,
     items_on_trait,
-    load_bfi,
     oblimin,
-    plot_loadings,
     posterior_predictive,
     rotate_scores,
     standardized_loadings,
     varimax,
 )
+from models._personality_compare import (
+    factor_analyzer_loadings,
+    heldout_log_likelihood,
+    item_frequencies,
+    item_mean_normal,
+    plot_loadings,
+)
+from models.personality import FactorModel, drop_answers, fit_factor_model
+from models.questionnaires import BFI_TRAITS, generate_questionnaire, hide_answers, load_bfi
 from pyro_amortized import AutoAmortizedNormal, Trace_IWELBO, fit
 from pyro_amortized.optim import Adam
 
@@ -124,7 +121,7 @@ def test_encode_on_new_people_equals_the_guides_posterior_for_those_rows():
     )
     new = generate_questionnaire(7, num_factors=2, items_per_factor=3, seed=3).answers
     new[0] = math.nan  # a person who answered nothing
-    posterior = guide.encode(new)["z"]
+    posterior = guide.site_posteriors(new)["z"]
     # the same people as a minibatch of a larger data set: the guide draws their z from
     # the same distributions
     combined = torch.cat([q.answers, new])
@@ -406,10 +403,10 @@ def test_a_person_with_no_answers_gets_the_prior(synthetic_fit):
     _, _, _, fitted = synthetic_fit
     empty = torch.full((1, 25), math.nan)
     with torch.no_grad():
-        posterior = fitted.guide.encode(empty)["z"]
+        posterior = fitted.guide.site_posteriors(empty)["z"]
         one_answer = empty.clone()
         one_answer[0, 0] = 6.0
-        informed = fitted.guide.encode(one_answer)["z"]
+        informed = fitted.guide.site_posteriors(one_answer)["z"]
     prior = dist.Normal(torch.zeros(1, 5), 1.0).to_event(1)
     kl_empty = float(torch.distributions.kl_divergence(posterior, prior))
     kl_one = float(torch.distributions.kl_divergence(informed, prior))

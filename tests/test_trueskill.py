@@ -7,27 +7,24 @@ from pyro.infer import MCMC, NUTS, Trace_ELBO
 from pyro.ops.stats import effective_sample_size
 from torch.special import ndtr
 
-from models.tournaments import BETA, MU, SIGMA, generate_tournament
-from models.trueskill import (
-    DRAW,
-    LOSS,
-    WIN,
-    AntisymmetricScore,
+from models._newcomers import (
     GameSetEncoder,
-    Outcome,
-    SkillModel,
     encode_newcomers,
     fit_newcomer_encoder,
-    fit_skills,
     game_records,
+    newcomer_episodes,
+)
+from models._skill_compare import scores, spearman
+from models._skill_likelihood import DRAW, LOSS, WIN, AntisymmetricScore, Outcome
+from models.tournaments import BETA, MU, SIGMA, generate_tournament
+from models.trueskill import (
+    SkillModel,
+    fit_skills,
     initial_skills,
     linear_response,
     main,
-    newcomer_episodes,
     player_features,
-    scores,
     skill_posterior,
-    spearman,
 )
 from pyro_amortized import AutoAmortizedNormal, fit
 from pyro_amortized.optim import Adam
@@ -254,7 +251,7 @@ def test_amortized_guide_over_the_players_plate_with_minibatches_of_games():
         progress=False,
     )
     assert history.step_losses[-1] < history.step_losses[0]
-    q = guide.encode(t.games)["skill"]
+    q = guide.site_posteriors(t.games)["skill"]
     assert q.mean.shape == (100,)
     assert spearman(q.mean, t.skills) > 0.9
 

@@ -1,0 +1,273 @@
+"""A fitted factor model read out: rotations, factor scores, posterior predictive, imputation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pyro.distributions as dist
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from models.personality import FactorModel, coded_answers
+from pyro_amortized import AutoAmortizedNormal
+
+__all__ = [
+    "align_to_traits",
+    "category_probs",
+    "congruence",
+    "discretized_normal",
+    "factor_correlation",
+    "factor_scores",
+    "impute",
+    "items_on_trait",
+    "oblimin",
+    "posterior_predictive",
+    "rotate_scores",
+    "standardized_loadings",
+    "varimax",
+]
+
+
+def varimax(loadings: Tensor, *, max_iter: int = 500, tol: float = 1e-8) -> tuple[Tensor, Tensor]:
+    """Kaiser's varimax rotation: ``(rotated, rotation)`` with ``rotated = loadings @ rotation``.
+
+    References:
+        The varimax criterion for analytic rotation in factor analysis (Kaiser, 1958).
+    """
+    L = loadings.double()
+    D, Q = L.shape
+    R = torch.eye(Q, dtype=torch.float64)
+    criterion = 0.0
+    for _ in range(max_iter):
+        B = L @ R
+        U, S, Vh = torch.linalg.svd(L.T @ (B**3 - B @ torch.diag((B**2).sum(0)) / D))
+        R = U @ Vh
+        if S.sum() < criterion * (1 + tol):
+            break
+        criterion = float(S.sum())
+    return (L @ R).to(loadings.dtype), R.to(loadings.dtype)
+
+
+def oblimin(
+    loadings: Tensor, *, gamma: float = 0.0, max_iter: int = 1000, tol: float = 1e-6
+) -> tuple[Tensor, Tensor]:
+    r"""Oblique oblimin rotation (quartimin at ``gamma = 0``) by gradient projection.
+
+    Returns ``(rotated, rotation)`` with ``rotated = loadings @ rotation`` the pattern
+    matrix: ``rotation = inv(T).T`` for the column-normalized ``T`` that minimizes the
+    oblimin criterion (Jennrich's GPA algorithm, as in R's ``GPArotation`` and
+    ``factor_analyzer``). The rotated factors' correlation matrix is
+    :func:`factor_correlation` ``(rotation)`` ``= T.T @ T``.
+
+    References:
+        Gradient Projection Algorithms and Software for Arbitrary Rotation Criteria in
+        Factor Analysis (Bernaards and Jennrich, 2005).
+    """
+    A = loadings.double()
+    D, Q = A.shape
+    N = torch.ones(Q, Q, dtype=torch.float64) - torch.eye(Q, dtype=torch.float64)
+    C = torch.full((D, D), 1.0 / D, dtype=torch.float64)
+
+    def criterion(L: Tensor) -> tuple[float, Tensor]:
+        X = (torch.eye(D, dtype=torch.float64) - gamma * C) @ (L**2) @ N
+        return float((L**2 * X).sum() / 4), L * X
+
+    T = torch.eye(Q, dtype=torch.float64)
+    L = A @ torch.linalg.inv(T).T
+    f, gq = criterion(L)
+    G = -(L.T @ gq @ torch.linalg.inv(T)).T
+    alpha = 1.0
+    for _ in range(max_iter):
+        Gp = G - T @ torch.diag((T * G).sum(0))
+        s = torch.linalg.norm(Gp)
+        if s < tol:
+            break
+        alpha *= 2
+        for _ in range(11):
+            X = T - alpha * Gp
+            Tt = X / X.norm(dim=0, keepdim=True)
+            L = A @ torch.linalg.inv(Tt).T
+            ft, gq = criterion(L)
+            if f - ft > 0.5 * s**2 * alpha:
+                break
+            alpha /= 2
+        T, f = Tt, ft
+        G = -(L.T @ gq @ torch.linalg.inv(T)).T
+    return L.to(loadings.dtype), torch.linalg.inv(T).T.to(loadings.dtype)
+
+
+def factor_correlation(rotation: Tensor) -> Tensor:
+    """The rotated factors' correlation matrix, ``inv(rotation) @ inv(rotation).T`` (the
+    identity for an orthogonal rotation such as :func:`varimax`)."""
+    inverse = torch.linalg.inv(rotation)
+    return inverse @ inverse.T
+
+
+def congruence(estimate: Tensor, reference: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Tucker's congruence of each reference factor with its best-matching estimated one.
+
+    Factors are matched one to one, allowing sign flips, to maximize the total absolute
+    congruence (the Hungarian algorithm).
+
+    Returns:
+        ``(per_factor, order, signs)``: the congruence per reference factor, and for each
+        the matched column of ``estimate`` and its sign, so ``estimate[:, order] * signs``
+        is aligned with ``reference``.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    a = estimate.double() / estimate.double().norm(dim=0)
+    b = reference.double() / reference.double().norm(dim=0)
+    phi = b.T @ a  # [Q_ref, Q_est]
+    rows, cols = linear_sum_assignment(-phi.abs().numpy())
+    order = torch.as_tensor(cols)
+    signs = phi[torch.as_tensor(rows), order].sign()
+    return (
+        phi[torch.as_tensor(rows), order].abs().to(estimate.dtype),
+        order,
+        signs.to(estimate.dtype),
+    )
+
+
+def standardized_loadings(model: FactorModel) -> Tensor:
+    r"""``[D, Q]`` loadings on the correlation scale of each item's latent response.
+
+    Item d's latent response :math:`\Lambda_d^\top z + \epsilon_d` has variance
+    :math:`\lVert\Lambda_d\rVert^2 + \psi_d^2`, with :math:`\psi_d^2 = \pi^2/3` for the
+    graded response model's logistic noise and the residual variance for the linear one;
+    dividing each row by its sd makes the loadings comparable with those of a factor
+    analysis of the correlation matrix, and between items.
+    """
+    loadings = model.loadings.detach()
+    if model.likelihood == "grm":
+        residual = torch.full((loadings.shape[0],), math.pi**2 / 3, dtype=loadings.dtype)
+    else:
+        residual = model.noise_scale.detach() ** 2
+    return loadings / ((loadings**2).sum(-1) + residual).sqrt()[:, None]
+
+
+def rotate_scores(z: Tensor, rotation: Tensor) -> Tensor:
+    """Personalities ``z`` (``[..., Q]``) in the basis of ``loadings @ rotation``.
+
+    ``rotate_scores(z, rotation) @ (loadings @ rotation).T == z @ loadings.T``.
+    """
+    return z @ torch.linalg.inv(rotation).T.to(z.dtype)
+
+
+def align_to_traits(
+    loadings: Tensor, traits: Sequence[int], num_traits: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Order and sign the factors so factor t is the one most congruent with trait t's items.
+
+    Returns:
+        ``(aligned, order, signs)`` with ``aligned = loadings[:, order] * signs``, matched
+        against the ``[D, T]`` indicator matrix of the items' traits by :func:`congruence`.
+    """
+    traits = torch.as_tensor(traits)
+    T = num_traits or int(traits.max()) + 1
+    indicator = F.one_hot(traits, T).to(loadings.dtype)
+    _, order, signs = congruence(loadings, indicator)
+    return loadings[:, order] * signs, order, signs
+
+
+def items_on_trait(aligned: Tensor, traits: Sequence[int]) -> int:
+    """How many items have their largest absolute loading on their own trait's factor."""
+    return int((aligned.abs().argmax(-1) == torch.as_tensor(traits)).sum())
+
+
+def factor_scores(
+    guide: AutoAmortizedNormal, answers: Tensor, rotation: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Posterior means and sds of the people's personalities, ``[N, Q]`` each.
+
+    Encoded by the guide in one pass (new people included); with ``rotation`` in the
+    rotated factors' basis (:func:`rotate_scores`), where the sds come from the rotated
+    posterior covariance.
+    """
+    with torch.no_grad():
+        posterior = guide.site_posteriors(answers)["z"]
+    mean, sd = posterior.mean, posterior.stddev
+    if rotation is None:
+        return mean, sd
+    inverse = torch.linalg.inv(rotation).to(mean.dtype)
+    return mean @ inverse.T, ((sd**2) @ (inverse**2).T).sqrt()
+
+
+def category_probs(model: FactorModel, z: Tensor) -> Tensor:
+    """``[..., D, C]``: P(answer = category) given personalities ``z`` (``[..., Q]``).
+
+    For the linear model, the Normal's mass on each category's interval
+    (k - 1/2, k + 1/2], the end categories taking the tails.
+    """
+    answer = model.answer_distribution(z)
+    if model.likelihood == "grm":
+        return answer.probs
+    return discretized_normal(answer.loc, answer.scale, model.categories)
+
+
+def discretized_normal(loc: Tensor, scale: Tensor, categories: int) -> Tensor:
+    """``[..., C]``: the mass of ``Normal(loc, scale)`` on each answer's interval
+    (k - 1/2, k + 1/2], the end categories taking the tails."""
+    edges = torch.arange(1.5, categories, dtype=loc.dtype)
+    cdf = dist.Normal(loc[..., None], scale[..., None]).cdf(edges)
+    return F.pad(F.pad(cdf, (1, 0), value=0.0), (0, 1), value=1.0).diff(dim=-1)
+
+
+def posterior_predictive(
+    model: FactorModel, guide: AutoAmortizedNormal, answers: Tensor, *, num_samples: int = 64
+) -> Tensor:
+    r"""``[N, D, C]``: each person's posterior predictive distribution of every item.
+
+    :math:`p(x_{id} \mid x_{i,\mathrm{obs}}) \approx \sum_s \bar w_s\, p(x_{id} \mid z_s)`
+    with :math:`z_s \sim q(z \mid x_{i,\mathrm{obs}})` from the guide and self-normalized
+    importance weights :math:`w_s \propto p(z_s)\, p(x_{i,\mathrm{obs}} \mid z_s) / q(z_s)`,
+    which correct the guide towards the exact posterior as ``num_samples`` grows. Missing
+    answers (NaN) are predicted; the observed ones are predicted too (then they are part
+    of the conditioning set).
+    """
+    with torch.no_grad():
+        z, log_w = _importance_samples(model, guide, answers, num_samples)
+        return torch.einsum("sn,sndc->ndc", log_w.softmax(0), category_probs(model, z))
+
+
+def _importance_samples(
+    model: FactorModel, guide: AutoAmortizedNormal, answers: Tensor, num_samples: int
+) -> tuple[Tensor, Tensor]:
+    """``z ~ q(z | x_obs)``, ``[S, N, Q]``, and ``log p(z, x_obs) - log q(z)``, ``[S, N]``."""
+    posterior = guide.site_posteriors(answers)["z"]
+    z = posterior.sample((num_samples,))
+    prior = dist.Normal(torch.zeros_like(z), 1.0).to_event(1)
+    answer = model.answer_distribution(z).mask(~torch.isnan(answers))
+    log_lik = answer.log_prob(coded_answers(model, answers)).sum(-1)
+    return z, prior.log_prob(z) + log_lik - posterior.log_prob(z)
+
+
+def impute(
+    answers: Tensor,
+    predictive: Tensor,
+    *,
+    method: str = "mode",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``answers`` with every missing cell filled from the posterior predictive.
+
+    Arguments:
+        answers: ``[N, D]``, NaN where missing.
+        predictive: ``[N, D, C]`` from :func:`posterior_predictive`.
+        method: ``"mode"`` (the most probable answer), ``"mean"`` (the expected answer,
+            not a whole number) or ``"sample"`` (a draw, for multiple imputation).
+        generator: Random generator for ``"sample"``.
+    """
+    C = predictive.shape[-1]
+    if method == "mode":
+        filled = predictive.argmax(-1).to(answers.dtype) + 1
+    elif method == "mean":
+        filled = predictive @ torch.arange(1, C + 1, dtype=predictive.dtype)
+    elif method == "sample":
+        draws = torch.multinomial(predictive.reshape(-1, C), 1, generator=generator)
+        filled = draws.reshape(predictive.shape[:-1]).to(answers.dtype) + 1
+    else:
+        raise ValueError(f"impute: method must be 'mode', 'mean' or 'sample', got {method!r}")
+    return torch.where(torch.isnan(answers), filled.to(answers.dtype), answers)
