@@ -82,7 +82,9 @@ def test_posterior_contours(tmp_path):
     x = model.sample(5)
     guide = AutoAmortizedNormal(model, encoder=exact_encoder(model))
     guide(x)
-    path = plot_posterior_contours(model, guide.encode, x, tmp_path / "contours.png", num_points=3)
+    path = plot_posterior_contours(
+        model, guide.site_posteriors, x, tmp_path / "contours.png", num_points=3
+    )
     assert _is_png(path)
 
 
