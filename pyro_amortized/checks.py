@@ -19,7 +19,6 @@ __all__ = [
     "check_count",
     "check_counts",
     "check_finite",
-    "check_optional_count",
     "check_probability",
     "check_rate",
     "options_from",
@@ -148,15 +147,6 @@ def check_bool(owner: str, name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{owner}: {name} must be a bool, got {value!r}")
     return value
-
-
-def check_optional_count(owner: str, name: str, value: object, *, minimum: int = 1) -> int | None:
-    """:func:`check_count` with ``optional=True``: ``None`` or a count.
-
-    Raises:
-        ValueError: ``"{owner}: {name} must be None or an int >= {minimum}, got {value!r}"``.
-    """
-    return check_count(owner, name, value, minimum=minimum, optional=True)
 
 
 def check_finite(owner: str, name: str, value: object) -> float:

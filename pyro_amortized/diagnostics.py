@@ -19,7 +19,7 @@ from torch.distributions import TransformedDistribution
 from torch.distributions.transforms import ComposeTransform, IndependentTransform, Transform
 from tqdm import tqdm
 
-from .checks import check_count, check_counts, check_optional_count, options_from, renamed
+from .checks import check_count, check_counts, options_from, renamed
 from .guides import AutoAmortizedGuide
 from .objectives import ParticleVectorizationError, Trace_IWELBO
 from .perdatapoint import FAMILIES, LocalOptions, fit_local, fix_globals
@@ -147,7 +147,7 @@ def _estimate(owner: str, model, guide, args, kwargs, *, batch_size, local_plate
     """Either estimate, with its arguments checked and the globals fixed."""
     check_counts(owner, num_samples=options["num_samples"], chunk_size=options["chunk_size"])
     if batch_size is not None:
-        check_optional_count(owner, "batch_size", batch_size)
+        check_count(owner, "batch_size", batch_size, optional=True)
         if not args or not isinstance(args[0], Tensor):
             raise ValueError(
                 f"{owner}: batch_size needs the data as the first argument, "
@@ -580,7 +580,7 @@ def inference_gaps(
             )
     refine_base = options_from(RefineOptions, owner, refine_options)
     refinements = {
-        k: options_from(RefineOptions, owner, {**_fields(refine_base), "num_steps": k})
+        k: options_from(RefineOptions, owner, {**dataclasses.asdict(refine_base), "num_steps": k})
         for k in refine_steps
     }
     fixed = fix_globals(model, guide, args, kwargs, owner=owner)
@@ -651,10 +651,6 @@ _OLD_LOCAL = {
 _RefineFields = tuple(f.name for f in dataclasses.fields(RefineOptions) if f.name != "num_steps")
 
 
-def _fields(options) -> dict:
-    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
-
-
 def _options_with_old_keywords(cls, owner: str, options, kwargs: dict, old: Mapping[str, str]):
     """``options`` (an instance, a dict of fields or None), with the deprecated flat
     keywords of ``old`` taken out of ``kwargs`` (the model's) and merged in, each after a
@@ -662,7 +658,7 @@ def _options_with_old_keywords(cls, owner: str, options, kwargs: dict, old: Mapp
     given = {name: kwargs.pop(name) for name in list(kwargs) if name in old}
     if not given:
         return options_from(cls, owner, options)
-    values = _fields(options) if isinstance(options, cls) else dict(options or {})
+    values = dataclasses.asdict(options) if isinstance(options, cls) else dict(options or {})
     for name, value in given.items():
         field_name = old[name]
         if field_name in values and not isinstance(options, cls):

@@ -716,9 +716,6 @@ class AutoAmortizedGuide(AutoGuide):
             self._check_rows(rows, plate.size, plate.subsample_size)
         return context
 
-    def _get_context(self, plate: pyro.plate | None, args, kwargs) -> Tensor:
-        return self._select_rows(self._raw_context(args, kwargs), plate, args, kwargs)
-
     def _load_networks_from_param_store(self) -> None:
         """Point this guide's networks at the param store's tensors of the same names.
 

@@ -7,7 +7,6 @@ from pyro_amortized.checks import (
     check_count,
     check_counts,
     check_finite,
-    check_optional_count,
     check_probability,
     check_rate,
 )
@@ -19,7 +18,7 @@ def test_a_count_is_an_int_of_at_least_its_minimum():
     check_counts("f", steps=1, chunk_size=10)
     assert check_count("f", "patience", None, optional=True) is None
     assert check_count("f", "patience", 2, optional=True) == 2
-    assert check_optional_count("f", "patience", None) is None
+    assert check_count("f", "patience", None, optional=True) is None
 
 
 @pytest.mark.parametrize("value", [0, -1, True, False, 2.0, "3", None, math.inf])
@@ -41,9 +40,9 @@ def test_an_optional_count_is_none_or_a_count(value):
     with pytest.raises(ValueError, match=message):
         check_count("f", "patience", value, optional=True)
     with pytest.raises(ValueError, match=message):
-        check_optional_count("f", "patience", value)
+        check_count("f", "patience", value, optional=True)
     with pytest.raises(ValueError, match="f: size must be None or an int >= 2, got 1"):
-        check_optional_count("f", "size", 1, minimum=2)
+        check_count("f", "size", 1, minimum=2, optional=True)
 
 
 def test_a_rate_is_a_finite_positive_number_returned_as_a_float():
