@@ -1078,7 +1078,11 @@ def _rows_coupled(
             # not constant across a row's coordinates: a softmax would not see that
             steps = torch.linspace(0.5, -0.25, max(row.numel(), 2), dtype=u.dtype)
             row.copy_(steps[: row.numel()].reshape(row.shape))
-            probe.nodes[site_name] = dict(site, value=transform(u + shift))
+            # only datapoint 0 moves: the round trip through u is inexact near a
+            # support's boundary (a simplex's vertex), which would move the other rows too
+            moved_value = value.clone()
+            moved_value.narrow(position, 0, 1).copy_(transform(u + shift).narrow(position, 0, 1))
+            probe.nodes[site_name] = dict(site, value=moved_value)
         moved = True
     if not moved:
         return None
