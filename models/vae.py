@@ -29,7 +29,14 @@ from pyro.nn import PyroModule
 from torch import Tensor, nn
 
 import pyro_amortized.optim
-from models._vae_evaluation import evaluate, gaps, print_table, refined_bounds, write_figures
+from models._vae_evaluation import (
+    evaluate,
+    gaps,
+    print_table,
+    refined_bounds,
+    surgery,
+    write_figures,
+)
 from models._vae_training import (
     VALID_BATCH_SIZE,
     adam_options,
@@ -301,13 +308,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if args.refine_steps:
             results.update(refined_bounds(args, model, guide, data.test))
         units = active_units(guide, data.test)
-        print_table(results, units, args.latent, history, args)
+        split = surgery(model, guide, data.test)
+        print_table(results, units, args.latent, history, args, split)
         write_figures(out, model, guide, data.test, history, data.image_shape)
         if args.gaps:
             report = gaps(args, model, guide, data.test[: args.gaps], out)
             results.update({f"gaps: {label}": value for label, value in report.rows()})
     print(f"figures and checkpoint in {out}/")
     results["active units"] = units.count
+    if split is not None:
+        for name in ("average_kl", "mutual_information", "marginal_kl"):
+            results[f"test {name}"] = getattr(split, name).value
     return results
 
 

@@ -4,7 +4,13 @@ Encoder guides that find a model's per-datapoint latents by themselves, and an
 importance-weighted bound with the IWAE, STL and DReG gradient estimators.
 """
 
-from .diagnostics import active_units, inference_gaps, log_marginal_likelihood, per_datapoint_elbo
+from .diagnostics import (
+    active_units,
+    elbo_surgery,
+    inference_gaps,
+    log_marginal_likelihood,
+    per_datapoint_elbo,
+)
 from .encoders import EncoderOutput, MLPEncoder
 from .flows import AutoAmortizedFlow, AutoAmortizedIAF, AutoAmortizedRealNVP
 from .guides import AutoAmortizedGuide, AutoAmortizedNormal, GuideCall
@@ -44,6 +50,7 @@ __all__ = [
     "Trace_IWELBO",
     "Validation",
     "active_units",
+    "elbo_surgery",
     "fit",
     "inference_gaps",
     "log_marginal_likelihood",

@@ -20,6 +20,7 @@ from torch.distributions.transforms import ComposeTransform, IndependentTransfor
 from tqdm import tqdm
 
 from .checks import check_count, check_counts, options_from, renamed
+from .encoders import EncoderOutput
 from .guides import AutoAmortizedGuide
 from .objectives import ParticleVectorizationError, Trace_IWELBO
 from .perdatapoint import FAMILIES, LocalOptions, fit_local, fix_globals
@@ -27,8 +28,11 @@ from .refinement import RefineOptions, refine_with
 
 __all__ = [
     "ActiveUnits",
+    "ElboSurgery",
+    "Estimate",
     "InferenceGaps",
     "active_units",
+    "elbo_surgery",
     "gap_table",
     "inference_gaps",
     "log_marginal_likelihood",
@@ -351,6 +355,258 @@ def _elementwise_transform(t: Transform) -> Transform | None:
         parts = [_elementwise_transform(p) for p in t.parts]
         return None if any(p is None for p in parts) else ComposeTransform(parts)
     return t if t.domain.event_dim == 0 and t.codomain.event_dim == 0 else None
+
+
+class Estimate(NamedTuple):
+    """A Monte Carlo estimate and its standard error, in nats."""
+
+    value: float
+    se: float
+
+    def __str__(self) -> str:
+        return f"{self.value:.3f} ± {self.se:.3f}"
+
+
+class ElboSurgery(NamedTuple):
+    r"""Hoffman and Johnson's split of a data set's average ELBO, each term per datapoint.
+
+    ``elbo = reconstruction - average_kl`` and
+    ``average_kl = mutual_information + marginal_kl``, on every draw: the identities hold
+    for the estimates, not only for their expectations.
+
+    Attributes:
+        elbo: :math:`\frac{1}{N}\sum_n \mathbb{E}_{q(z \mid x_n)}[\log p(x_n, z) - \log q(z \mid x_n)]`.
+        reconstruction: :math:`\frac{1}{N}\sum_n \mathbb{E}_{q(z \mid x_n)}[\log p(x_n \mid z)]`.
+        average_kl: :math:`\frac{1}{N}\sum_n \mathrm{KL}(q(z \mid x_n) \,\|\, p(z))`.
+        mutual_information: The index-code mutual information :math:`I_q[n; z]`, at most
+            :math:`\log N`.
+        marginal_kl: :math:`\mathrm{KL}(q(z) \,\|\, p(z))`, from the aggregate posterior
+            :math:`q(z) = \frac{1}{N}\sum_n q(z \mid x_n)` to the prior.
+        num_data: :math:`N`.
+        num_samples: Draws per datapoint.
+        batch_size: Datapoints per minibatch of the aggregate posterior's estimate
+            (:math:`N`: exact).
+    """
+
+    elbo: Estimate
+    reconstruction: Estimate
+    average_kl: Estimate
+    mutual_information: Estimate
+    marginal_kl: Estimate
+    num_data: int
+    num_samples: int
+    batch_size: int
+
+    def table(self) -> str:
+        """A Markdown table of the five estimates with their standard errors."""
+        rows = [
+            ("ELBO", self.elbo),
+            ("reconstruction E log p(x | z)", self.reconstruction),
+            ("average KL(q(z | x) ‖ p(z))", self.average_kl),
+            ("mutual information I_q[n; z]", self.mutual_information),
+            ("marginal KL(q(z) ‖ p(z))", self.marginal_kl),
+        ]
+        lines = [f"| {self.num_data} datapoints | nats ± SE |", "|---|---|"]
+        lines += [f"| {label} | {estimate} |" for label, estimate in rows]
+        lines.append(f"| log N, the bound of I_q | {math.log(self.num_data):.3f} |")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        """Plain Python numbers, for ``json.dump``."""
+        return {
+            name: value._asdict() if isinstance(value, Estimate) else value
+            for name, value in self._asdict().items()
+        }
+
+
+@torch.no_grad()
+def elbo_surgery(
+    model: Callable,
+    guide: AutoAmortizedGuide,
+    *args,
+    num_samples: int = 10,
+    batch_size: int | None = None,
+    progress: bool = False,
+    local_plate: str | None = None,
+    **kwargs,
+) -> ElboSurgery:
+    r"""ELBO surgery: a data set's average KL split into mutual information and marginal KL.
+
+    The average ELBO of :math:`N` datapoints is the reconstruction term less the average
+    :math:`\mathrm{KL}(q(z \mid x_n) \,\|\, p(z))`, and that average is the index-code mutual
+    information :math:`I_q[n; z]` of the joint :math:`q(n, z) = q(z \mid x_n) / N` plus the
+    KL from the aggregate posterior :math:`q(z) = \frac{1}{N}\sum_m q(z \mid x_m)` to the
+    prior. A collapsed posterior has all three near 0; an encoder that tells datapoints apart
+    without matching the prior in aggregate has :math:`I_q` near :math:`\log N` and a large
+    marginal KL.
+
+    Each datapoint gets ``num_samples`` draws :math:`z \sim q(z \mid x_n)`. The density
+    :math:`\log q(z)` of the aggregate posterior at a draw sums over the datapoints of its
+    minibatch: with all :math:`N` datapoints at once (``batch_size=None``) it is exact;
+    with minibatches of :math:`M` (a fresh random partition per draw) it is the
+    minibatch-stratified estimate
+    :math:`\frac{1}{N} q(z \mid x_n) + \frac{N - 1}{N (M - 1)} \sum_{m \ne n} q(z \mid x_m)`,
+    unbiased for :math:`q(z)` (its log is biased low by the estimate's relative variance,
+    which a larger :math:`M` shrinks). The terms are evaluated in the unconstrained space of
+    the guide's :meth:`~pyro_amortized.AutoAmortizedGuide.posterior`, less each draw's
+    log-Jacobian, so they are densities of the model's sites. Global latents are fixed at
+    the guide's ``median()`` and the model's prior of the local sites must not depend on
+    the datapoint (the decomposition's :math:`p(z)` is one prior).
+
+    Standard errors are those of the Monte Carlo draws given the data set:
+    :math:`\sqrt{\sum_n \widehat{\mathrm{Var}}_n / S} / N`.
+
+    Arguments:
+        model: The model, with a plate over datapoints.
+        guide: An amortized guide whose ``posterior`` has a density
+            (:class:`~pyro_amortized.AutoAmortizedNormal`,
+            :class:`~pyro_amortized.AutoAmortizedIAF`, or
+            :class:`~pyro_amortized.AutoAmortizedRealNVP` without its auxiliary variable).
+        *args: The model's arguments (the data set).
+        num_samples: Draws :math:`S \ge 2` per datapoint.
+        batch_size: Datapoints per minibatch, at least 2, following
+            :func:`~pyro_amortized.fit`'s convention (the model is called as
+            ``model(*args, idx)``); ``None`` takes all at once and the aggregate posterior
+            exactly.
+        progress: Show a ``tqdm`` progress bar over the draws (on stderr).
+        local_plate: The plate over datapoints (None: the guide's, or found).
+        **kwargs: The model's keyword arguments.
+
+    Returns:
+        An :class:`ElboSurgery`.
+
+    References:
+        ELBO surgery: yet another way to carve up the variational evidence lower bound
+        (Hoffman and Johnson, 2016).
+        Isolating Sources of Disentanglement in Variational Autoencoders (Chen et al., 2018),
+        for minibatch-stratified sampling.
+        Lagging Inference Networks and Posterior Collapse in Variational Autoencoders
+        (He et al., 2019), which reports the three with active units.
+    """
+    owner = "elbo_surgery"
+    if not isinstance(guide, AutoAmortizedGuide):
+        raise ValueError(
+            f"{owner}: the guide ({type(guide).__name__}) is not an amortized guide; the "
+            "aggregate posterior needs q(z | x_m) at every datapoint's draws: pass an "
+            "AutoAmortizedNormal, AutoAmortizedIAF or AutoAmortizedRealNVP"
+        )
+    check_count(owner, "num_samples", num_samples, minimum=2)
+    if batch_size is not None:
+        check_count(owner, "batch_size", batch_size, minimum=2)
+        if not args or not isinstance(args[0], Tensor):
+            raise ValueError(
+                f"{owner}: batch_size needs the data as the first argument, "
+                "model(data, idx), as fit calls it"
+            )
+    model, fixed_guide, local_plate, _ = fix_globals(
+        model, guide, args, kwargs, owner=owner, local_plate=local_plate
+    )
+    if local_plate is None:
+        raise ValueError(
+            f"{owner}: the model has no plate over datapoints; ELBO surgery splits an "
+            "average over datapoints. Name the plate with local_plate="
+        )
+    objective = Trace_IWELBO(1, local_plate=local_plate)
+    num_data = len(args[0]) if batch_size is not None else None
+    draws = None  # [S, 5, N]: kept whole, as variances from running sums lose digits
+    with tqdm(total=num_samples, desc="ELBO surgery", unit="draw", disable=not progress) as bar:
+        for s in range(num_samples):
+            if batch_size is None:
+                batches = [None]
+            else:
+                order = torch.randperm(num_data, device=args[0].device)
+                batches = list(order.split(batch_size))
+                if len(batches) > 1 and len(batches[-1]) == 1:  # M - 1 = 0 leaves no others
+                    batches[-2:] = [torch.cat(batches[-2:])]
+            for idx in batches:
+                call_args = args if idx is None else (*args, idx)
+                terms = _surgery_terms(
+                    model, fixed_guide, guide, objective, call_args, kwargs, num_data, owner
+                )
+                if draws is None:
+                    num_data = num_data or terms.shape[-1]
+                    draws = terms.new_zeros(num_samples, terms.shape[0], num_data)
+                draws[s, :, slice(None) if idx is None else idx] = terms
+            bar.update()
+    totals = draws.mean((0, 2))
+    ses = (draws.var(0).sum(1) / num_samples).sqrt() / num_data
+    estimates = [Estimate(t.item(), s.item()) for t, s in zip(totals, ses, strict=True)]
+    return ElboSurgery(
+        *estimates,
+        num_data=num_data,
+        num_samples=num_samples,
+        batch_size=num_data if batch_size is None else min(batch_size, num_data),
+    )
+
+
+def _surgery_terms(
+    model, fixed_guide, guide: AutoAmortizedGuide, objective, args, kwargs, num_data, owner
+) -> Tensor:
+    """One draw for a minibatch: ``[5, M]`` ELBO, reconstruction, average KL, mutual
+    information and marginal KL terms of each datapoint (float64)."""
+    traced = poutine.trace(fixed_guide)
+    terms = objective.log_weights(model, traced, *args, split_prior=True, **kwargs)
+    if num_data is None and bool((torch.as_tensor(terms.scale) != 1).any()):
+        raise ValueError(
+            f"{owner}: the plate {terms.local_plate!r} subsamples its datapoints by itself; "
+            "pass batch_size= (and the model's idx argument) so every datapoint is seen"
+        )
+    log_q = terms.guide_local[0].double()
+    log_prior = terms.prior_local[0].double()
+    log_joint = terms.model_local[0].double()
+    trace = traced.trace
+    latent = guide.sites_to_latent({name: trace.nodes[name]["value"] for name in guide.local_sites})
+    output = guide.encoder_output(*args, **kwargs)
+    cross = _cross_log_density(guide, output, latent, owner)  # [n, m]: log q(u_n | x_m)
+    batch = cross.shape[0]
+    num_data = num_data or batch
+    # log |det J| of each draw's map to the sites: what the guide's density of the sites
+    # drops from the density of the unconstrained latent
+    log_jacobian = cross.diagonal() - log_q
+    if batch == num_data:
+        weights = cross.new_full((batch, batch), -math.log(num_data))
+    else:
+        other = math.log(num_data - 1) - math.log(num_data) - math.log(batch - 1)
+        weights = cross.new_full((batch, batch), other)
+        weights.fill_diagonal_(-math.log(num_data))
+    log_aggregate = torch.logsumexp(cross + weights, 1) - log_jacobian
+    log_likelihood = log_joint - log_prior
+    average_kl = log_q - log_prior
+    return torch.stack(
+        [
+            log_likelihood - average_kl,
+            log_likelihood,
+            average_kl,
+            log_q - log_aggregate,
+            log_aggregate - log_prior,
+        ]
+    )
+
+
+def _cross_log_density(guide, output, latent: Tensor, owner: str, chunk: int = 256) -> Tensor:
+    """``[n, m]`` log-density of datapoint m's posterior at datapoint n's draw, in the
+    guide's unconstrained space, ``chunk`` draws at a time (memory ``chunk * M * D``)."""
+    batch, dim = latent.shape[-2:]
+    if latent.dim() != 2:
+        raise ValueError(f"{owner}: expected one [batch, latent_dim] draw, got {latent.shape}")
+    rows = []
+    for start in range(0, batch, chunk):
+        draws = latent[start : start + chunk]
+        c = draws.shape[0]
+        expanded = EncoderOutput(
+            *(None if t is None else t.unsqueeze(0).expand((c,) + t.shape) for t in output)
+        )
+        q = guide.local_distribution(expanded)
+        try:
+            rows.append(q.log_prob(draws.unsqueeze(1).expand(c, batch, dim)).double())
+        except NotImplementedError as error:
+            raise ValueError(
+                f"{owner}: {type(guide).__name__}'s posterior q(z | x) has no density "
+                f"({error}); the aggregate posterior needs it. The auxiliary flow's q(z | x) "
+                "is a marginal over its auxiliary variable: use AutoAmortizedNormal, "
+                "AutoAmortizedIAF or AutoAmortizedRealNVP(auxiliary=False)"
+            ) from error
+    return torch.cat(rows)
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from typing import NamedTuple
 
@@ -257,6 +257,21 @@ class AutoAmortizedGuide(AutoGuide):
             block = self._split(latent, site)
             result[site.name] = block if site.transform is None else site.transform(block)
         return result
+
+    def sites_to_latent(self, values: Mapping[str, Tensor]) -> Tensor:
+        """The inverse of :meth:`latent_to_sites`: the ``[..., batch, latent_dim]`` joint
+        unconstrained latent of the local sites' constrained values (each in the model's
+        layout, as a trace of the guide holds them)."""
+        blocks = []
+        for site in self._local_sites:
+            block = values[site.name]
+            if site.transform is not None:
+                block = site.transform.inv(block)
+            lead = block.dim() - 1 - len(site.shape)  # dims left of the datapoint's
+            if site.position != 0:
+                block = block.movedim(lead + site.position, lead)
+            blocks.append(block.reshape(block.shape[: lead + 1] + (-1,)))
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, -1)
 
     @torch.no_grad()
     def median(self, *args, **kwargs) -> dict[str, Tensor]:

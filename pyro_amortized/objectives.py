@@ -254,7 +254,7 @@ class LogWeights(NamedTuple):
     model_global: Tensor | float
     guide_global: Tensor | float
     #: The latent sites' share of ``model_local`` and ``model_global`` (the log-priors),
-    #: tracked only for ``kl_weight != 1``; 0 otherwise.
+    #: tracked only for ``kl_weight != 1`` or ``split_prior=True``; 0 otherwise.
     prior_local: Tensor | float
     prior_global: Tensor | float
     #: Multiplies each datapoint's log-mean-weight: the subsample scale N / B, and any
@@ -722,7 +722,9 @@ class Trace_IWELBO(ELBO):
         """Pyro's ELBO interface: :meth:`get_traces`."""
         return self.get_traces(model, guide, *args, **kwargs)
 
-    def _terms(self, model_trace, guide_trace, stopped: bool) -> LogWeights:
+    def _terms(
+        self, model_trace, guide_trace, stopped: bool, split_prior: bool = False
+    ) -> LogWeights:
         """Log-densities split into per-(particle, datapoint) local parts and global sums."""
         local = self._local_name
         joint = local is None
@@ -732,7 +734,7 @@ class Trace_IWELBO(ELBO):
         local_scales = []
         local_sites = []  # (log_p, is_model, is_prior)
         model_global = guide_global = prior_global = 0.0
-        track_prior = self.kl_weight != 1.0
+        track_prior = split_prior or self.kl_weight != 1.0
         coupled_check = K > 1 and self.vectorize_particles and not joint
         data_dims = self._joint_dims if joint else None
         enum_dims = ()
@@ -894,27 +896,33 @@ class Trace_IWELBO(ELBO):
             data_shape,
         )
 
-    def _collect(self, model, guide, args, kwargs, stopped: bool) -> LogWeights:
+    def _collect(
+        self, model, guide, args, kwargs, stopped: bool, split_prior: bool = False
+    ) -> LogWeights:
         self._ensure_setup(model, guide, args, kwargs)
         if self.vectorize_particles or self.num_particles == 1:
             model_trace, guide_trace = self._traces(model, guide, args, kwargs)
-            return self._terms(model_trace, guide_trace, stopped)
+            return self._terms(model_trace, guide_trace, stopped, split_prior)
         if self._local_name is None:
-            return self._collect_joint_sequential(model, guide, args, kwargs, stopped)
-        return self._collect_sequential(model, guide, args, kwargs, stopped)
+            return self._collect_joint_sequential(model, guide, args, kwargs, stopped, split_prior)
+        return self._collect_sequential(model, guide, args, kwargs, stopped, split_prior)
 
-    def _collect_joint_sequential(self, model, guide, args, kwargs, stopped: bool) -> LogWeights:
+    def _collect_joint_sequential(
+        self, model, guide, args, kwargs, stopped: bool, split_prior: bool
+    ) -> LogWeights:
         """Whole-trace particles in a Python loop, each drawn afresh."""
         parts = [
-            self._terms(*self._traces(model, guide, args, kwargs), stopped)
+            self._terms(*self._traces(model, guide, args, kwargs), stopped, split_prior)
             for _ in range(self.num_particles)
         ]
         return _stack_particles(parts)
 
-    def _collect_sequential(self, model, guide, args, kwargs, stopped: bool) -> LogWeights:
+    def _collect_sequential(
+        self, model, guide, args, kwargs, stopped: bool, split_prior: bool
+    ) -> LogWeights:
         """Particles in a Python loop; globals and the minibatch are replayed from the first."""
         model_trace, guide_trace = self._traces(model, guide, args, kwargs)
-        first = self._terms(model_trace, guide_trace, stopped)
+        first = self._terms(model_trace, guide_trace, stopped, split_prior)
         shared = guide_trace.copy()
         for name, site in list(shared.nodes.items()):
             if site["type"] == "sample" and any(
@@ -924,7 +932,7 @@ class Trace_IWELBO(ELBO):
         parts = [first]
         for _ in range(1, self.num_particles):
             model_trace, guide_trace = self._traces(model, guide, args, kwargs, shared)
-            terms = self._terms(model_trace, guide_trace, stopped)
+            terms = self._terms(model_trace, guide_trace, stopped, split_prior)
             if not torch.equal(
                 torch.as_tensor(terms.model_global), torch.as_tensor(first.model_global)
             ):
@@ -935,7 +943,13 @@ class Trace_IWELBO(ELBO):
         return _stack_particles(parts)
 
     def log_weights(
-        self, model: Callable, guide: Callable, *args, stop_guide: bool = False, **kwargs
+        self,
+        model: Callable,
+        guide: Callable,
+        *args,
+        stop_guide: bool = False,
+        split_prior: bool = False,
+        **kwargs,
     ) -> LogWeights:
         """One draw of this objective's particles: the log-densities behind its bound.
 
@@ -944,12 +958,17 @@ class Trace_IWELBO(ELBO):
             stop_guide: Evaluate :math:`\\log q` with the guide's parameters stopped (as
                 the ``"stl"`` and ``"dreg"`` estimators do), so the log-weights depend on
                 the guide's parameters only through the samples.
+            split_prior: Also track the latent sites' log-priors (``prior_local``,
+                ``prior_global``), as ``kl_weight != 1`` does, so that
+                ``model_local - prior_local`` is the log-likelihood of the datapoints.
 
         Returns:
             :class:`LogWeights`; ``.log_w`` is ``[K, B]`` over the local plate's
             minibatch, or ``[K]`` when there is no local plate.
         """
-        return self._collect(model, guide, args, kwargs, stopped=stop_guide)
+        return self._collect(
+            model, guide, args, kwargs, stopped=stop_guide, split_prior=split_prior
+        )
 
     def _bound(self, terms: LogWeights) -> tuple[Tensor, Tensor]:
         """The bound and the per-(particle, datapoint) log-weights."""
@@ -1174,6 +1193,7 @@ def log_weights(
     num_particles: int = 1,
     local_plate: str | None = None,
     stop_guide: bool = False,
+    split_prior: bool = False,
     vectorize_particles: bool = True,
     max_plate_nesting: float = float("inf"),
     **kwargs,
@@ -1192,6 +1212,8 @@ def log_weights(
         local_plate: The plate over datapoints; found as :class:`Trace_IWELBO` finds it
             when None.
         stop_guide: Evaluate :math:`\log q` with the guide's parameters stopped.
+        split_prior: Also track the local and global log-priors (see
+            :meth:`Trace_IWELBO.log_weights`).
         vectorize_particles, max_plate_nesting: As in :class:`Trace_IWELBO`.
 
     Returns:
@@ -1203,7 +1225,9 @@ def log_weights(
         vectorize_particles=vectorize_particles,
         max_plate_nesting=max_plate_nesting,
     )
-    return elbo.log_weights(model, guide, *args, stop_guide=stop_guide, **kwargs)
+    return elbo.log_weights(
+        model, guide, *args, stop_guide=stop_guide, split_prior=split_prior, **kwargs
+    )
 
 
 class _ScaleGrad:

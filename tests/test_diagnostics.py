@@ -10,6 +10,7 @@ from pyro_amortized import AutoAmortizedIAF, AutoAmortizedNormal, AutoAmortizedR
 from pyro_amortized.diagnostics import (
     InferenceGaps,
     active_units,
+    elbo_surgery,
     gap_table,
     inference_gaps,
     log_marginal_likelihood,
@@ -506,3 +507,183 @@ def test_inference_gaps_old_keywords_warn_and_mean_the_same():
     assert torch.equal(new.optimal_elbo["normal"], old.optimal_elbo["normal"])
     with pytest.raises(ValueError, match="lr= and local_options\\['lr'\\] both given"):
         inference_gaps(model, guide, x, lr=1e-2, local_options={"lr": 1e-3}, **options)
+
+
+# ------------------------------------------------------------------ ELBO surgery
+def _surgery_problem(n=200, perturb=0.3):
+    """The linear-Gaussian model, n datapoints, a guide near the exact posterior."""
+    model = LinearGaussian(latent_dim=2, obs_dim=3)
+    x = model.sample(n)
+    guide = AutoAmortizedNormal(model, encoder=exact_encoder(model, perturb=perturb))
+    guide(x)
+    return model, x, guide
+
+
+def _closed_forms(model, x, guide):
+    """Average KL and reconstruction in closed form; marginal KL by 2-D quadrature."""
+    out = guide.encoder_output(x)
+    loc, var = out.loc, out.scale**2
+    average_kl = (0.5 * (var + loc**2 - 1 - var.log()).sum(-1)).mean().item()
+    A = model.A
+    mean = loc @ A.T + model.b.detach()
+    trace = (var @ (A**2).T).sum(-1)  # tr(A diag(var) A^T), per datapoint
+    reconstruction = (
+        dist.Normal(mean, model.sigma).log_prob(x).sum(-1) - trace / (2 * model.sigma**2)
+    ).mean()
+    # KL(q(z) || p(z)) of the 200-component mixture on a grid: the integrand is smooth and
+    # negligible past |z| = 7 (the grid's mass is 1 to 1e-7), so the trapezoid rule is exact
+    # far below the Monte Carlo error it is compared with
+    t = torch.linspace(-7, 7, 701)
+    h = t[1] - t[0]
+    grid = torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 2)
+    log_q = torch.logsumexp(
+        dist.Normal(loc, var.sqrt()).log_prob(grid[:, None, :]).sum(-1), 1
+    ) - math.log(len(x))
+    log_p = dist.Normal(0.0, 1.0).log_prob(grid).sum(-1)
+    weight = log_q.exp() * h * h
+    assert abs(weight.sum().item() - 1) < 1e-6
+    marginal_kl = (weight * (log_q - log_p)).sum().item()
+    return average_kl, reconstruction.item(), marginal_kl
+
+
+@pytest.mark.parametrize("batch_size", [None, 40])
+def test_elbo_surgery_is_exact_at_the_exact_posterior(float64, batch_size):
+    # q = p(z | x): every draw's log-weight is log p(x_n), so the ELBO is the closed-form
+    # mean log-evidence with no Monte Carlo error, and both identities hold for the estimates
+    model, x, guide = _surgery_problem(n=120, perturb=0.0)
+    report = elbo_surgery(model, guide, x, num_samples=4, batch_size=batch_size)
+    assert report.elbo.value == pytest.approx(model.log_evidence(x).mean().item(), abs=1e-9)
+    assert report.elbo.se < 1e-9
+    assert report.reconstruction.value - report.average_kl.value == pytest.approx(
+        report.elbo.value, abs=1e-9
+    )
+    assert report.mutual_information.value + report.marginal_kl.value == pytest.approx(
+        report.average_kl.value, abs=1e-9
+    )
+    assert (report.num_data, report.num_samples) == (120, 4)
+    assert report.batch_size == (120 if batch_size is None else 40)
+
+
+class _PriorEncoder(torch.nn.Module):
+    """A collapsed encoder: q(z | x) = p(z) = N(0, I) for every datapoint."""
+
+    def forward(self, x):
+        return x.new_zeros(x.shape[0], 2), x.new_ones(x.shape[0], 2)
+
+
+class _SeparatedEncoder(torch.nn.Module):
+    """Posteriors 10^3 scales apart: q(z | x_m) is 0 in float64 at another row's draws."""
+
+    def forward(self, x):
+        rows = torch.arange(x.shape[0], dtype=x.dtype)
+        loc = torch.stack([rows, torch.zeros_like(rows)], -1)
+        return loc, x.new_full((x.shape[0], 2), 1e-3)
+
+
+@pytest.mark.parametrize("batch_size", [None, 10])
+def test_elbo_surgery_collapsed_and_separated_posteriors(float64, batch_size):
+    model = LinearGaussian(latent_dim=2, obs_dim=3)
+    x = model.sample(30)
+    collapsed = AutoAmortizedNormal(model, encoder=_PriorEncoder())
+    report = elbo_surgery(model, collapsed, x, num_samples=3, batch_size=batch_size)
+    for term in (report.average_kl, report.mutual_information, report.marginal_kl):
+        assert abs(term.value) < 1e-12 and term.se < 1e-12
+    assert report.reconstruction.value == pytest.approx(report.elbo.value, abs=1e-12)
+    pyro.clear_param_store()
+    separated = AutoAmortizedNormal(model, encoder=_SeparatedEncoder())
+    report = elbo_surgery(model, separated, x, num_samples=3, batch_size=batch_size)
+    # each draw's aggregate density is its own posterior's over N: I_q = log N exactly,
+    # with the stratified minibatch weights as with the whole data set
+    assert report.mutual_information.value == pytest.approx(math.log(30), abs=1e-9)
+    assert report.mutual_information.se < 1e-9
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size", [None, 100])
+def test_elbo_surgery_matches_closed_forms_within_5_se(float64, batch_size):
+    model, x, guide = _surgery_problem()
+    average_kl, reconstruction, marginal_kl = _closed_forms(model, x, guide)
+    report = elbo_surgery(model, guide, x, num_samples=50, batch_size=batch_size)
+    expected = {
+        "average_kl": average_kl,
+        "reconstruction": reconstruction,
+        "marginal_kl": marginal_kl,
+        "mutual_information": average_kl - marginal_kl,
+        "elbo": reconstruction - average_kl,
+    }
+    for name, value in expected.items():
+        estimate = getattr(report, name)
+        assert estimate.se > 0
+        assert abs(estimate.value - value) < 5 * estimate.se, (name, estimate, value)
+
+
+def test_elbo_surgery_is_invariant_to_the_sites_support(float64):
+    # z ~ LogNormal with x | z ~ N(A log z + b) is the linear-Gaussian model in log space:
+    # the guide works on log z, and the KLs (densities of the sites, with the Jacobian) and
+    # the ELBO's difference of log p(x) are the same on the same draws
+    model, x, guide = _surgery_problem(n=40)
+
+    def positive(x, idx=None):
+        with pyro.plate("data", x.shape[0], subsample=idx) as ind:
+            s = pyro.sample("z", dist.LogNormal(x.new_zeros(2), 1.0).to_event(1))
+            mean = s.log() @ model.A.T + model.b
+            pyro.sample("x", dist.Normal(mean, model.sigma).to_event(1), obs=x[ind])
+
+    other = AutoAmortizedNormal(positive, encoder=guide.encoder)
+    for batch_size in (None, 10):
+        pyro.set_rng_seed(3)
+        expected = elbo_surgery(model, guide, x, num_samples=3, batch_size=batch_size)
+        pyro.set_rng_seed(3)
+        report = elbo_surgery(positive, other, x, num_samples=3, batch_size=batch_size)
+        for name in ("average_kl", "mutual_information", "marginal_kl", "reconstruction"):
+            assert getattr(report, name).value == pytest.approx(
+                getattr(expected, name).value, abs=1e-9
+            ), name
+
+
+@pytest.mark.parametrize("flow", ["iaf", "realnvp"])
+def test_elbo_surgery_of_flow_guides_agrees_with_per_datapoint_elbo(flow):
+    model = LinearGaussian(latent_dim=2, obs_dim=3)
+    x = model.sample(25)
+    if flow == "iaf":
+        guide = AutoAmortizedIAF(model, hidden_dims=(8,), num_transforms=2)
+    else:
+        guide = AutoAmortizedRealNVP(model, hidden_dims=(8,), num_transforms=2, auxiliary=False)
+    guide(x)
+    report = elbo_surgery(model, guide, x, num_samples=20, batch_size=10)
+    elbo = per_datapoint_elbo(model, guide, x, num_samples=200).mean().item()
+    assert abs(report.elbo.value - elbo) < 5 * report.elbo.se
+    assert report.mutual_information.value + report.marginal_kl.value == pytest.approx(
+        report.average_kl.value, abs=1e-5
+    )
+    assert 0 < report.mutual_information.value < math.log(25)
+
+
+def test_elbo_surgery_refuses_what_it_cannot_split():
+    model = LinearGaussian()
+    x = model.sample(6)
+    guide = AutoAmortizedNormal(model)
+    with pytest.raises(ValueError, match="num_samples"):
+        elbo_surgery(model, guide, x, num_samples=1)
+    with pytest.raises(ValueError, match="batch_size"):
+        elbo_surgery(model, guide, x, batch_size=1)
+    with pytest.raises(ValueError, match="not an amortized guide"):
+        elbo_surgery(model, pyro.infer.autoguide.AutoNormal(model), x)
+    auxiliary = AutoAmortizedRealNVP(model, hidden_dims=(4,), num_transforms=1)
+    auxiliary(x)
+    with pytest.raises(ValueError, match="no density"):
+        elbo_surgery(model, auxiliary, x, num_samples=2)
+
+    def global_only(x):
+        pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(ValueError, match="no plate"):
+        elbo_surgery(global_only, AutoAmortizedNormal(global_only), x)
+
+
+def test_elbo_surgery_report_table_and_dict(float64):
+    model, x, guide = _surgery_problem(n=20)
+    report = elbo_surgery(model, guide, x, num_samples=2)
+    table = report.table()
+    assert "mutual information" in table and f"{math.log(20):.3f}" in table
+    assert report.to_dict()["marginal_kl"] == report.marginal_kl._asdict()

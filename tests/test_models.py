@@ -27,6 +27,10 @@ def test_vae_cli_runs_one_epoch_on_digits(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "test log p(x) (IWAE-20)" in printed and "time per epoch" in printed
     assert "test ELBO" in printed  # K=5 by default: the ELBO is reported beside the bound
+    # ELBO surgery beside the active units: KL = I_q[n; z] + KL(q(z) || p(z)) on the test set
+    assert "test mutual information I_q[n; z]" in printed and "test marginal KL" in printed
+    kl, mi = results["test average_kl"], results["test mutual_information"]
+    assert kl == pytest.approx(mi + results["test marginal_kl"], abs=1e-9)
 
 
 def test_vae_cli_patience_zero_trains_every_epoch_and_validate_runs(tmp_path):
@@ -48,6 +52,8 @@ def test_vae_cli_with_flow_guides(tmp_path, guide):
     assert all(math.isfinite(v) for v in results.values())
     if guide == "iaf":
         assert (tmp_path / "posteriors.png").stat().st_size > 1000
+    # the auxiliary flow's q(z | x) has no density, so no surgery; the IAF's has one
+    assert ("test mutual_information" in results) == (guide == "iaf")
 
 
 @pytest.mark.parametrize("trainer", ["fit", "lightning"])
