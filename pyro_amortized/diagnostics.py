@@ -583,12 +583,13 @@ def _surgery_terms(
     )
 
 
-def _cross_log_density(guide, output, latent: Tensor, owner: str, chunk: int = 256) -> Tensor:
+def _cross_log_density(guide, output, latent: Tensor, owner: str) -> Tensor:
     """``[n, m]`` log-density of datapoint m's posterior at datapoint n's draw, in the
-    guide's unconstrained space, ``chunk`` draws at a time (memory ``chunk * M * D``)."""
+    guide's unconstrained space, a few draws at a time (about 2^24 elements each)."""
     batch, dim = latent.shape[-2:]
     if latent.dim() != 2:
         raise ValueError(f"{owner}: expected one [batch, latent_dim] draw, got {latent.shape}")
+    chunk = max(1, 2**24 // (batch * dim))
     rows = []
     for start in range(0, batch, chunk):
         draws = latent[start : start + chunk]
