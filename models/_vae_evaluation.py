@@ -37,7 +37,7 @@ def evaluate(
     """Mean bounds per datapoint: the training bound on every split, the test ELBO and log p(x)."""
     train = data.train
     if data.dynamic_binarization:  # evaluate on one fixed binarization of the grey levels
-        train = binarize(train, torch.Generator().manual_seed(args.seed))
+        train = binarize(train, torch.Generator(train.device).manual_seed(args.seed))
     K = args.num_particles
     results = {
         f"train bound (IWAE-{K})": _mean_bound(model, guide, train, K),
@@ -176,7 +176,8 @@ def write_figures(
         image_shape=image_shape,
         title="reconstructions (posterior median)",
     )
-    prior = torch.randn(50, model.latent_dim, dtype=test.dtype)
+    # drawn on the CPU whatever the device, so the figure is the same everywhere
+    prior = torch.randn(50, model.latent_dim, dtype=test.dtype, device="cpu").to(test.device)
     plot_image_grid(
         model.mean_image(prior), out / "samples.png", image_shape=image_shape, title="samples"
     )

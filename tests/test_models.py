@@ -191,6 +191,29 @@ def test_vae_cli_devices_need_the_lightning_trainer(capsys):
     )
 
 
+def test_vae_cli_device_cpu_gives_the_default_runs_numbers(tmp_path):
+    common = ["--epochs", "1", "--no-progress", "--eval-samples", "5", "--hidden", "8"]
+    common += ["--latent", "2", "--batch-size", "400"]
+    default = main(common + ["--out", str(tmp_path / "default")])
+    pyro.clear_param_store()
+    on_cpu = main(common + ["--out", str(tmp_path / "cpu"), "--device", "cpu"])
+    assert on_cpu == default
+    assert parse_args([]).device == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--device", "gpu"], "--device must be a torch.device or a device string"),
+        (["--trainer", "lightning", "--device", "cuda"], "pass --accelerator gpu, not --device"),
+    ],
+)
+def test_vae_cli_refuses_a_bad_device(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_vae_cli_refuses_spawning_strategies(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--trainer", "lightning", "--devices", "2", "--strategy", "ddp_spawn"])
