@@ -14,10 +14,13 @@ import warnings
 from collections.abc import Mapping
 from typing import TypeVar
 
+import torch
+
 __all__ = [
     "check_bool",
     "check_count",
     "check_counts",
+    "check_device",
     "check_finite",
     "check_probability",
     "check_rate",
@@ -158,3 +161,42 @@ def check_finite(owner: str, name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{owner}: {name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def check_device(
+    owner: str, name: str, value: object, *, optional: bool = False
+) -> torch.device | None:
+    """``value`` as a ``torch.device`` if it is one, or a string naming one (``"cpu"``,
+    ``"cuda"``, ``"cuda:1"``) that this machine has; with ``optional`` also ``None``.
+
+    Raises:
+        ValueError: ``"{owner}: {name} must be a torch.device or a device string such as
+            'cpu' or 'cuda', got {value!r}"``, or the device is not on this machine (a
+            CUDA device without CUDA, an index past the last GPU).
+    """
+    if optional and value is None:
+        return None
+    what = "None, " if optional else ""
+    try:
+        if not isinstance(value, (str, torch.device)):
+            raise TypeError
+        device = torch.device(value)
+    except (TypeError, RuntimeError):
+        raise ValueError(
+            f"{owner}: {name} must be {what}a torch.device or a device string such as 'cpu' "
+            f"or 'cuda', got {value!r}"
+        ) from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(
+                f"{owner}: {name}={value!r} but this machine has no CUDA device "
+                "(torch.cuda.is_available() is False)"
+            )
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"{owner}: {name}={value!r} but this machine has {count} CUDA device(s)"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{owner}: {name}={value!r} but MPS is not available on this machine")
+    return device

@@ -307,7 +307,9 @@ def _kl_per_dimension(guide, posteriors: dict, num_samples: int, args, kwargs) -
     ``num_samples`` draws. The priors are the model's, run on these datapoints;
     ``posteriors`` is ``guide.site_posteriors``'s result for them.
     """
-    with poutine.block(), torch.random.fork_rng(devices=[]):
+    # the draws leave the global streams as they were, the data's GPU's too
+    cuda = [a.device for a in args if isinstance(a, Tensor) and a.device.type == "cuda"][:1]
+    with poutine.block(), torch.random.fork_rng(devices=cuda):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(guide.model, trace=guide_trace)).get_trace(
             *args, **kwargs
@@ -319,7 +321,9 @@ def _kl_per_dimension(guide, posteriors: dict, num_samples: int, args, kwargs) -
         if q_dims is None:  # a support that ties the coordinates together, e.g. a simplex
             base = q.base_dist if isinstance(q, TransformedDistribution) else q
             width = base.batch_shape[1:].numel() * base.event_shape.numel()
-            result.append(torch.full((width,), math.nan, dtype=base.mean.dtype))
+            result.append(
+                torch.full((width,), math.nan, dtype=base.mean.dtype, device=base.mean.device)
+            )
             continue
         try:
             kl = torch.distributions.kl_divergence(q_dims, p_dims)

@@ -136,10 +136,11 @@ class _AmortizedFlowGuide(AutoAmortizedGuide):
         dtype = context.dtype if context.is_floating_point() else torch.get_default_dtype()
         if self._default_encoder:
             self._build_default_encoder(context, self.hidden_dims, self.context_dim)
-        self._build_flow(D)
+        with torch.device(context.device):  # built there, not on the default device
+            self._build_flow(D)
         for name, module in self.named_children():
             if name not in ("encoder", "global_guide"):
-                module.to(dtype=dtype, device=context.device)
+                module.to(dtype=dtype)
         if not self._default_encoder:
             self._check_encoder_output(context.shape[0], self._encode(context))
 
@@ -595,7 +596,8 @@ class AutoAmortizedRealNVP(_AmortizedFlowGuide):
             torch.cat([loc, torch.zeros_like(loc)], -1),
             torch.cat([scale, torch.ones_like(scale)], -1),
         ).to_event(1)
-        swap = Permute(torch.cat([torch.arange(D, 2 * D), torch.arange(D)]).to(loc.device))
+        order = torch.arange(2 * D, device=loc.device)
+        swap = Permute(torch.cat([order[D:], order[:D]]))
         transforms = [self.auxiliary_prior.condition(h)]
         for step in self.flow:  # alternately v on z and z on v
             transforms += [step.condition(h), swap]

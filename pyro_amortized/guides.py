@@ -207,7 +207,7 @@ class AutoAmortizedGuide(AutoGuide):
         with self._pyro_context:
             self.setup(*args, **kwargs)
             context = self._raw_context(args, kwargs)
-            plates = self._make_plates(context.shape[0], args, kwargs)
+            plates = self._make_plates(context, args, kwargs)
             values = self._global_sample(*args, **kwargs)
             plate = plates[self.local_plate]
             rows = self._select_rows(context, plate, args, kwargs)
@@ -516,8 +516,9 @@ class AutoAmortizedGuide(AutoGuide):
         signature = _model_signature(self.model)
         if signature is None:
             return None
-        device = next((a.device for a in args if isinstance(a, Tensor)), None)
-        probe = torch.arange(1, device=device)
+        # on the data's device (the first tensor argument's); CPU without any
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+        probe = torch.arange(1, device=tensors[0].device if tensors else "cpu")
         named = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
         for i, param in enumerate(signature.parameters.values()):
             if param.kind in named:
@@ -599,15 +600,16 @@ class AutoAmortizedGuide(AutoGuide):
         the context has NaNs, in the context's floating dtype and on its device."""
         observed_mask = bool(context.is_floating_point() and torch.isnan(context).any())
         dtype = context.dtype if context.is_floating_point() else torch.get_default_dtype()
-        encoder = MLPEncoder(
-            context[0].numel(),
-            self._latent_dim,
-            hidden_dims,
-            init_scale=self.init_scale,
-            observed_mask=observed_mask,
-            context_dim=context_dim,
-        )
-        self.encoder = encoder.to(dtype=dtype, device=context.device)
+        with torch.device(context.device):  # built there, not on the default device
+            encoder = MLPEncoder(
+                context[0].numel(),
+                self._latent_dim,
+                hidden_dims,
+                init_scale=self.init_scale,
+                observed_mask=observed_mask,
+                context_dim=context_dim,
+            )
+        self.encoder = encoder.to(dtype=dtype)
         self._context_row_shape = context.shape[1:]
 
     def _encoder_input(self, context: Tensor) -> Tensor:
@@ -692,9 +694,11 @@ class AutoAmortizedGuide(AutoGuide):
     def _create_plates(self, *args, **kwargs) -> dict:
         if self.master is not None:
             return super()._create_plates(*args, **kwargs)
-        return self._make_plates(self._raw_context(args, kwargs).shape[0], args, kwargs)
+        return self._make_plates(self._raw_context(args, kwargs), args, kwargs)
 
-    def _make_plates(self, rows: int, args, kwargs) -> dict:
+    def _make_plates(self, context: Tensor, args, kwargs) -> dict:
+        """The call's plates, on the context's device (their indices are drawn there)."""
+        rows = context.shape[0]
         if self.create_plates is not None:
             plates = self.create_plates(*args, **kwargs)
             plates = [plates] if isinstance(plates, pyro.plate) else list(plates)
@@ -711,7 +715,7 @@ class AutoAmortizedGuide(AutoGuide):
                 plate_args = self._local_plate_args(rows, args, kwargs)
             else:
                 plate_args = {"size": frame.full_size or frame.size, "subsample_size": frame.size}
-            self.plates[name] = pyro.plate(name, dim=frame.dim, **plate_args)
+            self.plates[name] = pyro.plate(name, dim=frame.dim, device=context.device, **plate_args)
         return self.plates
 
     def _select_rows(self, context: Tensor, plate: pyro.plate | None, args, kwargs) -> Tensor:

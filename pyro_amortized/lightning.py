@@ -197,7 +197,8 @@ class PyroLightningModule(pl.LightningModule):
         with torch.no_grad():
             generator = torch.Generator(train.device).manual_seed(seed)
             warm = train if resample is None else resample(train, generator)
-            self.elbo(warm, _subsample(torch.arange(min(batch_size, len(train))), len(train)))
+            rows = torch.arange(min(batch_size, len(train)), device=train.device)
+            self.elbo(warm, _subsample(rows, len(train)))
 
     # ------------------------------------------------------------- data
     def _world(self) -> tuple[int, int]:

@@ -223,6 +223,26 @@ def _is_one(scale) -> bool:
     return isinstance(scale, (int, float)) and scale == 1.0
 
 
+def _device(args, kwargs) -> torch.device | None:
+    """The data's device, the first tensor argument's: where the particle plate's indices
+    go (``None`` without any: Pyro's default device)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor):
+            return value.device
+    return None
+
+
+def _as_tensor(value: Tensor | float, like: Tensor | None) -> Tensor:
+    """``value`` as a tensor: a tensor as it is (``torch.as_tensor`` would move it to a
+    default device set with ``torch.set_default_device``), a float (a sum over no site) in
+    ``like``'s dtype and on its device."""
+    if isinstance(value, Tensor):
+        return value
+    if like is None:
+        return torch.tensor(value, device="cpu")
+    return torch.tensor(value, dtype=like.dtype, device=like.device)
+
+
 def _per_datapoint(log_p: Tensor, particle_dim: int, data_dim: int | tuple[int, ...]) -> Tensor:
     """Sums a site's log-density over every batch dim but the particle and datapoint
     dims: ``[K, B]`` (or ``[K, *sizes]`` for a tuple of datapoint dims)."""
@@ -542,7 +562,9 @@ class Trace_IWELBO(ELBO):
             # As Pyro's ELBOs with a given max_plate_nesting, never run the pair without
             # its particle dimension: a model may rely on it (or on its absence).
             K = self.num_particles
-            plate = pyro.plate(PARTICLE_PLATE, K, dim=self._particle_dim())
+            plate = pyro.plate(
+                PARTICLE_PLATE, K, dim=self._particle_dim(), device=_device(args, kwargs)
+            )
             run_model, run_guide = (plate(model), plate(guide)) if K > 1 else (model, guide)
         with torch.random.fork_rng(cuda), poutine.block():
             guide_trace = poutine.trace(run_guide).get_trace(*args, **kwargs)
@@ -685,7 +707,9 @@ class Trace_IWELBO(ELBO):
         vectorized = K > 1 and self.vectorize_particles
         if vectorized:
             if self._local_name is None:
-                plate = pyro.plate(PARTICLE_PLATE, K, dim=self._particle_dim())
+                plate = pyro.plate(
+                    PARTICLE_PLATE, K, dim=self._particle_dim(), device=_device(args, kwargs)
+                )
             else:
                 plate = LocalParticlePlate(self._local_name, K, self._particle_dim())
             model, guide = plate(model), plate(guide)
@@ -856,8 +880,9 @@ class Trace_IWELBO(ELBO):
                     prior_local = prior_local + log_p
             else:
                 guide_local = guide_local + log_p
-        model_local = torch.as_tensor(model_local)
-        guide_local = torch.as_tensor(guide_local)
+        # a sum over no site is the float 0.0: a tensor of the sites' dtype and device
+        like = local_sites[0][0] if local_sites else None
+        model_local, guide_local = _as_tensor(model_local, like), _as_tensor(guide_local, like)
         if enum_dims:
             # each particle's weight sums the enumerated values out: log sum_y p(x, y, z)
             model_local = torch.logsumexp(model_local, dim=tuple(range(model_local.dim() - 2)))
@@ -933,8 +958,9 @@ class Trace_IWELBO(ELBO):
         for _ in range(1, self.num_particles):
             model_trace, guide_trace = self._traces(model, guide, args, kwargs, shared)
             terms = self._terms(model_trace, guide_trace, stopped, split_prior)
+            like = first.model_local
             if not torch.equal(
-                torch.as_tensor(terms.model_global), torch.as_tensor(first.model_global)
+                _as_tensor(terms.model_global, like), _as_tensor(first.model_global, like)
             ):
                 # the globals are replayed, so only a site that reads the local latents
                 # can change its log-density between particles
@@ -998,14 +1024,14 @@ class Trace_IWELBO(ELBO):
         if terms.log_r is not None:  # one particle: Trace_ELBO's surrogate
             for unscaled, stack, _, _ in terms.scores:
                 total = total + (terms.log_r.sum_to(stack) * unscaled).sum()
-            return torch.as_tensor(total)
+            return _as_tensor(total, bound)
         if terms.local_plate is None:
             cost_local = bound
         else:  # a datapoint's bound plus the global terms, which its score ignores
             cost_local = bound - terms.scale * local.sum() + terms.scale * local
         for _, _, reduced, is_local in terms.scores:
             total = total + ((cost_local if is_local else bound) * reduced).sum()
-        return torch.as_tensor(total)
+        return _as_tensor(total, bound)
 
     def _add_dreg_hooks(self, terms: LogWeights, log_w: Tensor) -> None:
         """Multiplies the gradient reaching each local sample by its particle's weight.
@@ -1095,7 +1121,7 @@ def _rows_coupled(
             shift = torch.zeros_like(u)
             row = shift.narrow(position, 0, 1)
             # not constant across a row's coordinates: a softmax would not see that
-            steps = torch.linspace(0.5, -0.25, max(row.numel(), 2), dtype=u.dtype)
+            steps = torch.linspace(0.5, -0.25, max(row.numel(), 2), dtype=u.dtype, device=u.device)
             row.copy_(steps[: row.numel()].reshape(row.shape))
             # only datapoint 0 moves: the round trip through u is inexact near a
             # support's boundary (a simplex's vertex), which would move the other rows too

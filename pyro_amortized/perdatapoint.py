@@ -664,7 +664,9 @@ def fix_globals(
 
 def _global_medians(guide: Callable, local: str, args, kwargs, owner: str) -> dict[str, Tensor]:
     """The guide's median of every latent site outside the local plate ({} without any)."""
-    with poutine.block(), torch.random.fork_rng(devices=[]):
+    # the draw leaves the global streams as they were, the data's GPU's too
+    cuda = [a.device for a in args if isinstance(a, Tensor) and a.device.type == "cuda"][:1]
+    with poutine.block(), torch.random.fork_rng(devices=cuda):
         trace = poutine.trace(guide).get_trace(*args, **kwargs)
     names = [
         name

@@ -156,7 +156,8 @@ def log_joint_on_grid(
             continue
         log_p = node["fn"].log_prob(node["value"])
         if node["mask"] is not None and node["mask"] is not True:  # masked cells add 0
-            log_p = torch.where(torch.as_tensor(node["mask"]), log_p, log_p.new_zeros(()))
+            mask = torch.as_tensor(node["mask"], device=log_p.device)
+            log_p = torch.where(mask, log_p, log_p.new_zeros(()))
         log_p = log_p.reshape((1,) * (-particle_dim - log_p.dim()) + log_p.shape)
         other = [d for d in range(-log_p.dim(), 0) if d not in (particle_dim, data_dim)]
         total = total + (log_p.sum(other) if other else log_p)  # [G, B]
@@ -222,7 +223,8 @@ def plot_posterior_contours(
         else:
             axes_limits = [limits, limits]
         grid_x, grid_y = (
-            torch.linspace(lo, hi, grid_size, dtype=x.dtype) for lo, hi in axes_limits
+            torch.linspace(lo, hi, grid_size, dtype=x.dtype, device=x.device)
+            for lo, hi in axes_limits
         )
         zz = torch.cartesian_prod(grid_x, grid_y)  # [G*G, 2], first coordinate major
         with torch.no_grad():
@@ -234,8 +236,8 @@ def plot_posterior_contours(
             # levels at fixed fractions of each density's peak: comparable shapes
             density = (density - density.max()).exp().reshape(grid_size, grid_size).T
             axes.contour(
-                grid_x.numpy(),
-                grid_y.numpy(),
+                grid_x.cpu().numpy(),
+                grid_y.cpu().numpy(),
                 density.cpu().numpy(),
                 levels=[0.05, 0.2, 0.4, 0.6, 0.8],
                 colors=color,

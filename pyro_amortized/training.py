@@ -28,7 +28,7 @@ from pyro.poutine.subsample_messenger import _Subsample
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .checks import check_bool, check_count, check_counts
+from .checks import check_bool, check_count, check_counts, check_device
 from .optim import JointOptim
 
 __all__ = ["Checkpoint", "History", "Validation", "fit"]
@@ -243,6 +243,7 @@ def fit(
     seed: int = 0,
     progress: bool = True,
     resample: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+    device: str | torch.device | None = None,
     **deprecated: Any,
 ) -> History:
     r"""Train ``model`` and ``guide`` by minibatch SVI, with validation and checkpoints.
@@ -266,7 +267,8 @@ def fit(
 
     Epochs and steps are counted from 0 (in ``History``, ``schedule`` and error messages).
     **Each epoch** draws a permutation of the rows from a ``torch.Generator`` seeded with
-    ``seed`` (owned by ``fit``, so shuffling does not touch the global RNG), calls
+    ``seed`` (owned by ``fit``, so shuffling does not touch the global RNG; on the data's
+    device), calls
     ``schedule(epoch, step, loss)`` before each step (``step`` is the global step count,
     from 0), takes ``svi.step(train, idx)`` on each minibatch (the last one may be smaller),
     then, with a ``validation``, computes its bound per datapoint (:meth:`Validation.bound`:
@@ -288,7 +290,21 @@ def fit(
     before the call is discarded in favor of the checkpoint's. If the checkpoint already
     holds ``epochs`` epochs (or training had stopped early and still would), the state is
     loaded and nothing is trained. The file is read with ``torch.load(weights_only=True)``,
-    which runs no code from it.
+    which runs no code from it. A run resumes on the device type it was written on (the
+    shuffling generator's state is the device's).
+
+    **Devices.** As in Pyro, the data's device decides: the guide builds its networks on
+    the device (and in the dtype) of the data it is first called with, its plates draw
+    their indices there, and the objectives and diagnostics create their tensors there; a
+    model that writes ``pyro.plate(..., device=x.device)`` and creates its tensors from
+    ``x`` (``x.new_zeros``) runs anywhere. ``device=None`` moves nothing: ``train`` and the
+    validation data must then be on one device, with the model's and guide's parameters.
+    With ``device="cuda"`` (any ``torch.device``) ``fit`` first moves there ``train``, the
+    validation data and the model and guide when they are ``nn.Module``\ s
+    (``.to(device)``: a ``PyroModule`` model and the amortized guides, parameters built
+    so far included); networks a function model registers with ``pyro.module`` are the
+    caller's to move. Move before an optimizer's first step (its state stays where it
+    was made) and call the guide afterwards on data on that device.
 
     Arguments:
         model: A Pyro model following the convention above: an ``nn.Module`` (e.g. a
@@ -313,7 +329,11 @@ def fit(
         resample: ``resample(train, generator)`` gives the data each epoch trains on,
             drawn with fit's generator so that a resumed run draws the same; e.g. dynamic
             binarization of grey-level images,
-            ``lambda x, g: torch.bernoulli(x, generator=g)``.
+            ``lambda x, g: torch.bernoulli(x, generator=g)``. The generator is on the
+            data's device.
+        device: Where to train (see **Devices** above): ``None`` keeps the data, model and
+            guide where they are; a ``torch.device`` or a string such as ``"cuda"`` moves
+            them there first.
         **deprecated: The flat keywords of the previous release, each still accepted
             for this one with a ``FutureWarning``: ``valid``, ``valid_batch_size``,
             ``valid_loss`` and ``patience`` (now ``validation=Validation(valid,
@@ -351,7 +371,21 @@ def fit(
     """
     checkpoint = _checkpoint_option(checkpoint, deprecated)  # takes resume= out
     _check_problem(model, guide, loss, train)
+    device = check_device("fit", "device", device, optional=True)
     validation = validation_option("fit", validation, deprecated, train)
+    if device is not None:
+        train = train.to(device)
+        for module in (model, guide):
+            if isinstance(module, nn.Module):
+                module.to(device)
+    if validation is not None:
+        if device is not None:
+            validation = dataclasses.replace(validation, data=validation.data.to(device))
+        elif validation.data.device != train.device:
+            raise ValueError(
+                f"fit: the validation data is on {validation.data.device} but train is on "
+                f"{train.device}; put them on one device, or pass device= to move both"
+            )
     check_counts("fit", epochs=epochs, batch_size=batch_size)
     _check_steps(optimizer, schedule, resample, seed)
     check_bool("fit", "progress", progress)
@@ -369,16 +403,23 @@ def fit(
             loss=loss if validation.loss is None else validation.loss,
         )
     path = None if checkpoint is None else checkpoint.path
-    config = {"num_data": num_data, "batch_size": batch_size, "seed": seed}
+    config = {
+        "num_data": num_data,
+        "batch_size": batch_size,
+        "seed": seed,
+        "device": train.device.type,  # the shuffling generator's state is the device's
+    }
 
     state = None
     if path is not None and checkpoint.resume and path.exists():
         state = _read_checkpoint(path, config)
     # the warm-up sees data like an epoch's, from a generator of its own (fit's stays put)
-    warm = train if resample is None else resample(train, torch.Generator().manual_seed(seed))
+    warm = train
+    if resample is not None:
+        warm = resample(train, torch.Generator(train.device).manual_seed(seed))
     valid_loss = loss if validation is None else validation.loss
     names = _warm_up(model, guide, loss, valid_loss, warm, batch_size)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(train.device).manual_seed(seed)
     history = History()
     if state is not None:
         _restore(state, model, guide, optimizer, names, path)
@@ -600,7 +641,7 @@ def _minibatches(num_data: int, batch_size: int, generator: torch.Generator, tra
         # Full batch: no subsampling, hence no scaling and no permutation to draw.
         yield None
         return
-    order = torch.randperm(num_data, generator=generator).to(train.device)
+    order = torch.randperm(num_data, generator=generator, device=generator.device)
     yield from order.split(batch_size)
 
 
@@ -743,11 +784,13 @@ def _read_checkpoint(path: Path, config: dict[str, int]) -> dict[str, Any]:
             f"{found!r}); pass checkpoint=Checkpoint(path, resume=False) to overwrite it"
         )
     for key, value in config.items():
-        if state["config"][key] != value:
+        # checkpoints from before the device key were written on the CPU
+        written = state["config"].get(key, "cpu" if key == "device" else None)
+        if written != value:
             raise ValueError(
-                f"fit: the checkpoint {path} was written with {key}={state['config'][key]} "
+                f"fit: the checkpoint {path} was written with {key}={written} "
                 f"but this call has {key}={value}; a resumed run needs the same data, "
-                "batch_size and seed (or pass checkpoint=Checkpoint(path, resume=False) to start "
+                "batch_size, seed and device type (or pass checkpoint=Checkpoint(path, resume=False) to start "
                 "over)"
             )
     return state

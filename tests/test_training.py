@@ -321,6 +321,52 @@ def test_bad_arguments(data, change, match):
 
 
 @pytest.mark.parametrize(
+    "device, match",
+    [
+        ("gpu", "fit: device must be None, a torch.device or a device string such as 'cpu'"),
+        (0, "fit: device must be None, a torch.device or a device string .*, got 0"),
+        (True, "fit: device must be None, a torch.device or a device string .*, got True"),
+        pytest.param(
+            "cuda",
+            "fit: device='cuda' but this machine has no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+    ],
+)
+def test_bad_device(data, device, match):
+    train, valid = data
+    model, guide, loss, optimizer = build()
+    with pytest.raises(ValueError, match=match):
+        fit(model, guide, loss, train, epochs=1, batch_size=16, optimizer=optimizer,
+            validation=Validation(valid), device=device, progress=False)  # fmt: skip
+
+
+def test_validation_data_on_another_device_than_train_is_refused(data):
+    train, valid = data
+    model, guide, loss, optimizer = build()
+    with pytest.raises(ValueError, match="fit: the validation data is on meta but train is on cpu"):
+        fit(model, guide, loss, train, epochs=1, batch_size=16, optimizer=optimizer,
+            validation=Validation(valid.to("meta")), progress=False)  # fmt: skip
+
+
+def test_device_cpu_trains_as_without_a_device(data, tmp_path):
+    path = tmp_path / "run.pt"
+    first, *_ = run(data, 2)
+    new_process()
+    pyro.set_rng_seed(0)  # as for the first run
+    second, *_ = run(data, 1, device=torch.device("cpu"), checkpoint=path)
+    assert second.step_losses == first.step_losses[: len(second.step_losses)]
+    state = torch.load(path, weights_only=True)
+    assert state["config"]["device"] == "cpu"
+    # a checkpoint written before the device was recorded was written on the CPU
+    del state["config"]["device"]
+    torch.save(state, path)
+    new_process()
+    resumed, *_ = run(data, 2, device="cpu", checkpoint=path)
+    assert resumed.step_losses == first.step_losses
+
+
+@pytest.mark.parametrize(
     "change, match",
     [
         ({"valid": torch.zeros(5, 3)}, r"valid rows have shape \(3,\)"),
