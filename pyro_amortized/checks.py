@@ -39,7 +39,7 @@ def check_count(
 
     Raises:
         ValueError: ``"{owner}: {name} must be an int >= {minimum}, got {value!r}"``
-        (``"must be None or an int >= ..."`` with ``optional``).
+            (``"must be None or an int >= ..."`` with ``optional``).
     """
     if optional and value is None:
         return None
@@ -83,7 +83,7 @@ def check_probability(
 
     Raises:
         ValueError: ``"{owner}: {name} must be in [0, 1], got {value!r}"`` (with the
-        brackets of the interval asked for).
+            brackets of the interval asked for).
     """
     ok = (
         not isinstance(value, bool)

@@ -1233,7 +1233,7 @@ def log_weights(
 
     Arguments:
         model, guide: A Pyro model and guide.
-        *args, **kwargs: Their arguments.
+        \*args, \*\*kwargs: Their arguments.
         num_particles: :math:`K`.
         local_plate: The plate over datapoints; found as :class:`Trace_IWELBO` finds it
             when None.

@@ -183,8 +183,8 @@ def optimize_local(
         model: The model (called with all its datapoints at once).
         guide: An amortized guide; its encoder gives the start and its sites the layout.
         *args: The model's arguments.
-        family, init, num_particles, lr, max_steps, patience, num_transforms,
-            flow_hidden_dims: See :class:`LocalOptions`.
+        family, init, num_particles, lr, max_steps, patience, num_transforms, flow_hidden_dims:
+            See :class:`LocalOptions`.
         progress: Show a ``tqdm`` progress bar (on stderr).
         **kwargs: The model's keyword arguments.
 

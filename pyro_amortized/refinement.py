@@ -259,9 +259,11 @@ class SemiAmortizedGuide(nn.Module):
             :class:`RefineOptions` (``num_steps=0`` gives the plain guide). The old
             ``step_size=`` still works for one release, with a ``FutureWarning``.
 
-    The guide composes through the guide API: :meth:`~AutoAmortizedGuide.prepare` draws
-    the call's globals, the encoder's output is refined, and
-    :meth:`~AutoAmortizedGuide.sample_local` samples the local sites from the result.
+    The guide composes through the guide API:
+    :meth:`~pyro_amortized.guides.AutoAmortizedGuide.prepare` draws the call's globals, the
+    encoder's output is refined, and
+    :meth:`~pyro_amortized.guides.AutoAmortizedGuide.sample_local` samples the local sites
+    from the result.
 
     Example:
         >>> from pyro_amortized import AutoAmortizedNormal, Trace_IWELBO
