@@ -70,6 +70,17 @@ def _is_identity(transform: Transform) -> bool:
     return isinstance(transform, ComposeTransform) and not transform.parts
 
 
+class _Hiding:
+    """``poutine.block(model, hide=names)`` as a picklable callable: the default global
+    guide's model, which a pickled guide keeps (a blocked function is not picklable)."""
+
+    def __init__(self, model: Callable, hide: Sequence[str]):
+        self.model, self.hide = model, tuple(hide)
+
+    def __call__(self, *args, **kwargs):
+        return poutine.block(self.model, hide=list(self.hide))(*args, **kwargs)
+
+
 def _model_signature(model: Callable) -> inspect.Signature | None:
     # PyroModule.__call__ takes (*args, **kwargs); the model's own arguments are forward's.
     if isinstance(model, nn.Module):
@@ -187,11 +198,23 @@ class AutoAmortizedGuide(AutoGuide):
 
     # ------------------------------------------------------------ guide API
     def setup(self, *args, **kwargs) -> None:
-        """Trace the model and build the networks, as the first call does (a no-op after it).
+        """Trace the model and build the networks and the global guide's parameters, as
+        the first call does (a no-op after it): a guide so set up has every entry of its
+        ``state_dict()``, and can ``load_state_dict`` a saved one.
 
         Nothing is sampled into an outer trace; the model's own draws use the global
         random state, as any autoguide's first call does.
         """
+        self._setup(*args, **kwargs)
+        guide = self.global_guide
+        if isinstance(guide, AutoGuide) and guide.prototype_trace is None:
+            # what its first call does first; its parameters are created under the
+            # module's context, so they take a loaded param store's values as in a call
+            with self._pyro_context, poutine.block():
+                guide._setup_prototype(*args, **kwargs)
+
+    def _setup(self, *args, **kwargs) -> None:
+        """The guide's own set-up (the global guide sets itself up on its first call)."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         self._load_networks_from_param_store()
@@ -205,7 +228,7 @@ class AutoAmortizedGuide(AutoGuide):
         # as in a call: under the module's Pyro context, so that the networks it reaches
         # are registered in the trace (SVI trains what the trace shows)
         with self._pyro_context:
-            self.setup(*args, **kwargs)
+            self._setup(*args, **kwargs)
             context = self._raw_context(args, kwargs)
             plates = self._make_plates(context, args, kwargs)
             values = self._global_sample(*args, **kwargs)
@@ -221,7 +244,7 @@ class AutoAmortizedGuide(AutoGuide):
     def encoder_output(self, *args, **kwargs) -> EncoderOutput:
         """The encoder's output for the datapoints of a model call (its minibatch rows,
         when the model's arguments carry subsample indices)."""
-        self.setup(*args, **kwargs)
+        self._setup(*args, **kwargs)
         return self.encode_rows(
             self._select_rows(self._raw_context(args, kwargs), None, args, kwargs)
         )
@@ -280,7 +303,7 @@ class AutoAmortizedGuide(AutoGuide):
         The posterior median for :class:`AutoAmortizedNormal`; a flow guide gives its
         flow's image of the base median (see its docstring).
         """
-        self.setup(*args, **kwargs)
+        self._setup(*args, **kwargs)
         result = self._global_call("median", *args, **kwargs)
         result.update(
             self.latent_to_sites(self._median_latent(self.encoder_output(*args, **kwargs)))
@@ -291,7 +314,7 @@ class AutoAmortizedGuide(AutoGuide):
     def quantiles(self, quantiles: Sequence[float] | Tensor, *args, **kwargs) -> dict[str, Tensor]:
         """Posterior quantiles of every latent site (locals per datapoint, and globals);
         each result has a leading dimension of the quantiles."""
-        self.setup(*args, **kwargs)
+        self._setup(*args, **kwargs)
         result = self._global_call("quantiles", quantiles, *args, **kwargs)
         output = self.encoder_output(*args, **kwargs)
         q = torch.as_tensor(quantiles, dtype=output.loc.dtype, device=output.loc.device)
@@ -308,6 +331,47 @@ class AutoAmortizedGuide(AutoGuide):
     def forward(self, *args, **kwargs) -> dict[str, Tensor]:
         call = self.prepare(*args, **kwargs)
         return self.sample_local(call, self.encode_rows(call.rows))
+
+    # -------------------------------------------------------------- pickling
+    def __getstate__(self) -> dict:
+        """What ``torch.save(guide)`` pickles: the guide with its model.
+
+        Pyro's ``AutoGuide`` drops its model and its master's weakref when pickled, from
+        the guide itself as well as from the copy, so that ``guide.model`` fails after a
+        ``torch.save``. An amortized guide keeps both on itself and its model (and its
+        global guide's) in the copy, which can then set up again and refine; the model
+        must be picklable (a module-level function or class, importable where it loads).
+        A ``global_guide=`` of the user's loses its model in the copy, as Pyro's do.
+        """
+        model, master = self._model, self.master
+        state = super().__getstate__()
+        self._model, self.master = model, master
+        state["_model"] = model
+        if isinstance(model[0], nn.Module):
+            # pyro.param marks a network's parameters with a weakref, as PyroModule's own
+            # __getstate__ knows for its parameters; pyro.module(name, net) in the model so
+            # marks the model's (Pyro puts it back at the next pyro.param)
+            for param in model[0].parameters():
+                param.__dict__.pop("unconstrained", None)
+        guide = self.global_guide
+        if isinstance(guide, AutoGuide):
+            # Pyro's AutoGuide.__getstate__ would run on the global guide itself: pickle a
+            # shallow twin instead, whose model and master it drops, and restore its model.
+            twin = object.__new__(type(guide))
+            twin.__dict__.update(guide.__dict__)
+            state["_modules"] = {**state["_modules"], "global_guide": twin}
+            if state["_global_guide_arg"] is guide:
+                state["_global_guide_arg"] = twin
+            elif isinstance(guide.model, _Hiding):
+                # the default AutoNormal's model is picklable; a user's guide's may not be
+                state["_global_guide_model"] = guide._model
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        global_model = state.pop("_global_guide_model", None)
+        super().__setstate__(state)
+        if global_model is not None:
+            self.global_guide._model = global_model
 
     # ----------------------------------------------------------------- setup
     def _setup_prototype(self, *args, **kwargs) -> None:
@@ -424,9 +488,7 @@ class AutoAmortizedGuide(AutoGuide):
             name not in hidden for name, _ in self.prototype_trace.iter_stochastic_nodes()
         )
         if global_guide is None and has_globals:
-            global_guide = AutoNormal(
-                poutine.block(self.model, hide=hidden), init_scale=self.init_scale
-            )
+            global_guide = AutoNormal(_Hiding(self.model, hidden), init_scale=self.init_scale)
         if isinstance(global_guide, nn.Module):
             self.global_guide = global_guide
         elif global_guide is not None:
