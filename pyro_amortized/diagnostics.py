@@ -550,7 +550,9 @@ def _surgery_terms(
     information and marginal KL terms of each datapoint (float64)."""
     traced = poutine.trace(fixed_guide)
     terms = objective.log_weights(model, traced, *args, split_prior=True, **kwargs)
-    if num_data is None and bool((torch.as_tensor(terms.scale) != 1).any()):
+    scale = terms.scale
+    subsampled = bool((scale != 1).any()) if isinstance(scale, Tensor) else scale != 1
+    if num_data is None and subsampled:
         raise ValueError(
             f"{owner}: the plate {terms.local_plate!r} subsamples its datapoints by itself; "
             "pass batch_size= (and the model's idx argument) so every datapoint is seen"

@@ -271,6 +271,20 @@ def test_diagnostics_make_nothing_on_the_default_device(cls):
     assert fitted.steps.device.type == "cpu"
 
 
+@pytest.mark.parametrize("cls", GUIDES[:2], ids=lambda c: c.__name__)
+def test_elbo_surgery_makes_nothing_on_the_default_device(cls):
+    x = data(8)
+    guide = build(cls)
+    guide.setup(x)
+    with default_device_elsewhere():
+        exact = pyro_amortized.elbo_surgery(model, guide, x, num_samples=2)
+        stratified = pyro_amortized.elbo_surgery(model, guide, x, num_samples=2, batch_size=4)
+    for report in (exact, stratified):
+        assert report.average_kl.value == pytest.approx(
+            report.mutual_information.value + report.marginal_kl.value, abs=1e-5
+        )
+
+
 def test_inference_gaps_make_nothing_on_the_default_device():
     x = data(4)
     guide = build(AutoAmortizedNormal, local_model)
