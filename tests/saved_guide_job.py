@@ -33,8 +33,9 @@ from pyro_amortized import (
 #: Each guide of the test, by name: a global latent (``mu``, the default AutoNormal's) and
 #: two local ones in plate "data" (``z`` and the positive ``s``).
 KINDS = ("normal", "iaf", "realnvp", "realnvp-plain", "semi")
-#: ``torch.save`` of the guide; its ``state_dict()`` into a new guide; Pyro's param store.
-METHODS = ("pickle", "state_dict", "param_store")
+#: ``torch.save`` of the guide; its ``state_dict()`` into a new guide; Pyro's param store,
+#: taken by the new guide's first call or by its ``setup()``.
+METHODS = ("pickle", "state_dict", "param_store", "param_store_setup")
 N_TRAIN, N_NEW, SEED = 24, 7, 5
 
 
@@ -120,9 +121,12 @@ def load(method: str, kind: str, directory: Path, x: torch.Tensor) -> tuple[Mode
         model.load_state_dict(state["model"])
         guide.load_state_dict(state["guide"])
         return model, guide
-    if method == "param_store":
+    if method in ("param_store", "param_store_setup"):
         pyro.get_param_store().load(directory / "params.pt")
-        guide(x)  # the first call takes the store's tensors of the guide's names
+        if method == "param_store":
+            guide(x)  # the first call takes the store's tensors of the guide's names
+        else:
+            _amortized(guide).setup(x)  # as does the set-up, the global guide's included
         return model, guide
     raise ValueError(method)
 
