@@ -20,6 +20,7 @@ from torch.distributions.transforms import ComposeTransform, IndependentTransfor
 from tqdm import tqdm
 
 from .checks import check_count, check_counts, options_from, renamed
+from .devices import fork_rng
 from .encoders import EncoderOutput
 from .guides import AutoAmortizedGuide
 from .objectives import ParticleVectorizationError, Trace_IWELBO
@@ -150,13 +151,7 @@ def per_datapoint_elbo(
 def _estimate(owner: str, model, guide, args, kwargs, *, batch_size, local_plate, **options):
     """Either estimate, with its arguments checked and the globals fixed."""
     check_counts(owner, num_samples=options["num_samples"], chunk_size=options["chunk_size"])
-    if batch_size is not None:
-        check_count(owner, "batch_size", batch_size, optional=True)
-        if not args or not isinstance(args[0], Tensor):
-            raise ValueError(
-                f"{owner}: batch_size needs the data as the first argument, "
-                "model(data, idx), as fit calls it"
-            )
+    _check_batch_size(owner, batch_size, args)
     if local_plate is not None and (not isinstance(local_plate, str) or not local_plate):
         raise ValueError(f"{owner}: local_plate must be a plate name, got {local_plate!r}")
     model, guide, local_plate, _ = fix_globals(
@@ -165,6 +160,18 @@ def _estimate(owner: str, model, guide, args, kwargs, *, batch_size, local_plate
     return _chunked_estimate(
         model, guide, args, kwargs, batch_size=batch_size, local_plate=local_plate, **options
     )
+
+
+def _check_batch_size(owner: str, batch_size, args, minimum: int = 1) -> None:
+    """``batch_size`` None or a count, with the data as the first argument to batch."""
+    if batch_size is None:
+        return
+    check_count(owner, "batch_size", batch_size, minimum=minimum, optional=True)
+    if not args or not isinstance(args[0], Tensor):
+        raise ValueError(
+            f"{owner}: batch_size needs the data as the first argument, "
+            "model(data, idx), as fit calls it"
+        )
 
 
 def _chunked_estimate(
@@ -307,9 +314,7 @@ def _kl_per_dimension(guide, posteriors: dict, num_samples: int, args, kwargs) -
     ``num_samples`` draws. The priors are the model's, run on these datapoints;
     ``posteriors`` is ``guide.site_posteriors``'s result for them.
     """
-    # the draws leave the global streams as they were, the data's GPU's too
-    cuda = [a.device for a in args if isinstance(a, Tensor) and a.device.type == "cuda"][:1]
-    with poutine.block(), torch.random.fork_rng(devices=cuda):
+    with poutine.block(), fork_rng(args):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(guide.model, trace=guide_trace)).get_trace(
             *args, **kwargs
@@ -495,13 +500,7 @@ def elbo_surgery(
             "AutoAmortizedNormal, AutoAmortizedIAF or AutoAmortizedRealNVP"
         )
     check_count(owner, "num_samples", num_samples, minimum=2)
-    if batch_size is not None:
-        check_count(owner, "batch_size", batch_size, minimum=2)
-        if not args or not isinstance(args[0], Tensor):
-            raise ValueError(
-                f"{owner}: batch_size needs the data as the first argument, "
-                "model(data, idx), as fit calls it"
-            )
+    _check_batch_size(owner, batch_size, args, minimum=2)
     model, fixed_guide, local_plate, _ = fix_globals(
         model, guide, args, kwargs, owner=owner, local_plate=local_plate
     )

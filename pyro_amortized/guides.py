@@ -22,6 +22,7 @@ from pyro.poutine.util import is_validation_enabled
 from torch import Tensor, nn
 from torch.distributions.transforms import ComposeTransform, IndependentTransform, Transform
 
+from .devices import data_device
 from .encoders import EncoderOutput, MLPEncoder
 
 __all__ = ["AutoAmortizedGuide", "AutoAmortizedNormal", "ContextSpec", "GuideCall"]
@@ -579,8 +580,7 @@ class AutoAmortizedGuide(AutoGuide):
         if signature is None:
             return None
         # on the data's device (the first tensor argument's); CPU without any
-        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
-        probe = torch.arange(1, device=tensors[0].device if tensors else "cpu")
+        probe = torch.arange(1, device=data_device(args, kwargs) or "cpu")
         named = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
         for i, param in enumerate(signature.parameters.values()):
             if param.kind in named:

@@ -28,6 +28,8 @@ from torch.distributions.transforms import Transform, _InverseTransform
 from torch.distributions.utils import _sum_rightmost, broadcast_all
 from torch.nn import functional as F
 
+from .devices import data_device
+
 __all__ = [
     "ESTIMATORS",
     "LocalParticlePlate",
@@ -221,15 +223,6 @@ def _coupled_error(site: str | None, local: str) -> ValueError:
 
 def _is_one(scale) -> bool:
     return isinstance(scale, (int, float)) and scale == 1.0
-
-
-def _device(args, kwargs) -> torch.device | None:
-    """The data's device, the first tensor argument's: where the particle plate's indices
-    go (``None`` without any: Pyro's default device)."""
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, Tensor):
-            return value.device
-    return None
 
 
 def _as_tensor(value: Tensor | float, like: Tensor | None) -> Tensor:
@@ -563,7 +556,7 @@ class Trace_IWELBO(ELBO):
             # its particle dimension: a model may rely on it (or on its absence).
             K = self.num_particles
             plate = pyro.plate(
-                PARTICLE_PLATE, K, dim=self._particle_dim(), device=_device(args, kwargs)
+                PARTICLE_PLATE, K, dim=self._particle_dim(), device=data_device(args, kwargs)
             )
             run_model, run_guide = (plate(model), plate(guide)) if K > 1 else (model, guide)
         with torch.random.fork_rng(cuda), poutine.block():
@@ -708,7 +701,7 @@ class Trace_IWELBO(ELBO):
         if vectorized:
             if self._local_name is None:
                 plate = pyro.plate(
-                    PARTICLE_PLATE, K, dim=self._particle_dim(), device=_device(args, kwargs)
+                    PARTICLE_PLATE, K, dim=self._particle_dim(), device=data_device(args, kwargs)
                 )
             else:
                 plate = LocalParticlePlate(self._local_name, K, self._particle_dim())

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .checks import check_count, check_counts, check_probability, check_rate, options_from, renamed
+from .devices import fork_rng
 from .flows import AutoAmortizedIAF, AutoAmortizedRealNVP
 from .guides import AutoAmortizedGuide, AutoAmortizedNormal
 from .objectives import Trace_IWELBO
@@ -664,9 +665,7 @@ def fix_globals(
 
 def _global_medians(guide: Callable, local: str, args, kwargs, owner: str) -> dict[str, Tensor]:
     """The guide's median of every latent site outside the local plate ({} without any)."""
-    # the draw leaves the global streams as they were, the data's GPU's too
-    cuda = [a.device for a in args if isinstance(a, Tensor) and a.device.type == "cuda"][:1]
-    with poutine.block(), torch.random.fork_rng(devices=cuda):
+    with poutine.block(), fork_rng(args):
         trace = poutine.trace(guide).get_trace(*args, **kwargs)
     names = [
         name

@@ -51,6 +51,7 @@ from pyro_amortized import (
     per_datapoint_elbo,
     refine,
 )
+from pyro_amortized.devices import data_device, fork_rng
 from pyro_amortized.optim import Adam
 
 GUIDES = [AutoAmortizedNormal, AutoAmortizedIAF, AutoAmortizedRealNVP]
@@ -373,3 +374,21 @@ def test_fit_on_the_gpu_moves_the_data_model_and_guide():
     assert history.epochs == 2 and all(b is not None for b in history.valid_bound)
     assert on("cuda:0", *guide.parameters())
     assert x.device.type == "cpu"  # the caller's tensor is left where it was
+
+
+# ---------------------------------------------------------------- the helpers
+def test_data_device_is_the_first_tensor_arguments():
+    meta = torch.empty(1, device="meta")
+    assert data_device((3, meta, torch.zeros(1))) == torch.device("meta")
+    assert data_device((3,), {"x": meta}) == torch.device("meta")
+    assert data_device((3, "a"), {"n": 2}) is None
+
+
+def test_fork_rng_leaves_the_global_stream_as_it_was():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    with fork_rng((torch.zeros(2),)):
+        inside = torch.rand(3)
+    assert torch.equal(inside, expected)  # the fork starts from the global state
+    assert torch.equal(torch.rand(3), expected)  # which it leaves untouched
