@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from torch.special import log_ndtr
 
 from models._numerics import gauss_hermite, log1mexp, softplus_inverse
-from models.tournaments import BETA, MU, SIGMA, draw_margin
+from models.tournaments import BETA, DRAW, LOSS, MU, SIGMA, WIN, draw_margin
 
 __all__ = [
     "DRAW",
@@ -28,8 +28,6 @@ __all__ = [
 ]
 
 LIKELIHOODS = ("probit", "learned")
-# Outcome categories, seen from the first player of a game: loses, draws, wins.
-LOSS, DRAW, WIN = 0, 1, 2
 _GAUSS_HERMITE_NODES = 16
 
 
