@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import pyro
@@ -17,20 +18,29 @@ from models._newcomers import (
     refine_newcomers,
 )
 from models._skill_compare import trueskill_newcomers, trueskill_ratings
-from models._skill_likelihood import Outcome, probit_outcome
+from models._skill_likelihood import Outcome, home_boost, probit_outcome
 from models.tournaments import BETA, Tournament
 from models.trueskill import SkillModel, fit_posterior
 
 __all__ = ["newcomer_experiment", "newcomer_report", "record_log_loss", "record_probs"]
 
 
-def record_probs(outcome: Outcome, loc: Tensor, scale: Tensor, records: Tensor) -> Tensor:
+def record_probs(
+    outcome: Outcome,
+    loc: Tensor,
+    scale: Tensor,
+    records: Tensor,
+    *,
+    home_advantage: float = 0.0,
+) -> Tensor:
     """``[N, T, 3]`` predicted results of each newcomer's recorded games from their
-    posterior (``loc``, ``scale``) and the opponents' (in the records)."""
+    posterior (``loc``, ``scale``) and the opponents' (in the records), the side at home
+    raised by ``home_advantage``."""
     opp_loc, opp_scale = records[..., 0], records[..., 1]
+    boost, opp_boost = home_boost(records[..., 4], home_advantage)
     with torch.no_grad():
         return outcome.expected_probs(
-            loc[:, None].expand_as(opp_loc), scale[:, None].expand_as(opp_loc), opp_loc, opp_scale
+            loc[:, None] + boost, scale[:, None].expand_as(opp_loc), opp_loc + opp_boost, opp_scale
         )
 
 
@@ -86,7 +96,7 @@ def newcomer_report(
         timing = f"{row['time (s)']:10.3f}" if "time (s)" in row else ""
         print(f"{name:<42}{row['log-loss']:10.4f}{timing}")
     for name, values in (difference or {}).items():
-        se = float(values.std() / len(values) ** 0.5)
+        se = float(values.std() / len(values) ** 0.5) if len(values) > 1 else math.nan
         print(
             f"{name} minus trueskill, per newcomer: {float(values.mean()):+.4f} "
             f"(standard error {se:.4f})"
@@ -138,17 +148,28 @@ def newcomer_experiment(
         return first, rest
 
     pyro.clear_param_store()
-    model = SkillModel(P, likelihood=likelihood, draws=tournament.has_draws)
+    model = SkillModel(
+        P,
+        num_periods=train.num_periods,
+        home=tournament.has_home,
+        likelihood=likelihood,
+        draws=tournament.has_draws,
+    )
     posterior = fit_posterior(model, old, epochs=epochs, batch_size=batch_size, seed=seed)
-    loc, scale = posterior.loc, posterior.corrected
-    episodes = newcomer_episodes(
-        game_records(old, established.nonzero().squeeze(-1), loc, scale, max_games=32),
-        seed=seed,
+    loc, scale, drift = posterior.loc, posterior.corrected, posterior.drift
+    home = 0.0 if posterior.home_advantage is None else float(posterior.home_advantage.mean)
+    established_records = game_records(
+        old, established.nonzero().squeeze(-1), loc, scale, max_games=32, drift=drift
     )
     newcomer_model, newcomer_guide = fit_newcomer_encoder(
-        model, episodes, epochs=encoder_epochs, seed=seed, progress=progress
+        model,
+        newcomer_episodes(established_records, seed=seed),
+        epochs=encoder_epochs,
+        home_advantage=home,
+        seed=seed,
+        progress=progress,
     )
-    first, rest = split(game_records(versus, held_out, loc, scale))
+    first, rest = split(game_records(versus, held_out, loc, scale, drift=drift))
     keep = rest[..., 3].sum(-1) > 0
     first, rest = first[keep], rest[keep]
     out: dict[str, dict[str, float]] = {
@@ -157,7 +178,7 @@ def newcomer_experiment(
     began = time.perf_counter()
     q_loc, q_scale = encode_newcomers(newcomer_guide, first)
     elapsed = time.perf_counter() - began
-    ours = record_probs(model.outcome, q_loc, q_scale, rest)
+    ours = record_probs(model.outcome, q_loc, q_scale, rest, home_advantage=home)
     out["ours, amortized encoder"] = {"log-loss": record_log_loss(ours, rest), "time (s)": elapsed}
     if refine_steps:
         began = time.perf_counter()
@@ -165,7 +186,7 @@ def newcomer_experiment(
             newcomer_guide, newcomer_model, first, num_steps=refine_steps
         )
         elapsed = time.perf_counter() - began
-        refined = record_probs(model.outcome, r_loc, r_scale, rest)
+        refined = record_probs(model.outcome, r_loc, r_scale, rest, home_advantage=home)
         out[f"ours, encoder + {refine_steps} refinement steps"] = {
             "log-loss": record_log_loss(refined, rest),
             "time (s)": elapsed,
@@ -190,6 +211,8 @@ def newcomer_experiment(
             out["difference"]["refined"] = _per_row_log_loss(refined, rest) - baseline_loss
     prior = torch.full((len(first),), model.mu), torch.full((len(first),), model.sigma)
     out["prior (no games read)"] = {
-        "log-loss": record_log_loss(record_probs(model.outcome, *prior, rest), rest)
+        "log-loss": record_log_loss(
+            record_probs(model.outcome, *prior, rest, home_advantage=home), rest
+        )
     }
     return out

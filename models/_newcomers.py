@@ -18,6 +18,7 @@ from models._skill_likelihood import (
     LOSS,
     WIN,
     Outcome,
+    home_boost,
     outcome_distribution,
     outcome_observation,
 )
@@ -49,46 +50,73 @@ def game_records(
     scale: Tensor,
     *,
     max_games: int | None = None,
+    drift: torch.distributions.Distribution | None = None,
 ) -> Tensor:
-    """Each of ``players``' games, in order, as a padded set: ``[len(players), T, 4]``.
+    """Each of ``players``' games, in order, as a padded set: ``[len(players), T, 5]``.
 
-    Row ``t`` of a player holds their ``t``-th game: the opponent's posterior mean
-    ``loc[opponent]`` and sd ``scale[opponent]``, the result from the player's side
-    (:data:`LOSS`, :data:`DRAW` or :data:`WIN`, as a float) and 1 (a game; padding is 0).
-    ``T`` is the most games any of them played, or ``max_games`` (their first games).
+    Row ``t`` of a player holds their ``t``-th game: the opponent's posterior mean and sd
+    in that game, the result from the player's side (:data:`LOSS`, :data:`DRAW` or
+    :data:`WIN`, as a float), 1 (a game; padding is 0), and where it was played from the
+    player's side (+1 at home, -1 away, 0 neutral). ``T`` is the most games any of them
+    played, or ``max_games`` (their first games).
+
+    ``loc`` and ``scale`` are ``[P]``, or ``[P, T']`` by period: a game takes its period's
+    column, or after the last period the last one's, widened by ``drift`` (the drift's
+    posterior) as :func:`~models.trueskill.predict` does.
     """
     G = len(tournament)
     winner, loser, drawn = tournament.winner, tournament.loser, tournament.draw
     player = torch.cat([winner, loser])
     opponent = torch.cat([loser, winner])
     result = torch.cat([torch.where(drawn, DRAW, WIN), torch.where(drawn, DRAW, LOSS)])
+    home = torch.cat([tournament.home, -tournament.home])
     order = torch.cat([torch.arange(G), torch.arange(G)])
+    opp_loc, opp_scale = _opponents(loc, scale, opponent, tournament.period.repeat(2), drift)
     slot = torch.full((tournament.num_players,), -1)
     slot[players] = torch.arange(len(players))
     keep = slot[player] >= 0
-    row, opponent, result, order = slot[player[keep]], opponent[keep], result[keep], order[keep]
+    row, order = slot[player[keep]], order[keep]
+    columns = [opp_loc[keep], opp_scale[keep], result[keep].to(loc.dtype), home[keep].to(loc.dtype)]
     sort = (row * G + order).argsort()
-    row, opponent, result = row[sort], opponent[sort], result[sort]
+    row, columns = row[sort], [c[sort] for c in columns]
     counts = torch.bincount(row, minlength=len(players))
     rank = torch.arange(len(row)) - (counts.cumsum(0) - counts)[row]
     T = int(counts.max()) if len(row) else 0
     if max_games is not None:
         T = min(T, max_games)
         keep = rank < T
-        row, opponent, result, rank = row[keep], opponent[keep], result[keep], rank[keep]
-    records = torch.zeros(len(players), T, 4, dtype=loc.dtype)
+        row, rank, columns = row[keep], rank[keep], [c[keep] for c in columns]
+    records = torch.zeros(len(players), T, 5, dtype=loc.dtype)
     records[..., 2] = WIN  # padding holds a valid category; its mask is 0
+    o_loc, o_scale, o_result, o_home = columns
     records[row, rank] = torch.stack(
-        [loc[opponent], scale[opponent], result.to(loc.dtype), torch.ones_like(loc[opponent])],
-        dim=-1,
+        [o_loc, o_scale, o_result, torch.ones_like(o_loc), o_home], dim=-1
     )
     return records
+
+
+def _opponents(
+    loc: Tensor,
+    scale: Tensor,
+    opponent: Tensor,
+    period: Tensor,
+    drift: torch.distributions.Distribution | None,
+) -> tuple[Tensor, Tensor]:
+    if loc.dim() == 1:
+        return loc[opponent], scale[opponent]
+    last = loc.shape[1] - 1
+    ahead = (period - last).clamp(min=0).to(loc.dtype)
+    spread = 0.0 if drift is None else drift.mean**2 + drift.variance
+    column = period.clamp(max=last)
+    variance = scale[opponent, column] ** 2 + ahead * spread
+    return loc[opponent, column], variance.sqrt()
 
 
 class GameSetEncoder(nn.Module):
     r"""q(skill | a player's games): a permutation-invariant set encoder (Deep Sets).
 
-    Each game (opponent's standardized posterior mean and sd, one-hot result) goes through
+    Each game (opponent's standardized posterior mean and sd, one-hot result, where it was
+    played) goes through
     :math:`\phi`; the sum over the games, with :math:`\log(1 + \text{count})`, goes
     through :math:`\rho` to the posterior's location and scale. Padding (mask 0) is left
     out of the sum, so the output depends on the set of games only, not on their order or
@@ -99,7 +127,7 @@ class GameSetEncoder(nn.Module):
         hidden_dim: Width of :math:`\phi` and :math:`\rho`.
 
     Returns:
-        ``forward(records)`` (``[B, T, 4]``, see :func:`game_records`) returns ``(loc,
+        ``forward(records)`` (``[B, T, 5]``, see :func:`game_records`) returns ``(loc,
         scale)``, each ``[B, 1]``: what :class:`~pyro_amortized.AutoAmortizedNormal` takes
         from an encoder.
 
@@ -111,7 +139,7 @@ class GameSetEncoder(nn.Module):
         super().__init__()
         self.mu, self.sigma = mu, sigma
         self.phi = nn.Sequential(
-            nn.Linear(5, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, hidden_dim), nn.Tanh()
+            nn.Linear(6, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, hidden_dim), nn.Tanh()
         )
         self.rho = nn.Sequential(nn.Linear(hidden_dim + 1, hidden_dim), nn.Tanh())
         self.head = nn.Linear(hidden_dim, 2)
@@ -120,12 +148,13 @@ class GameSetEncoder(nn.Module):
             self.head.bias.copy_(torch.tensor([0.0, softplus_inverse(1.0)]))
 
     def forward(self, records: Tensor) -> tuple[Tensor, Tensor]:
-        opp_loc, opp_scale, result, mask = records.unbind(-1)
+        opp_loc, opp_scale, result, mask, home = records.unbind(-1)
         features = torch.cat(
             [
                 ((opp_loc - self.mu) / self.sigma)[..., None],
                 (opp_scale / self.sigma)[..., None],
                 F.one_hot(result.long(), 3).to(records.dtype),
+                home[..., None],
             ],
             dim=-1,
         )
@@ -142,23 +171,34 @@ class NewcomerModel:
 
     :math:`z \sim N(\mu, \sigma^2)`, and each game's result has the likelihood of the fitted
     :class:`Outcome` with the opponent's skill integrated over its posterior
-    :math:`N(m, s^2)` (closed form for the probit, quadrature for the learned network).
+    :math:`N(m, s^2)` (closed form for the probit, quadrature for the learned network),
+    and ``home_advantage`` (the fit's posterior mean) added to the side at home.
     Called as ``model(records, idx=None)`` with ``records`` from :func:`game_records`; the
     ``"newcomers"`` plate is the local plate of an amortized guide. The outcome's
     parameters are copied and frozen: training a newcomer encoder never changes the fit.
     """
 
-    def __init__(self, outcome: Outcome, *, mu: float = MU, sigma: float = SIGMA):
+    def __init__(
+        self,
+        outcome: Outcome,
+        *,
+        mu: float = MU,
+        sigma: float = SIGMA,
+        home_advantage: float = 0.0,
+    ):
         self.outcome = copy.deepcopy(outcome).requires_grad_(False)
-        self.mu, self.sigma = mu, sigma
+        self.mu, self.sigma, self.home_advantage = mu, sigma, home_advantage
 
     def __call__(self, records: Tensor, idx: Tensor | None = None) -> None:
         draws = self.outcome.draws
         prior = dist.Normal(records.new_tensor(self.mu), records.new_tensor(self.sigma))
         with pyro.plate("newcomers", len(records), subsample=idx) as ind:
-            opp_loc, opp_scale, result, mask = records[ind].unbind(-1)
+            opp_loc, opp_scale, result, mask, home = records[ind].unbind(-1)
             skill = pyro.sample("skill", prior)
-            log_p = self.outcome.marginal_log_probs(skill[..., None], opp_loc, opp_scale)
+            boost, opp_boost = home_boost(home, self.home_advantage)
+            log_p = self.outcome.marginal_log_probs(
+                skill[..., None] + boost, opp_loc + opp_boost, opp_scale
+            )
             pyro.sample(
                 "results",
                 outcome_distribution(log_p, draws).mask(mask.bool()).to_event(1),
@@ -192,6 +232,7 @@ def fit_newcomer_encoder(
     num_particles: int = 1,
     estimator: str = "iwae",
     hidden_dim: int = 32,
+    home_advantage: float = 0.0,
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[NewcomerModel, AutoAmortizedNormal]:
@@ -204,12 +245,15 @@ def fit_newcomer_encoder(
     q is then used as the newcomer's posterior, and a bound with more particles trains a
     proposal instead, wider than the posterior (with 4, its sds came out 9% too wide and
     its means three times further from the exact ones, at five games).
+    ``home_advantage`` is the fit's (its posterior mean), for games with a home side.
 
     Returns:
         The newcomer model and its guide: ``guide.site_posteriors(records)["skill"]`` is
         :math:`q(z)` for each row of ``records``.
     """
-    newcomers = NewcomerModel(model.outcome, mu=model.mu, sigma=model.sigma)
+    newcomers = NewcomerModel(
+        model.outcome, mu=model.mu, sigma=model.sigma, home_advantage=home_advantage
+    )
     encoder = GameSetEncoder(mu=model.mu, sigma=model.sigma, hidden_dim=hidden_dim)
     guide = AutoAmortizedNormal(newcomers, local_plate="newcomers", encoder=encoder)
     pyro.set_rng_seed(seed)

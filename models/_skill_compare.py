@@ -17,6 +17,7 @@ from models.tournaments import BETA, MU, SIGMA, Tournament
 from models.trueskill import SkillModel, fit_posterior, predict
 
 __all__ = [
+    "check_split",
     "compare_ratings",
     "oracle_probs",
     "plot_skills",
@@ -26,6 +27,22 @@ __all__ = [
     "trueskill_newcomers",
     "trueskill_ratings",
 ]
+
+
+def check_split(train: Tournament, test: Tournament, where: str) -> None:
+    """Refuse a split whose test games hold draws that no fitted model could predict.
+
+    Raises:
+        ValueError: ``test`` has draws and ``train`` none; the message says how many and
+            what to do.
+    """
+    if test.has_draws and not train.has_draws:
+        raise ValueError(
+            f"{where}: the training games hold no draws but {int(test.draw.sum())} of the "
+            f"{len(test)} test games are draws, which no model fitted to them can predict "
+            "(their log-loss would be infinite); move the split (--train-fraction) so the "
+            "training part holds draws, or drop the draws from the file"
+        )
 
 
 def scores(
@@ -121,7 +138,7 @@ def trueskill_newcomers(
     locs, scales = [], []
     for record in records:
         rating = env.create_rating()
-        for opp_loc, opp_scale, result, mask in record.tolist():
+        for opp_loc, opp_scale, result, mask, _home in record.tolist():
             if not mask:
                 continue
             opponent = env.create_rating(opp_loc, opp_scale)
@@ -161,11 +178,14 @@ def compare_ratings(
         The rows by method, and the first likelihood's posterior means and linear-response
         sds.
     """
+    check_split(train, test, "compare_ratings")
     draws = tournament.has_draws
     draw_rate = float(train.draw.double().mean())
     skills = tournament.skills
+    # skills by round (a league's) have no one value to rank or cover
+    static_skills = skills if skills is not None and skills.dim() == 1 else None
     results: dict[str, dict[str, float]] = {}
-    if skills is not None:
+    if static_skills is not None:
         probs = oracle_probs(tournament, test.games, draw_probability)
         results["oracle (true skills)"] = scores(probs, test.games, skills=skills)
     if baseline:
@@ -175,23 +195,34 @@ def compare_ratings(
         outcome = probit_outcome(BETA, draw_rate)
         probs = predict(outcome, loc, scale, test.games)
         results["trueskill, one pass"] = scores(
-            probs, test.games, skills=skills, loc=loc, scale=scale
+            probs, test.games, skills=static_skills, loc=loc, scale=scale
         ) | {"time (s)": elapsed}
     fitted = []
     for likelihood in likelihoods:
         pyro.clear_param_store()
-        model = SkillModel(tournament.num_players, likelihood=likelihood, draws=draws)
+        model = SkillModel(
+            tournament.num_players,
+            num_periods=train.num_periods,
+            home=tournament.has_home,
+            likelihood=likelihood,
+            draws=draws,
+        )
         posterior = fit_posterior(model, train, **fit_kwargs)
         loc = posterior.loc
         name = "probit" if likelihood == "probit" else "learned θ"
-        for label, sd, elapsed in (
-            ("mean-field", posterior.scale, posterior.fit_time),
-            ("+ linear response", posterior.corrected, posterior.total_time),
+        guide_label = "mean-field" if train.num_periods == 1 else "Markov chains"
+        for label, corrected, elapsed in (
+            (guide_label, False, posterior.fit_time),
+            ("+ linear response", True, posterior.total_time),
         ):
-            probs = predict(model.outcome, loc, sd, test.games)
-            results[f"ours, {name}, {label}"] = scores(
-                probs, test.games, skills=skills, loc=loc, scale=sd
-            ) | {"time (s)": elapsed}
+            probs = posterior.predict(model.outcome, test.games, corrected=corrected)
+            sd = posterior.corrected if corrected else posterior.scale
+            row = scores(probs, test.games, skills=static_skills, loc=loc, scale=sd)
+            results[f"ours, {name}, {label}"] = row | {"time (s)": elapsed}
+        for site in ("home_advantage", "drift"):
+            q = getattr(posterior, site)
+            if q is not None:
+                results[f"ours, {name}, {label}"][site] = float(q.mean)
         fitted.append((loc, posterior.corrected))
     return results, fitted[0]
 
@@ -208,7 +239,8 @@ def print_table(
         "to predict"
     )
     columns = ["log-loss", "accuracy", "Brier", "Spearman", "coverage", "time (s)"]
-    print(f"{'method':<42}" + "".join(f"{c:>10}" for c in columns))
+    columns += [c for c in ("home_advantage", "drift") if any(c in r for r in results.values())]
+    print(f"{'method':<42}" + "".join(f"{c[:9]:>10}" for c in columns))
     for name, row in results.items():
         cells = "".join(f"{row[c]:10.4f}" if c in row else f"{'':>10}" for c in columns)
         print(f"{name:<42}{cells}")

@@ -22,6 +22,7 @@ __all__ = [
     "AntisymmetricScore",
     "Outcome",
     "game_results",
+    "home_boost",
     "outcome_distribution",
     "outcome_observation",
     "probit_outcome",
@@ -178,6 +179,13 @@ class Outcome(nn.Module):
         z_j = opp_loc[..., None] + opp_scale[..., None] * nodes
         log_p = self.log_probs(skill[..., None], z_j)  # [..., n, 3]
         return torch.logsumexp(log_p + weights.log()[:, None], dim=-2)
+
+
+def home_boost(home: Tensor, advantage: Tensor | float) -> tuple[Tensor, Tensor]:
+    """What each side's skill gains from playing at home: ``advantage`` for the side at
+    home (``home`` +1: the first side; -1: the second), 0 for the other and on neutral
+    ground. Returns the first side's and the second side's gains."""
+    return (home == 1) * advantage, (home == -1) * advantage
 
 
 def game_results(games: Tensor) -> Tensor:

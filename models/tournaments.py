@@ -472,7 +472,10 @@ def read_games(path: str | os.PathLike[str]) -> Tournament:
         raise ValueError(f"{path}: no games; write {_FORMAT}")
     found = _header(path, rows[0][1])
     if found is None:
-        columns, (first_side, second_side) = ["winner", "loser", "draw", "time"], ("winner", "loser")
+        columns, (first_side, second_side) = (
+            ["winner", "loser", "draw", "time"],
+            ("winner", "loser"),
+        )
     else:
         (columns, (first_side, second_side)), rows = found, rows[1:]
         if not rows:

@@ -11,9 +11,13 @@ with either TrueSkill's probit link, :math:`\theta = (z_i - z_j) / (\sqrt 2 \bet
 :math:`F = \Phi`, :math:`\beta` learned; or a learned network that is antisymmetric by
 construction, :math:`\theta(z_i, z_j) = g(z_i, z_j) - g(z_j, z_i)`, and :math:`F = \sigma`
 (both in ``models._skill_likelihood``). With draws in the data, a game is drawn when
-:math:`|\theta| < m` (a learned margin), as in TrueSkill. The posterior over skills is
-fitted by SVI on minibatches of games (Pyro's ``AutoNormal``, mean-field), and its
-covariance corrected by linear response.
+:math:`|\theta| < m` (a learned margin), as in TrueSkill: an ordinal outcome. Games with
+a home side add a learned home advantage :math:`\eta` to that side's skill; with periods
+(a ``time`` column cut by ``--period``) each skill takes a Gaussian random walk from
+period to period, its drift :math:`\tau` learned (Glicko, TrueSkill Through Time). The
+posterior over skills is fitted by SVI on minibatches of games (Pyro's ``AutoNormal``,
+mean-field; with drift a Gaussian Markov chain per player, :class:`TrajectoryGuide`),
+and its covariance corrected by linear response.
 
 Newcomers get their skill from a set encoder over their games (``models._newcomers``): an
 :class:`~pyro_amortized.AutoAmortizedNormal` over a plate of newcomers, so scoring one
@@ -23,6 +27,9 @@ needs no refit. The CLI compares both with the ``trueskill`` package
     python -m models.trueskill                      # 500 players, 20,000 games
     python -m models.trueskill --likelihood learned --players 200 --games 5000
     python -m models.trueskill --games-file games.csv   # winner,loser[,draw][,time]
+    python -m models.trueskill --games-file league.csv --period 30   # home,away,result,time
+    python -m models.trueskill --players 20 --seasons 5 --home-advantage 3 --drift 1 \
+        --draw-probability 0.25                      # a synthetic league
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from models._skill_likelihood import (
     LIKELIHOODS,
     Outcome,
     game_results,
+    home_boost,
     outcome_distribution,
     outcome_observation,
 )
@@ -59,6 +67,7 @@ from models.tournaments import (
     MU,
     SIGMA,
     Tournament,
+    generate_league,
     generate_tournament,
     read_games,
 )
@@ -75,7 +84,6 @@ __all__ = [
     "fit_posterior",
     "fit_skills",
     "global_posteriors",
-    "home_boost",
     "initial_skills",
     "linear_response",
     "main",
@@ -315,13 +323,6 @@ def check_games(games: Tensor, num_players: int, num_periods: int | None, where:
         raise ValueError(f"{where}: game {g} has home {int(games[g, 3])}; it must be -1, 0 or +1")
 
 
-def home_boost(home: Tensor, advantage: Tensor | float) -> tuple[Tensor, Tensor]:
-    """What each side's skill gains from playing at home: ``advantage`` for the side at
-    home (``home`` +1: the first side; -1: the second), 0 for the other and on neutral
-    ground. Returns the first side's and the second side's gains."""
-    return (home == 1) * advantage, (home == -1) * advantage
-
-
 class SkillModel(PyroModule):
     r"""Skills of ``num_players`` players in a ``"players"`` plate; each game's result observed.
 
@@ -527,10 +528,16 @@ def fit_skills(
 
 
 class SkillPosterior(NamedTuple):
-    """A fitted posterior: per player (and period) the mean, the mean-field sd and the
+    r"""A fitted posterior: per player (and period) the mean, the mean-field sd and the
     linear-response sd; the seconds the mean-field fit took and those with the
-    correction; and the posteriors of the home advantage (a ``Normal``) and of the drift
-    (a ``LogNormal``), ``None`` where the model has none."""
+    correction; the posteriors of the home advantage (a ``Normal``) and of the drift
+    (a ``LogNormal``), ``None`` where the model has none; and the fitted :math:`\beta`
+    (the probit's; ``None`` for the learned likelihood).
+
+    The data know skills only in units of :math:`\beta` (a game's probabilities depend
+    on skill differences over it); the model's unit is its prior's :math:`\sigma`. To
+    compare the home advantage or the drift with another fit's, or with a generator's,
+    compare them over :math:`\beta`."""
 
     loc: Tensor
     scale: Tensor
@@ -539,6 +546,19 @@ class SkillPosterior(NamedTuple):
     total_time: float
     home_advantage: torch.distributions.Normal | None = None
     drift: torch.distributions.LogNormal | None = None
+    beta: float | None = None
+
+    def predict(self, outcome: Outcome, games: Tensor, *, corrected: bool = True) -> Tensor:
+        """``[G, 3]``: :func:`predict` from this posterior, with the linear-response sds
+        (``corrected``) or the guide's own."""
+        return predict(
+            outcome,
+            self.loc,
+            self.corrected if corrected else self.scale,
+            games,
+            home_advantage=self.home_advantage,
+            drift=self.drift,
+        )
 
 
 def fit_posterior(model: SkillModel, train: Tournament, **kwargs) -> SkillPosterior:
@@ -550,7 +570,9 @@ def fit_posterior(model: SkillModel, train: Tournament, **kwargs) -> SkillPoster
     fit_time = time.perf_counter() - began
     covariance = linear_response(model, loc, scale, train.games, home_advantage=home, drift=drift)
     corrected = covariance.diagonal().sqrt().reshape(loc.shape)
-    return SkillPosterior(loc, scale, corrected, fit_time, time.perf_counter() - began, home, drift)
+    beta = float(model.outcome.beta.detach()) if model.outcome.likelihood == "probit" else None
+    total_time = time.perf_counter() - began
+    return SkillPosterior(loc, scale, corrected, fit_time, total_time, home, drift, beta)
 
 
 def skill_posterior(guide: AutoNormal | TrajectoryGuide) -> tuple[Tensor, Tensor]:
@@ -723,7 +745,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pairing", default="random", choices=["random", "matched"])
     parser.add_argument("--draw-probability", type=float, default=0.0)
     parser.add_argument(
-        "--games-file", default=None, help="a CSV of winner,loser[,draw][,time] instead"
+        "--games-file",
+        default=None,
+        help="a CSV of games instead: winner,loser[,draw][,time][,home], "
+        "first,second,result[,time][,home] or home,away,result[,time][,neutral]",
+    )
+    parser.add_argument(
+        "--seasons",
+        type=int,
+        default=None,
+        help="a league instead: --players teams, each season a double round robin",
+    )
+    parser.add_argument("--home-advantage", type=float, default=0.0, help="the league's")
+    parser.add_argument("--drift", type=float, default=0.0, help="the league's, a period")
+    parser.add_argument("--rounds-per-period", type=int, default=4, help="the league's")
+    parser.add_argument(
+        "--period",
+        type=float,
+        default=None,
+        help="skills drift from period to period, each this long in the time column's "
+        "units (days for dates); default: a league's --rounds-per-period when it drifts, "
+        "else skills stay constant",
     )
     parser.add_argument(
         "--likelihood", default="both", choices=[*LIKELIHOODS, "both"], help="which to fit"
@@ -757,20 +799,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     """
     # imported here, not above: the comparisons are built on this module's model
     from models._newcomer_compare import newcomer_report
-    from models._skill_compare import compare_ratings, plot_skills, print_table
+    from models._skill_compare import check_split, compare_ratings, plot_skills, print_table
 
     args = parse_args(argv)
-    if args.games_file:
-        tournament = read_games(args.games_file)
-    else:
-        tournament = generate_tournament(
-            args.players,
-            args.games,
-            pairing=args.pairing,
-            draw_probability=args.draw_probability,
-            seed=args.seed,
-        )
-    train, test = tournament.split(args.train_fraction)
+    try:
+        tournament = _tournament(args)
+        train, test = tournament.split(args.train_fraction)
+        check_split(train, test, args.games_file or "the generated games")
+    except ValueError as error:  # the user's file or options: say so, without a traceback
+        raise SystemExit(f"error: {error}") from None
     if not args.no_baseline and importlib.util.find_spec("trueskill") is None:
         print("(the trueskill package is not installed: pip install trueskill for its rows)")
         args.no_baseline = True
@@ -791,12 +828,39 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         progress=not args.no_progress,
     )
     print_table(results, tournament, train, test)
-    if tournament.skills is not None:
+    if tournament.skills is not None and tournament.skills.dim() == 1:
         path = plot_skills(Path(args.out) / "skills.png", tournament.skills, loc, scale)
         print(f"figure: {path}")
     if args.newcomers > 0:
         results |= newcomer_report(args, tournament, train, likelihoods[0], draw_rate)
     return results
+
+
+def _tournament(args: argparse.Namespace) -> Tournament:
+    """The games the options name, with their periods."""
+    if args.games_file:
+        tournament = read_games(args.games_file)
+    elif args.seasons:
+        tournament = generate_league(
+            args.players,
+            args.seasons,
+            home_advantage=args.home_advantage,
+            drift=args.drift,
+            draw_probability=args.draw_probability,
+            rounds_per_period=args.rounds_per_period,
+            seed=args.seed,
+        )
+        if args.period is None and args.drift > 0:
+            args.period = args.rounds_per_period
+    else:
+        tournament = generate_tournament(
+            args.players,
+            args.games,
+            pairing=args.pairing,
+            draw_probability=args.draw_probability,
+            seed=args.seed,
+        )
+    return tournament if args.period is None else tournament.by_period(args.period)
 
 
 if __name__ == "__main__":

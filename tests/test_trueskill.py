@@ -1,4 +1,6 @@
+import datetime
 import math
+from dataclasses import replace
 
 import pyro
 import pytest
@@ -14,16 +16,21 @@ from models._newcomers import (
     game_records,
     newcomer_episodes,
 )
+from models._skill_baselines import game_log_loss, paired_difference
 from models._skill_compare import scores, spearman
-from models._skill_likelihood import DRAW, LOSS, WIN, AntisymmetricScore, Outcome
-from models.tournaments import BETA, MU, SIGMA, generate_tournament
+from models._skill_likelihood import DRAW, LOSS, WIN, AntisymmetricScore, Outcome, probit_outcome
+from models.tournaments import BETA, MU, SIGMA, generate_league, generate_tournament
 from models.trueskill import (
+    MarkovNormal,
+    RandomWalk,
     SkillModel,
+    fit_posterior,
     fit_skills,
     initial_skills,
     linear_response,
     main,
     player_features,
+    predict,
     skill_posterior,
 )
 from pyro_amortized import AutoAmortizedNormal, fit
@@ -153,6 +160,7 @@ def test_linear_response_assembles_the_hessian_of_the_log_joint():
 
 def test_game_records_list_each_players_games_in_order_from_their_side():
     t = generate_tournament(6, 40, draw_probability=0.3, seed=2)
+    t = replace(t, home=torch.randint(-1, 2, (40,), generator=torch.Generator().manual_seed(0)))
     loc, scale = torch.arange(6.0), torch.arange(6.0) / 10
     players = torch.tensor([4, 1])
     records = game_records(t, players, loc, scale)
@@ -163,13 +171,14 @@ def test_game_records_list_each_players_games_in_order_from_their_side():
             won = int(t.winner[g]) == p
             opponent = int(t.loser[g]) if won else int(t.winner[g])
             result = DRAW if t.draw[g] else (WIN if won else LOSS)
-            assert row[slot].tolist() == [loc[opponent], scale[opponent], result, 1.0]
+            home = int(t.home[g]) if won else -int(t.home[g])
+            assert row[slot].tolist() == [loc[opponent], scale[opponent], result, 1.0, home]
         assert (row[len(games) :, 3] == 0).all()
-    assert game_records(t, players, loc, scale, max_games=3).shape == (2, 3, 4)
+    assert game_records(t, players, loc, scale, max_games=3).shape == (2, 3, 5)
 
 
 def test_newcomer_episodes_are_prefixes_of_every_length():
-    records = torch.zeros(2, 30, 4)
+    records = torch.zeros(2, 30, 5)
     records[0, :30, 3] = 1
     records[1, :4, 3] = 1
     episodes = newcomer_episodes(records, copies=200, seed=0)
@@ -183,7 +192,8 @@ def test_newcomer_episodes_are_prefixes_of_every_length():
 def test_set_encoder_is_permutation_invariant_and_ignores_padding():
     torch.manual_seed(0)
     encoder = _perturbed(GameSetEncoder())
-    records = torch.zeros(3, 7, 4)
+    records = torch.zeros(3, 7, 5)
+    records[..., 4] = torch.randint(-1, 2, (3, 7)).float()
     records[..., 0] = MU + SIGMA * torch.randn(3, 7)
     records[..., 1] = torch.rand(3, 7) * 3
     records[..., 2] = torch.randint(3, (3, 7)).float()
@@ -193,7 +203,7 @@ def test_set_encoder_is_permutation_invariant_and_ignores_padding():
     shuffled = records.clone()
     for i, n in enumerate([7, 4, 1]):
         shuffled[i, :n] = records[i, torch.randperm(n)]
-    padded = torch.cat([shuffled, torch.zeros(3, 5, 4)], dim=1)
+    padded = torch.cat([shuffled, torch.zeros(3, 5, 5)], dim=1)
     padded[:, 7:, 0] = 99.0  # what sits in the padding does not matter
     loc2, scale2 = encoder(padded)
     assert torch.allclose(loc, loc2, atol=1e-5) and torch.allclose(scale, scale2, atol=1e-6)
@@ -299,9 +309,181 @@ def test_cli_reads_a_csv_with_draws(tmp_path, capsys):
 
 def test_initial_skills_count_a_draw_as_half_a_win():
     # player 0: one win, one draw (listed first), one draw (listed second), one loss
-    games = torch.tensor([[0, 1, 0], [0, 2, 1], [3, 0, 1], [1, 0, 0]])
+    games = torch.tensor([[0, 1, 0, 0, 0], [0, 2, 1, 0, 0], [3, 0, 1, 0, 0], [1, 0, 0, 0, 0]])
     start = initial_skills(games, 4, mu=0.0, sigma=1.0, beta=0.0)
     normal = torch.distributions.Normal(0.0, 1.0)
     assert start[0] == pytest.approx(float(normal.icdf(torch.tensor((2.0 + 1) / (4 + 2)))))
     # player 2 drew its only game: a win rate of 1/2, the prior mean
     assert start[2] == pytest.approx(0.0, abs=1e-7)
+
+
+# --------------------------------------------------------------------------- home and drift
+def test_random_walk_is_the_multivariate_normal_of_its_scale_tril():
+    torch.set_default_dtype(torch.float64)
+    try:
+        drift = torch.tensor([0.3, 1.7])
+        walk = RandomWalk(MU, SIGMA, drift, 6)
+        mvn = walk.as_multivariate_normal()
+        value = MU + SIGMA * torch.randn(3, 2, 6, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(walk.log_prob(value), mvn.log_prob(value), atol=1e-10)
+        # the covariance it draws from: sigma^2 + tau^2 min(s, t)
+        t = torch.arange(6.0)
+        expected = SIGMA**2 + drift[1] ** 2 * torch.minimum(t[:, None], t)
+        assert torch.allclose(mvn.covariance_matrix[1], expected)
+        torch.manual_seed(1)
+        draws = walk.expand([20_000, 2]).rsample()
+        steps = draws[..., 1:] - draws[..., :-1]
+        se = drift / math.sqrt(2 * steps[:, 0].numel())  # sd of a sample sd
+        assert ((steps.std(dim=(0, 2)) - drift).abs() < 5 * se).all()
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_markov_normal_density_and_variance_are_its_cholesky_factors():
+    torch.set_default_dtype(torch.float64)
+    try:
+        g = torch.Generator().manual_seed(2)
+        loc, coupling = torch.randn(4, 7, generator=g), torch.rand(4, 7, generator=g)
+        scale = torch.rand(4, 7, generator=g) + 0.1
+        q = MarkovNormal(loc, coupling, scale)
+        L = q.scale_tril()
+        # L_ts = c_s prod_{r=s+1..t} a_r, by the recursion z_t = a_t z_{t-1} + c_t e_t
+        direct = torch.zeros(4, 7, 7)
+        for t in range(7):
+            direct[:, t, t] = scale[:, t]
+            for s in range(t):
+                direct[:, t, s] = coupling[:, t] * direct[:, t - 1, s]
+        assert torch.allclose(L, direct)
+        mvn = torch.distributions.MultivariateNormal(loc, scale_tril=L)
+        value = torch.randn(5, 4, 7, generator=g)
+        assert torch.allclose(q.log_prob(value), mvn.log_prob(value), atol=1e-10)
+        assert torch.allclose(q.variance, mvn.variance)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_linear_response_with_drift_and_no_games_is_the_random_walk_prior():
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = SkillModel(3, num_periods=5)
+        tau = 0.7
+        drift = torch.distributions.LogNormal(torch.tensor(math.log(tau)), torch.tensor(1e-8))
+        no_games = torch.zeros(0, 5, dtype=torch.long)
+        loc, scale = torch.full((3, 5), MU), torch.ones(3, 5)
+        covariance = linear_response(model, loc, scale, no_games, drift=drift)
+        prior = RandomWalk(MU, SIGMA, torch.tensor(tau), 5).as_multivariate_normal()
+        assert torch.allclose(covariance[:5, :5], prior.covariance_matrix, atol=1e-6)
+        assert torch.allclose(covariance[5:10, :5], torch.zeros(5, 5), atol=1e-8)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+@pytest.mark.parametrize(
+    "column, value, match",
+    [
+        (0, 12, "names player 12 \\(winner\\), but the model has players 0 to 9"),
+        (1, -1, "names player -1 \\(loser\\)"),
+        (4, 3, "names period 3 \\(period\\), but the model has periods 0 to 0"),
+        (3, 2, "has home 2"),
+    ],
+)
+def test_the_model_names_the_first_bad_game(column, value, match):
+    games = generate_tournament(10, 50, seed=0).games
+    games[7, column] = value
+    with pytest.raises(ValueError, match=match):
+        SkillModel(10)(games)
+    with pytest.raises(ValueError, match="games must be \\[G, 5\\]"):
+        SkillModel(10)(games[:, :3])
+
+
+def test_the_model_refuses_home_games_it_was_not_built_for():
+    league = generate_league(4, 1, home_advantage=1.0, seed=0)
+    with pytest.raises(ValueError, match="home=True"):
+        SkillModel(4)(league.games)
+
+
+def test_prediction_widens_by_the_drift_after_the_last_period_and_adds_home():
+    outcome = probit_outcome(BETA)
+    loc = torch.tensor([[20.0, 25.0], [24.0, 24.0]])
+    scale = torch.tensor([[1.0, 2.0], [1.0, 0.5]])
+    drift = torch.distributions.LogNormal(torch.tensor(0.0), torch.tensor(0.5))
+    home = torch.distributions.Normal(torch.tensor(3.0), torch.tensor(0.4))
+    # player 0 at home against 1, in period 4: three periods after the last fitted
+    games = torch.tensor([[0, 1, 0, 1, 4]])
+    probs = predict(outcome, loc, scale, games, home_advantage=home, drift=drift)
+    spread = 3 * (drift.mean**2 + drift.variance)
+    mean = 25.0 + 3.0 - 24.0
+    variance = 2.0**2 + 0.5**2 + 2 * spread + 0.4**2
+    p_win = ndtr(mean / torch.sqrt(2 * BETA**2 + variance))
+    assert probs[0, WIN] == pytest.approx(float(p_win), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_home_advantage_is_recovered_within_two_standard_errors():
+    league = generate_league(16, 3, home_advantage=3.0, draw_probability=0.25, seed=11)
+    pyro.clear_param_store()
+    model = SkillModel(16, home=True, draws=True)
+    posterior = fit_posterior(model, league, epochs=500)
+    # the data know skills in units of beta (the probit's argument is their difference
+    # over beta), and the model's unit is the prior's sigma, which this league's 16 teams
+    # match only as well as 16 draws do (their sd: 5.6, against sigma = 8.3); so the home
+    # advantage is compared in units of beta, the generator's, as its standard error
+    unit = BETA / float(model.outcome.beta)
+    q = posterior.home_advantage
+    assert abs(float(q.mean) * unit - 3.0) < 2 * float(q.stddev) * unit, (q.mean, unit)
+
+
+@pytest.mark.slow
+def test_drift_model_predicts_a_drifting_league_better_than_static_skills():
+    league = generate_league(
+        20, 4, home_advantage=3.0, drift=2.0, draw_probability=0.25, rounds_per_period=19, seed=12
+    ).by_period(19)
+    train, test = league.split(0.8)
+    losses = {}
+    for name, periods in (("static", 1), ("drift", train.num_periods)):
+        pyro.clear_param_store()
+        model = SkillModel(20, num_periods=periods, home=True, draws=True)
+        data = train if periods > 1 else train.by_period(math.inf)
+        posterior = fit_posterior(model, data, epochs=500)
+        games = test.games if periods > 1 else test.by_period(math.inf).games
+        probs = posterior.predict(model.outcome, games)
+        losses[name] = game_log_loss(probs.double(), games)
+    mean, se = paired_difference(losses["drift"], losses["static"])
+    assert mean < -2 * se, (mean, se)
+
+
+def test_cli_refuses_draws_only_in_the_test_part(tmp_path):
+    path = tmp_path / "games.csv"
+    lines = [f"p{i % 5},p{(i + 1) % 5},{int(i >= 40)}" for i in range(50)]
+    path.write_text("winner,loser,draw\n" + "\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match="training games hold no draws but 10 of the 10 test"):
+        main(["--games-file", str(path), "--epochs", "2", "--no-progress", "--newcomers", "0"])
+
+
+def test_cli_reads_a_home_away_league_with_dates_and_periods(tmp_path, capsys):
+    league = generate_league(6, 3, home_advantage=3.0, drift=1.0, draw_probability=0.3, seed=4)
+    path = tmp_path / "league.csv"
+    rows = ["home,away,result,time"]
+    day = 19_000
+    for w, ell, d, t, h in zip(
+        league.winner.tolist(),
+        league.loser.tolist(),
+        league.draw.tolist(),
+        league.time.tolist(),
+        league.home.tolist(),
+        strict=True,
+    ):
+        home, away = (w, ell) if h == 1 else (ell, w)
+        result = "D" if d else ("H" if h == 1 else "A")
+        date = datetime.date.fromordinal(719_163 + day + 7 * int(t)).isoformat()
+        rows.append(f"t{home},t{away},{result},{date}")
+    path.write_text("\n".join(rows) + "\n")
+    results = main(
+        ["--games-file", str(path), "--likelihood", "probit", "--epochs", "30", "--period", "28"]
+        + ["--encoder-epochs", "2", "--refine-steps", "1", "--out", str(tmp_path)]
+        + ["--no-progress", "--first-games", "2"]
+    )
+    row = results["ours, probit, + linear response"]
+    assert math.isfinite(row["log-loss"]) and row["home_advantage"] > 0 and row["drift"] > 0
+    assert "ours, probit, Markov chains" in results
+    assert "newcomers: ours, amortized encoder" in results
