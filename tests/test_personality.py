@@ -1,4 +1,6 @@
 import math
+import statistics
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -14,23 +16,36 @@ from models._factor_analysis import (
     congruence,
     factor_correlation,
     factor_scores,
+    importance_factor_scores,
     impute,
     items_on_trait,
     oblimin,
+    oblimin_to_traits,
     posterior_predictive,
+    refined_factor_scores,
     rotate_scores,
     standardized_loadings,
     varimax,
 )
 from models._personality_compare import (
     factor_analyzer_loadings,
+    fit_factor_analyzer,
     heldout_log_likelihood,
     item_frequencies,
     item_mean_normal,
+    linear_factor_scores,
     plot_loadings,
+    score_correlation,
 )
 from models.personality import FactorModel, drop_answers, fit_factor_model
-from models.questionnaires import BFI_TRAITS, generate_questionnaire, hide_answers, load_bfi
+from models.questionnaires import (
+    BFI_TRAITS,
+    check_answers,
+    few_answers,
+    generate_questionnaire,
+    hide_answers,
+    load_bfi,
+)
 from pyro_amortized import AutoAmortizedNormal, Trace_IWELBO, fit
 from pyro_amortized.optim import Adam
 
@@ -451,3 +466,276 @@ def test_bad_arguments_raise_value_errors_that_name_them():
         FactorModel(3, 1, likelihood="probit")
     with pytest.raises(ValueError, match="final_lr"):
         fit_factor_model(torch.ones(4, 3), lr=0.01, final_lr=0.1)
+
+
+# ----------------------------------------------------------------- answers checked at the door
+def _small_questionnaire(seed: int = 7):
+    return generate_questionnaire(40, num_factors=2, items_per_factor=3, missing=0.0, seed=seed)
+
+
+@pytest.mark.parametrize("likelihood", ["grm", "linear"])
+def test_an_answer_outside_the_scale_is_refused_naming_its_cell(likelihood):
+    q = _small_questionnaire()
+    answers = q.answers.clone()
+    answers[3, 2] = 7.0
+    answers[9, 0] = 0.0
+    message = (
+        r"row 3, item 'f0i2' \(column 2\) is 7, which is outside the declared scale 1\.\.6 "
+        r"\(2 such answers in all\); recode the answers to 1\.\.6, or declare"
+    )
+    with pytest.raises(ValueError, match=message):
+        fit_factor_model(answers, likelihood=likelihood, epochs=1, items=q.items)
+    # the model itself checks each minibatch, naming the row in the full data
+    model = FactorModel(6, 2, likelihood=likelihood)
+    with pytest.raises(ValueError, match=r"row 9, item 0 \(column 0\) is 0, which is outside"):
+        model(answers, torch.tensor([1, 9, 4]))
+    model(answers, torch.tensor([1, 4]))  # rows without a bad answer pass
+
+
+@pytest.mark.parametrize("likelihood", ["grm", "linear"])
+def test_an_answer_that_is_not_a_whole_number_is_refused_naming_its_cell(likelihood):
+    q = _small_questionnaire()
+    answers = q.answers.clone()
+    answers[5, 4] = 2.5
+    with pytest.raises(
+        ValueError,
+        match=r"row 5, item 'f1i1' \(column 4\) is 2\.5, which is not a whole number "
+        r"\(1 such answer in all\); answers are categories 1\.\.6: recode them",
+    ):
+        fit_factor_model(answers, likelihood=likelihood, epochs=1, items=q.items)
+    with pytest.raises(ValueError, match="row 5, item 4 .* is 2.5, which is not a whole number"):
+        FactorModel(6, 2, likelihood=likelihood)(answers)
+
+
+def test_an_item_nobody_answered_is_refused_naming_it():
+    q = _small_questionnaire()
+    answers = q.answers.clone()
+    answers[:, 1] = math.nan
+    with pytest.raises(
+        ValueError,
+        match=r"item 'f0i1' \(column 1\) has no answers at all.*drop the column",
+    ):
+        fit_factor_model(answers, epochs=1, items=q.items)
+    with pytest.raises(ValueError, match=r"items 1, 3 \(columns 1, 3\) have no answers"):
+        check_answers(answers.index_fill(1, torch.tensor([3]), math.nan), 6)
+    with pytest.raises(ValueError, match=r"item_means is not finite for item\(s\) \[1\]"):
+        FactorModel(6, 2, item_means=answers.nanmean(0))
+    # a minibatch may miss an item; the model's own check allows it
+    check_answers(answers, 6, empty_items=True)
+
+
+def test_a_person_with_no_answers_is_fitted_and_their_exact_posterior_is_the_prior():
+    q = _small_questionnaire()
+    answers = q.answers.clone()
+    answers[[0, 7]] = math.nan
+    check_answers(answers, 6)
+    fitted = fit_factor_model(answers, num_factors=2, epochs=2, batch_size=20)
+    assert math.isfinite(fitted.history.train_loss[-1])
+    # an empty row's likelihood is exactly 1 for every z: p(z | no answers) = p(z)
+    z = torch.randn(40, 2)
+    trace = poutine.trace(poutine.condition(fitted.model, data={"z": z})).get_trace(answers)
+    site = trace.nodes["answers"]
+    log_lik = site["fn"].log_prob(site["value"])
+    assert torch.equal(log_lik[[0, 7]], torch.zeros(2))
+    assert (log_lik[1:7] < 0).all()
+
+
+def test_compare_refuses_an_answer_outside_the_scale_among_the_held_out_ones():
+    from models._personality_compare import compare
+    from models.questionnaires import Questionnaire
+
+    q = generate_questionnaire(200, seed=8)
+    _, hidden = hide_answers(q.answers, 0.05, seed=0)
+    n, d = (int(i) for i in hidden.nonzero()[0])
+    answers = q.answers.clone()
+    answers[n, d] = 7.0
+    bad = Questionnaire(answers, q.items, q.traits, q.trait_names, q.categories)
+    with pytest.raises(
+        ValueError, match=rf"row {n}, item '{q.items[d]}' \(column {d}\) is 7, which is outside"
+    ):
+        compare(bad, heldout=0.05, seed=0, epochs=1)
+    with pytest.raises(ValueError, match="is 7, which is outside the declared scale 1..6"):
+        heldout_log_likelihood(item_frequencies(q.answers, 6), answers, hidden)
+
+
+def test_check_answers_refuses_bad_arguments():
+    answers = torch.ones(3, 2)
+    with pytest.raises(ValueError, match="items names 3 items but answers have 2 columns"):
+        check_answers(answers, 6, items=("a", "b", "c"))
+    with pytest.raises(ValueError, match="categories must be a whole number >= 2"):
+        check_answers(answers, 1)
+    with pytest.raises(ValueError, match=r"\[people, items\] tensor"):
+        check_answers(torch.ones(3), 6)
+    with pytest.raises(ValueError, match="is inf, which is outside"):
+        check_answers(torch.tensor([[1.0, math.inf]]), 6)
+    check_answers(torch.tensor([[1, 6], [2, 3]]), 6)  # integer answers are fine
+
+
+# ----------------------------------------------------------------- few answers
+def test_few_answers_keeps_that_many_of_each_rows_observed_answers():
+    answers = generate_questionnaire(300, missing=0.3, seed=9).answers
+    shown, hidden = few_answers(answers, 5, seed=3)
+    observed = ~torch.isnan(answers)
+    kept = ~torch.isnan(shown)
+    assert torch.equal(kept.sum(-1), observed.sum(-1).clamp(max=5))
+    assert not (kept & ~observed).any() and torch.equal(kept | hidden, observed)
+    assert torch.equal(shown[kept], answers[kept])
+    again, _ = few_answers(answers, 5, seed=3)
+    assert torch.equal(shown.nan_to_num(-1), again.nan_to_num(-1))
+    # each observed item is kept with the same chance: 5 of a row's observed answers
+    rate = (kept.sum(0) / observed.sum(0)).double()
+    expected = float((observed.sum(-1).clamp(max=5) / observed.sum(-1)).double().mean())
+    assert (rate - expected).abs().max() < 5 * math.sqrt(expected * (1 - expected) / 200)
+    with pytest.raises(ValueError, match="count must be a whole number"):
+        few_answers(answers, -1)
+
+
+def test_drop_answers_makes_that_fraction_of_rows_sparse():
+    N, D, k, sparse = 20_000, 10, 3, 0.5
+    resample = drop_answers(0.0, 0.0, keep_answers=k, sparse_rows=sparse)
+    dropped = resample(torch.ones(N, D), torch.Generator().manual_seed(0))
+    per_row = (~torch.isnan(dropped)).sum(-1)
+    assert set(per_row.tolist()) == {k, D}
+    fraction = float((per_row == k).double().mean())
+    assert abs(fraction - sparse) < 5 * math.sqrt(sparse * (1 - sparse) / N)
+    with pytest.raises(ValueError, match="keep_answers must be a whole number >= 1"):
+        drop_answers(keep_answers=0)
+    with pytest.raises(ValueError, match="sparse_rows"):
+        drop_answers(keep_answers=2, sparse_rows=1.5)
+    with pytest.raises(ValueError, match="fit_factor_model: keep_answers"):
+        fit_factor_model(torch.ones(4, 3), keep_answers=2.5)
+
+
+def test_score_correlation_is_pearsons_per_factor(float64):
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, 3, generator=generator), torch.randn(50, 3, generator=generator)
+    b = b + a
+    expected = [torch.corrcoef(torch.stack([a[:, q], b[:, q]]))[0, 1] for q in range(3)]
+    assert torch.allclose(score_correlation(a, b), torch.stack(expected), atol=1e-12)
+
+
+def test_linear_factor_scores_are_factor_analyzers_and_its_predictor_from_the_answers_given():
+    from factor_analyzer import FactorAnalyzer
+
+    q = generate_questionnaire(500, missing=0.0, seed=10)
+    answers = q.answers.double()
+    analysis = fit_factor_analyzer(answers)
+    # the structure matrix is the loadings times a correlation matrix (factor_analyzer's
+    # own phi_ is left in the order before it sorts the factors)
+    phi = torch.linalg.pinv(analysis.loadings) @ analysis.structure
+    assert torch.allclose(phi, phi.T, atol=1e-8)
+    assert torch.allclose(phi.diagonal(), torch.ones(5, dtype=phi.dtype), atol=1e-8)
+    reference = FactorAnalyzer(n_factors=5, rotation="oblimin", method="minres")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        reference.fit(answers.numpy())
+        transformed = reference.transform(answers.numpy())
+    assert torch.allclose(linear_factor_scores(analysis, answers), torch.tensor(transformed))
+    # from some answers only: S_o^T R_oo^-1 x_o, person by person; no answers: 0
+    shown, _ = few_answers(answers, 4, seed=1)
+    shown[2] = math.nan
+    scores = linear_factor_scores(analysis, shown)
+    for n in (0, 1):
+        o = ~torch.isnan(shown[n])
+        x = (shown[n, o] - analysis.mean[o]) / analysis.sd[o]
+        expected = analysis.structure[o].T @ torch.linalg.solve(analysis.correlation[o][:, o], x)
+        assert torch.allclose(scores[n], expected, atol=1e-12)
+    assert torch.equal(scores[2], torch.zeros(5, dtype=scores.dtype))
+    # aligned to the traits: the same scores, reordered and signed
+    aligned = analysis.aligned(q.traits)
+    _, order, signs = align_to_traits(analysis.loadings, q.traits)
+    assert torch.allclose(linear_factor_scores(aligned, shown), scores[:, order] * signs)
+
+
+def test_refined_factor_scores_reach_the_exact_posterior_from_a_wrong_guide(float64):
+    model, answers = _linear_one_factor()
+    guide = AutoAmortizedNormal(
+        model, local_plate="people", encoder=_ExactPosterior(model, wrong=True)
+    )
+    exact_mean, exact_sd = _ExactPosterior(model)(answers)
+    start = factor_scores(guide, answers)
+    assert not torch.allclose(start[0], exact_mean, atol=0.1)
+    same = refined_factor_scores(model, guide, answers, num_steps=0)
+    assert torch.equal(same[0], start[0]) and torch.allclose(same[1], start[1])
+    # sticking-the-landing gradients vanish at the exact posterior: SGD converges to it
+    mean, sd = refined_factor_scores(
+        model,
+        guide,
+        answers,
+        num_steps=500,
+        lr=0.05,
+        num_particles=1,
+        optimizer="sgd",
+        estimator="stl",
+    )
+    assert torch.allclose(mean, exact_mean, atol=1e-6), (mean, exact_mean)
+    assert torch.allclose(sd, exact_sd, atol=1e-6), (sd, exact_sd)
+
+
+def test_importance_factor_scores_reach_the_exact_posterior_from_a_wrong_guide(float64):
+    model, answers = _linear_one_factor()
+    guide = AutoAmortizedNormal(
+        model, local_plate="people", encoder=_ExactPosterior(model, wrong=True)
+    )
+    exact_mean, exact_sd = _ExactPosterior(model)(answers)
+    guide.site_posteriors(answers)  # its first call draws from Pyro's RNG: before the seeds
+    S = 20_000
+    pyro.set_rng_seed(0)
+    mean, sd = importance_factor_scores(model, guide, answers, num_samples=S)
+    # the same draws again give the self-normalized estimate's delta-method standard error
+    pyro.set_rng_seed(0)
+    z, log_w = _importance_samples(model, guide, answers, S)
+    w = log_w.softmax(0)[..., None]
+    se = ((w**2) * (z - mean) ** 2).sum(0).sqrt()
+    assert ((mean - exact_mean).abs() <= 5 * se).all(), (mean, exact_mean, se)
+    assert (se < 0.01).all() and torch.allclose(sd, exact_sd, rtol=0.05)
+    # in a rotated basis: the same draws, rotated
+    rotation = torch.tensor([[2.0]])
+    pyro.set_rng_seed(0)
+    rotated, rotated_sd = importance_factor_scores(model, guide, answers, rotation, num_samples=S)
+    assert torch.allclose(rotated, rotate_scores(mean, rotation), atol=1e-12)
+    assert torch.allclose(rotated_sd, sd / 2, atol=1e-12)
+    with pytest.raises(ValueError, match="num_samples must be a whole number >= 1"):
+        importance_factor_scores(model, guide, answers, num_samples=0)
+
+
+@pytest.mark.slow
+def test_training_for_few_answers_scores_people_from_few_answers_better(synthetic_fit):
+    q, shown, _, plain = synthetic_fit
+    people = q.answers[:600]
+    five, _ = few_answers(people, 5, seed=11)
+
+    def scores(fitted):
+        _, rotation = oblimin_to_traits(fitted.model, q.traits)
+        return factor_scores(fitted.guide, five, rotation)[0], factor_scores(
+            fitted.guide, people, rotation
+        )[0]
+
+    # scored before the second fit: fit_factor_model clears the param store, whose
+    # tensors of the same names every guide reads (the fixture's users come before this)
+    before = scores(plain)
+    after = scores(fit_factor_model(shown, epochs=30, keep_answers=5))
+    difference = float(score_correlation(*after).mean() - score_correlation(*before).mean())
+    # the paired difference's bootstrap standard error over people
+    generator = torch.Generator().manual_seed(0)
+    draws = []
+    for _ in range(200):
+        i = torch.randint(600, (600,), generator=generator)
+        matched = score_correlation(after[0][i], after[1][i]).mean()
+        draws.append(float(matched - score_correlation(before[0][i], before[1][i]).mean()))
+    se = statistics.stdev(draws)
+    assert difference > 5 * se, (difference, se)
+
+
+def test_cli_keep_answers_trains_for_them_and_prints_the_few_answer_figures(tmp_path, capsys):
+    from models.personality import main
+
+    comparison = main(
+        ["--synthetic", "200", "--epochs", "1", "--keep-answers", "5", "--no-progress"]
+        + ["--out", str(tmp_path)]
+    )
+    out = capsys.readouterr().out
+    assert "scores from 5 random answers a person against those from all" in out
+    assert comparison.fitted.keep_answers == 5
+    assert set(comparison.few_answers) == {"ours", "ours, importance sampled", "factor_analyzer"}
+    assert all(-1 <= value <= 1 for value in comparison.few_answers.values())
