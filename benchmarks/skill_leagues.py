@@ -13,20 +13,27 @@ predicted from that fit without updating) every method is scored game by game:
 - ours (``models.trueskill.SkillModel``): the probit with a draw margin and a home
   advantage, static, and with skills that drift between periods.
 
+On synthetic leagues it also reports how well the home advantage (linear response's sd)
+and the drift (its posterior on a grid, ``models.trueskill.drift_posterior``) are
+recovered, in units of the generator's beta, which is what the games measure.
+
 The paired difference "ours minus method" is the mean over the test games of the
 per-game log-loss difference, with its standard error (sd / sqrt(G)), pooled over
 ``--leagues`` synthetic leagues (``models.tournaments.generate_league``, seeds 0 to
 L - 1), or on one ``--games-file`` CSV (any format ``models.tournaments.read_games``
 reads; ``--period`` sets the periods of drift, in the file's time units: days for dates).
 
+``--nuts`` runs only the check of the drift's posterior against NUTS on a small league.
+
 Run it alone on the machine (``python benchmarks/skill_leagues.py``); it writes
-``--out/skill_leagues.json``.
+``--out/skill_leagues.json`` (``skill_leagues_nuts.json`` with ``--nuts``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -40,13 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from models._skill_baselines import fit_baselines, game_log_loss, paired_difference  # noqa: E402
 from models._skill_compare import check_split  # noqa: E402
 from models.tournaments import BETA, Tournament, generate_league, read_games  # noqa: E402
-from models.trueskill import SkillModel, fit_posterior, predict  # noqa: E402
+from models.trueskill import SkillModel, drift_posterior, fit_posterior, predict  # noqa: E402
 
 OURS = ("ours, static + home", "ours, drift + home")
 
 
 def fit_ours(train: Tournament, *, drift: bool, epochs: int, seed: int):
-    """Our model's fit: ``(probs function, posterior, seconds)``."""
+    """Our model's fit: ``(probs function, posterior, seconds, model)``."""
     pyro.clear_param_store()
     model = SkillModel(
         train.num_players,
@@ -72,7 +79,7 @@ def fit_ours(train: Tournament, *, drift: bool, epochs: int, seed: int):
             drift=posterior.drift,
         )
 
-    return probs, posterior, seconds
+    return probs, posterior, seconds, model
 
 
 def evaluate(league: Tournament, fraction: float, epochs: int, seed: int) -> dict:
@@ -85,15 +92,77 @@ def evaluate(league: Tournament, fraction: float, epochs: int, seed: int) -> dic
         times[name] = baseline.fit_time
     globals_ = {}
     for name, drift in zip(OURS, (False, True), strict=True):
-        probs, posterior, seconds = fit_ours(train, drift=drift, epochs=epochs, seed=seed)
+        probs, posterior, seconds, model = fit_ours(train, drift=drift, epochs=epochs, seed=seed)
         losses[name] = game_log_loss(probs(test.games).double(), test.games)
         times[name] = seconds
         globals_[f"{name}: beta"] = float(posterior.beta)
-        for site in ("home_advantage", "drift"):
-            q = getattr(posterior, site)
-            if q is not None:
-                globals_[f"{name}: {site}"] = (float(q.mean), float(q.stddev))
+        home = posterior.corrected_globals.get("home_advantage")  # linear response's sd
+        if home is not None:
+            globals_[f"{name}: home_advantage"] = (float(home.mean), float(home.stddev))
+        if drift:
+            began = time.perf_counter()
+            grid = drift_posterior(model, train, float(posterior.drift.mean), seed=seed)
+            times["drift's posterior on the grid"] = time.perf_counter() - began
+            globals_[f"{name}: drift"] = (grid.mean, grid.stddev)
+            globals_[f"{name}: drift, the guide's"] = (
+                float(posterior.drift.mean),
+                float(posterior.drift.stddev),
+            )
     return {"losses": losses, "times": times, "globals": globals_, "games": len(test)}
+
+
+def nuts_check(seed: int = 0) -> dict:
+    """The drift's and the home advantage's posteriors by NUTS, by the guide (alone and with
+    linear response) and by the grid, on an 8-team league of 4 seasons of two periods,
+    beta and the draw margin held at the truth (NUTS cannot learn them)."""
+    from pyro.infer import MCMC, NUTS
+
+    from models._numerics import softplus_inverse
+    from models.tournaments import draw_margin
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        league = generate_league(
+            8, 4, home_advantage=3.0, drift=2.0, draw_probability=0.25, rounds_per_period=7,
+            seed=seed,
+        ).by_period(7)  # fmt: skip
+        model = SkillModel(8, num_periods=league.num_periods, home=True, draws=True)
+        model = model.double()
+        with torch.no_grad():
+            model.outcome.log_beta.fill_(math.log(BETA))
+            model.outcome.raw_margin.fill_(softplus_inverse(draw_margin(0.25, BETA)))
+        model.outcome.requires_grad_(False)
+        pyro.set_rng_seed(seed)
+        mcmc = MCMC(NUTS(model), num_samples=1000, warmup_steps=500, disable_progbar=True)
+        mcmc.run(league.games)
+        samples = mcmc.get_samples()
+        out = {
+            "NUTS": {
+                site: (float(samples[site].mean()), float(samples[site].std()))
+                for site in ("drift", "home_advantage")
+            }
+        }
+        pyro.clear_param_store()
+        posterior = fit_posterior(model, league, epochs=2000, seed=seed)
+        for name, globals_ in (
+            ("the guide", {"drift": posterior.drift, "home_advantage": posterior.home_advantage}),
+            ("+ linear response", posterior.corrected_globals),
+        ):
+            out[name] = {k: (float(q.mean), float(q.stddev)) for k, q in globals_.items()}
+        grid = drift_posterior(model, league, float(posterior.drift.mean), seed=seed)
+        out["grid"] = {"drift": (grid.mean, grid.stddev)}
+    finally:
+        torch.set_default_dtype(torch.float32)
+    print("\nAn 8-team league against NUTS (beta and the margin at the truth): mean ± sd")
+    print("| | drift | home advantage |")
+    print("|---|---|---|")
+    for name, row in out.items():
+        cells = [
+            f"{row[k][0]:.2f} ± {row[k][1]:.2f}" if k in row else ""
+            for k in ("drift", "home_advantage")
+        ]
+        print(f"| {name} | {' | '.join(cells)} |")
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -110,8 +179,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--draw-probability", type=float, default=0.25)
     parser.add_argument("--epochs", type=int, default=1000)
     parser.add_argument("--out", default="runs/benchmarks")
+    parser.add_argument(
+        "--nuts", action="store_true", help="only the 8-team check against NUTS (minutes)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # small tensors: a second thread only adds contention
+    if args.nuts:
+        report = {"args": vars(args), "nuts": nuts_check()}
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "skill_leagues_nuts.json").write_text(json.dumps(report, indent=1))
+        return report
     if args.games_file:
         league = read_games(args.games_file)
         if args.period:
@@ -138,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs.append(evaluate(league, args.train_fraction, args.epochs, seed))
         print(f"{name} done", flush=True)
     methods = list(runs[0]["losses"])
+    extra_times = [k for k in runs[0]["times"] if k not in methods]
     pooled = {m: torch.cat([r["losses"][m] for r in runs]) for m in methods}
     reference = OURS[1]
     report = {"args": vars(args), "table": {}, "globals": [r["globals"] for r in runs]}
@@ -158,13 +237,18 @@ def main(argv: list[str] | None = None) -> dict:
         }
         cell = "" if m == reference else f"{difference:+.4f} ({se:.4f})"
         print(f"| {m} | {float(pooled[m].mean()):.4f} | {cell} | {seconds:.2f} |")
+    for k in extra_times:
+        seconds = statistics.median(r["times"][k] for r in runs)
+        report["table"][k] = {"time (s)": seconds}
+        print(f"| {k} | | | {seconds:.2f} |")
     if not args.games_file:
         # the data know skills in units of beta; the model's unit is its prior's sigma,
         # which P teams' realized skills match only to within about 1 / sqrt(2P)
         print(
             f"\ntruth: home advantage {args.home_advantage}, drift {args.drift} a period; "
             f"estimates in the generator's beta ({BETA:.3f}): the posterior's mean ± sd "
-            "times beta / (the fitted beta), and z = (estimate - truth) / sd"
+            "times beta / (the fitted beta), and z = (estimate - truth) / sd; the home "
+            "advantage's sd by linear response, the drift's posterior on a grid"
         )
         truth = {"home_advantage": args.home_advantage, "drift": args.drift}
         report["recovery"] = []
