@@ -549,8 +549,8 @@ def test_expected_precision_with_home_and_drift_is_the_hessian_at_a_point_mass()
 
 @pytest.mark.slow
 def test_drift_posterior_on_a_grid_covers_the_truth_where_the_guide_is_overconfident():
-    # 8 teams, 4 seasons of 2 periods: NUTS gives a drift of 2.42 +- 0.90 here
-    # (docs/skill-leagues.md); the guide alone said 1.81 +- 0.16
+    # 8 teams, 4 seasons of 2 periods: NUTS gives a drift of 2.41 +- 0.90 here
+    # (docs/skill-leagues.md); the guide alone said 1.80 +- 0.16
     league = generate_league(
         8, 4, home_advantage=3.0, drift=2.0, draw_probability=0.25, rounds_per_period=7, seed=0
     ).by_period(7)
