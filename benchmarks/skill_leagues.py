@@ -11,7 +11,8 @@ predicted from that fit without updating) every method is scored game by game:
   without a home-advantage term, the ridge chosen on a validation tail
   (``models._skill_baselines``);
 - ours (``models.trueskill.SkillModel``): the probit with a draw margin and a home
-  advantage, static, and with skills that drift between periods.
+  advantage (where the games have a home side), static, and with skills that drift
+  between periods (where the games have periods: ``--period`` for a file).
 
 On synthetic leagues it also reports how well the home advantage (linear response's sd)
 and the drift (its posterior on a grid, ``models.trueskill.drift_posterior``) are
@@ -49,7 +50,10 @@ from models._skill_compare import check_split  # noqa: E402
 from models.tournaments import BETA, Tournament, generate_league, read_games  # noqa: E402
 from models.trueskill import SkillModel, drift_posterior, fit_posterior, predict  # noqa: E402
 
-OURS = ("ours, static + home", "ours, drift + home")
+
+def our_name(drift: bool, home: bool) -> str:
+    """The row of our model: static or drifting skills, with or without home advantage."""
+    return f"ours, {'drift' if drift else 'static'}{' + home' if home else ''}"
 
 
 def fit_ours(train: Tournament, *, drift: bool, epochs: int, seed: int):
@@ -90,13 +94,16 @@ def evaluate(league: Tournament, fraction: float, epochs: int, seed: int) -> dic
     for name, baseline in fit_baselines(train).items():
         losses[name] = game_log_loss(baseline.probs(test.games), test.games)
         times[name] = baseline.fit_time
-    globals_ = {}
-    for name, drift in zip(OURS, (False, True), strict=True):
+    globals_, ours = {}, []
+    # skills drift only where the games have periods (--period for a file)
+    for drift in (False, True) if train.num_periods > 1 else (False,):
+        name = our_name(drift, train.has_home)
+        ours.append(name)
         probs, posterior, seconds, model = fit_ours(train, drift=drift, epochs=epochs, seed=seed)
         losses[name] = game_log_loss(probs(test.games).double(), test.games)
         times[name] = seconds
         globals_[f"{name}: beta"] = float(posterior.beta)
-        home = posterior.corrected_globals.get("home_advantage")  # linear response's sd
+        home = (posterior.corrected_globals or {}).get("home_advantage")  # linear response's sd
         if home is not None:
             globals_[f"{name}: home_advantage"] = (float(home.mean), float(home.stddev))
         if drift:
@@ -108,7 +115,13 @@ def evaluate(league: Tournament, fraction: float, epochs: int, seed: int) -> dic
                 float(posterior.drift.mean),
                 float(posterior.drift.stddev),
             )
-    return {"losses": losses, "times": times, "globals": globals_, "games": len(test)}
+    return {
+        "losses": losses,
+        "times": times,
+        "globals": globals_,
+        "games": len(test),
+        "ours": ours,
+    }
 
 
 def nuts_check(seed: int = 0) -> dict:
@@ -191,9 +204,13 @@ def main(argv: list[str] | None = None) -> dict:
         (out / "skill_leagues_nuts.json").write_text(json.dumps(report, indent=1))
         return report
     if args.games_file:
-        league = read_games(args.games_file)
-        if args.period:
-            league = league.by_period(args.period)
+        try:
+            league = read_games(args.games_file)
+            if args.period:
+                league = league.by_period(args.period)
+            check_split(*league.split(args.train_fraction), args.games_file)
+        except ValueError as error:  # the user's file or options: say so, no traceback
+            raise SystemExit(f"error: {error}") from None
         leagues = [(args.games_file, league)]
     else:
         leagues = [
@@ -218,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     methods = list(runs[0]["losses"])
     extra_times = [k for k in runs[0]["times"] if k not in methods]
     pooled = {m: torch.cat([r["losses"][m] for r in runs]) for m in methods}
-    reference = OURS[1]
+    reference = runs[0]["ours"][-1]
     report = {"args": vars(args), "table": {}, "globals": [r["globals"] for r in runs]}
     print(
         f"\n{len(leagues)} league(s), {sum(r['games'] for r in runs)} test games; "
@@ -254,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["recovery"] = []
         for name, run in zip((n for n, _ in leagues), runs, strict=True):
             cells, recovered = [], {}
-            for method in OURS:
+            for method in run["ours"]:
                 unit = BETA / run["globals"][f"{method}: beta"]
                 for site, value in truth.items():
                     if f"{method}: {site}" not in run["globals"]:

@@ -30,12 +30,25 @@ __all__ = [
 
 
 def check_split(train: Tournament, test: Tournament, where: str) -> None:
-    """Refuse a split whose test games hold draws that no fitted model could predict.
+    """Refuse a split that no model could be fitted and scored on: a part without games,
+    or test games holding draws that no fitted model could predict.
+
+    Arguments:
+        train, test: The two parts of a chronological split.
+        where: The caller, or the file, for the message.
 
     Raises:
-        ValueError: ``test`` has draws and ``train`` none; the message says how many and
+        ValueError: A part holds no games (or the test part one, too few to compare
+            on), or ``test`` has draws and ``train`` none; the message says how many and
             what to do.
     """
+    for part, games, least in (("training", train, 1), ("test", test, 2)):
+        if len(games) < least:
+            raise ValueError(
+                f"{where}: the {part} part holds {len(games)} game(s) of "
+                f"{len(train) + len(test)}; move the split (--train-fraction) or give more "
+                "games"
+            )
     if test.has_draws and not train.has_draws:
         raise ValueError(
             f"{where}: the training games hold no draws but {int(test.draw.sum())} of the "

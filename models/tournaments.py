@@ -17,7 +17,7 @@ import csv
 import math
 import os
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -74,8 +74,8 @@ class Tournament:
             (:meth:`by_period`); all 0 (skills constant) by default.
         home_advantage: The home advantage that generated a synthetic league, in skill
             units, else ``None``.
-        drift: The sd of a skill's change per round that generated a synthetic league,
-            else ``None``.
+        drift: The sd of a skill's change from one period to the next that generated a
+            synthetic league, else ``None``.
     """
 
     winner: Tensor = field(repr=False)
@@ -395,8 +395,12 @@ def _number(path: Path, line: int, column: str, text: str) -> float:
         return float(text)
     except ValueError:
         pass
-    try:  # an ISO date or date-time, in days
-        return datetime.fromisoformat(text).timestamp() / 86400.0
+    try:  # an ISO date or date-time, in days; a date without a zone is taken as UTC,
+        # so no daylight-saving hour moves a game across a period's edge
+        moment = datetime.fromisoformat(text)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=timezone.utc)
+        return moment.timestamp() / 86400.0
     except ValueError:
         raise ValueError(
             f"{path}, line {line}: {column} must be a number or an ISO date (2024-08-17), got "
@@ -483,6 +487,8 @@ def read_games(path: str | os.PathLike[str]) -> Tournament:
     required = 3 if "result" in columns else 2
     index: dict[str, int] = {}
     winner, loser, draw, time, home = [], [], [], [], []
+    timed: list[int] = []  # the lines with a time, and those without
+    untimed: list[int] = []
     for line, row in rows:
         if not required <= len(row) <= len(columns):
             raise ValueError(
@@ -534,7 +540,14 @@ def read_games(path: str | os.PathLike[str]) -> Tournament:
         draw.append(result == DRAW)
         home.append(side)
         cell = values.get("time", "")
+        (timed if cell else untimed).append(line)
         time.append(_number(path, line, "time", cell) if cell else float(len(time)))
+    if timed and untimed:
+        # a missing time would sort by row count among dates: refuse, not guess
+        raise ValueError(
+            f"{path}, line {untimed[0]}: time is empty, but line {timed[0]} gives one; give "
+            "every game a time, or none"
+        )
     order = torch.tensor(time, dtype=torch.float64).argsort(stable=True)
     return Tournament(
         winner=torch.tensor(winner)[order],

@@ -38,7 +38,7 @@ import argparse
 import importlib.util
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -247,7 +247,7 @@ class TrajectoryGuide(PyroModule):
     players are left to :func:`linear_response`.
 
     Arguments:
-        model: The :class:`SkillModel`.
+        model: The :class:`SkillModel` (or a model that calls it, e.g. conditioned).
         loc: ``[P, T]``, the skills' initial means.
         init_loc_fn: ``AutoNormal``'s initialization of the global sites.
         init_scale: The initial sd of a skill given the previous period's, and of the
@@ -257,14 +257,20 @@ class TrajectoryGuide(PyroModule):
 
     def __init__(
         self,
-        model: SkillModel,
+        model: Callable[..., None],
         loc: Tensor,
         *,
-        init_loc_fn=None,
+        init_loc_fn: Callable | None = None,
         init_scale: float = 1.0,
         init_coupling: float = 0.9,
     ):
         super().__init__()
+        if not init_scale > 0:
+            raise ValueError(f"TrajectoryGuide needs init_scale > 0, got {init_scale}")
+        if not 0 < init_coupling < 1:
+            raise ValueError(f"TrajectoryGuide needs 0 < init_coupling < 1, got {init_coupling}")
+        if loc.dim() != 2:
+            raise ValueError(f"TrajectoryGuide: loc must be [P, T], got {list(loc.shape)}")
         self.loc = PyroParam(loc.clone())
         self.coupling = PyroParam(
             torch.full_like(loc, init_coupling), constraint=constraints.unit_interval
@@ -309,21 +315,33 @@ def check_games(games: Tensor, num_players: int, num_periods: int | None, where:
         where: The caller, for the message.
 
     Raises:
-        ValueError: ``games`` has the wrong shape, names a player outside
-            ``0..num_players - 1``, a period outside ``0..num_periods - 1``, or a home flag
-            other than -1, 0, +1.
+        ValueError: ``games`` has the wrong shape or is not integer, names a player outside
+            ``0..num_players - 1``, a negative period or one past ``num_periods - 1``, or a
+            home flag other than -1, 0, +1.
     """
     if games.dim() != 2 or games.shape[-1] != len(GAME_COLUMNS):
         raise ValueError(
             f"{where}: games must be [G, {len(GAME_COLUMNS)}] ({', '.join(GAME_COLUMNS)}), "
             f"Tournament.games; got shape {list(games.shape)}"
         )
-    limits = [(0, num_players, "player"), (1, num_players, "player")]
-    if num_periods is not None:
-        limits.append((4, num_periods, "period"))
+    if games.dtype.is_floating_point or games.dtype.is_complex or games.dtype == torch.bool:
+        raise ValueError(
+            f"{where}: games must hold integers (a LongTensor, as Tournament.games is); got "
+            f"{games.dtype}"
+        )
+    limits = [(0, num_players, "player"), (1, num_players, "player"), (4, num_periods, "period")]
     for column, limit, what in limits:
         values = games[:, column]
-        bad = (values < 0) | (values >= limit)
+        negative = values < 0
+        if negative.any():
+            g = int(negative.nonzero()[0])
+            raise ValueError(
+                f"{where}: game {g} names {what} {int(values[g])} ({GAME_COLUMNS[column]}); "
+                f"{what}s are numbered from 0"
+            )
+        if limit is None:
+            continue
+        bad = values >= limit
         if bad.any():
             g = int(bad.nonzero()[0])
             raise ValueError(
@@ -509,6 +527,11 @@ def fit_skills(
     :func:`pyro_amortized.fit`; Adam whose learning rate decays geometrically from ``lr``
     to ``final_lr`` over the run, so the last iterates settle.
     """
+    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"fit_skills needs {name} >= 1, got {value}")
+    if not lr > 0 or not final_lr > 0:
+        raise ValueError(f"fit_skills needs lr > 0 and final_lr > 0, got {lr}, {final_lr}")
     games = train.games
     check_games(games, model.num_players, model.num_periods, "fit_skills")
     pyro.set_rng_seed(seed)
@@ -601,6 +624,8 @@ def drift_posterior(
     ``epochs`` long and each next one warm-started for ``step_epochs``), takes the ELBO
     there (``num_particles`` draws, the same ones at every value) as
     :math:`\log p(x \mid u)`, adds the prior's :math:`\log p(u)`, and normalizes.
+    :math:`\beta` and the draw margin are held at the model's values throughout (the
+    model is left as it was).
 
     Arguments:
         model: The :class:`SkillModel` (with ``num_periods > 1``).
@@ -625,7 +650,28 @@ def drift_posterior(
             f"drift_posterior needs center > 0, width > 0 and num_points >= 3, got {center}, "
             f"{width}, {num_points}"
         )
+    for name, value in (("epochs", epochs), ("step_epochs", step_epochs)):
+        if value < 1:
+            raise ValueError(f"drift_posterior needs {name} >= 1, got {value}")
+    if num_particles < 1:
+        raise ValueError(f"drift_posterior needs num_particles >= 1, got {num_particles}")
     games = train.games
+    # beta and the draw margin stay at the fit's values: a posterior of the drift given
+    # them, in the fit's units, and the caller's model comes back unchanged
+    frozen = [(p, p.requires_grad) for p in model.outcome.parameters()]
+    training = model.outcome.training
+    model.outcome.requires_grad_(False).train(False)
+    try:
+        return _drift_grid(model, games, center, width, num_points, epochs, step_epochs,
+                           num_particles, seed)  # fmt: skip
+    finally:
+        for parameter, flag in frozen:
+            parameter.requires_grad_(flag)
+        model.outcome.train(training)
+
+
+def _drift_grid(model, games, center, width, num_points, epochs, step_epochs, num_particles,
+                seed) -> DriftPosterior:  # fmt: skip
     fixed = _FixedDrift(model)
     start = initial_skills(games, model.num_players, mu=model.mu, sigma=model.sigma)
     init = init_to_value(values={"home_advantage": torch.tensor(0.0)})
@@ -754,12 +800,12 @@ def global_posteriors(
         guide = guide.globals
     with torch.no_grad():
         home = drift = None
-        if "home_advantage" in guide.locs._pyro_params:
+        if hasattr(guide.locs, "home_advantage"):
             home = torch.distributions.Normal(
                 guide.locs.home_advantage.detach().clone(),
                 guide.scales.home_advantage.detach().clone(),
             )
-        if "drift" in guide.locs._pyro_params:
+        if hasattr(guide.locs, "drift"):
             drift = torch.distributions.LogNormal(
                 guide.locs.drift.detach().clone(), guide.scales.drift.detach().clone()
             )
@@ -813,6 +859,8 @@ def expected_precision(
     Returns:
         The ``[N, N]`` precision (float64, dense: fine for thousands of skills).
     """
+    if num_samples < 1:
+        raise ValueError(f"expected_precision needs num_samples >= 1, got {num_samples}")
     P, T = model.num_players, model.num_periods
     generator = torch.Generator().manual_seed(seed)
     flat_loc, flat_scale = loc.reshape(-1), scale.reshape(-1)
@@ -902,8 +950,9 @@ def linear_response(
     if info:
         raise ValueError(
             "linear_response: the expected Hessian of the log joint is not negative definite "
-            "at this posterior (a learned likelihood that is not log-concave there), so it "
-            "gives no covariance; use the mean-field scales"
+            "at this posterior (a learned likelihood that is not log-concave there, or, with "
+            "square_steps=, the drift's funnel where the games do not outweigh it), so it "
+            "gives no covariance; use the guide's scales (or leave square_steps out)"
         )
     return torch.cholesky_inverse(factor).to(loc.dtype)
 

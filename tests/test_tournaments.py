@@ -138,6 +138,10 @@ def test_read_games_without_header_sorts_by_time_and_names_players(tmp_path):
         ("home,away,result,time\nA,B,H,someday\n", "line 2: time must be a number or an ISO date"),
         ("winner,loser,winner\nA,B,C\n", "appear twice"),
         ("home,away,result,draw\nA,B,H,0\n", "unknown columns \\['draw'\\] beside home,away"),
+        (
+            "home,away,result,time\nA,B,H,2024-08-10\nB,A,D,\n",
+            "line 3: time is empty, but line 2 gives one",
+        ),
     ],
 )
 def test_read_games_names_the_bad_line(tmp_path, text, match):

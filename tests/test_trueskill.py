@@ -398,6 +398,15 @@ def test_the_model_names_the_first_bad_game(column, value, match):
         SkillModel(10)(games[:, :3])
 
 
+def test_the_door_refuses_float_games_and_negative_periods_in_predictions():
+    games = generate_tournament(10, 50, seed=0).games
+    with pytest.raises(ValueError, match="games must hold integers"):
+        SkillModel(10)(games.float())
+    games[3, 4] = -1
+    with pytest.raises(ValueError, match="game 3 names period -1 \\(period\\); periods are"):
+        predict(probit_outcome(BETA), torch.zeros(10, 2), torch.ones(10, 2), games)
+
+
 def test_the_model_refuses_home_games_it_was_not_built_for():
     league = generate_league(4, 1, home_advantage=1.0, seed=0)
     with pytest.raises(ValueError, match="home=True"):
@@ -430,7 +439,7 @@ def test_home_advantage_is_recovered_within_two_standard_errors():
     # over beta), and the model's unit is the prior's sigma, which this league's 16 teams
     # match only as well as 16 draws do (their sd: 5.6, against sigma = 8.3); so the home
     # advantage is compared in units of beta, the generator's, as its standard error
-    unit = BETA / float(model.outcome.beta)
+    unit = BETA / posterior.beta
     q = posterior.home_advantage
     assert abs(float(q.mean) * unit - 3.0) < 2 * float(q.stddev) * unit, (q.mean, unit)
 
@@ -460,6 +469,15 @@ def test_cli_refuses_draws_only_in_the_test_part(tmp_path):
     path.write_text("winner,loser,draw\n" + "\n".join(lines) + "\n")
     with pytest.raises(SystemExit, match="training games hold no draws but 10 of the 10 test"):
         main(["--games-file", str(path), "--epochs", "2", "--no-progress", "--newcomers", "0"])
+
+
+def test_cli_refuses_a_split_with_an_empty_part(tmp_path):
+    path = tmp_path / "games.csv"
+    path.write_text("winner,loser\na,b\nb,a\n")
+    with pytest.raises(SystemExit, match="the test part holds 1 game\\(s\\) of 2"):
+        main(["--games-file", str(path), "--no-progress"])
+    with pytest.raises(SystemExit, match="the training part holds 0 game"):
+        main(["--games-file", str(path), "--train-fraction", "0.1", "--no-progress"])
 
 
 def test_cli_reads_a_home_away_league_with_dates_and_periods(tmp_path, capsys):
@@ -557,9 +575,14 @@ def test_drift_posterior_on_a_grid_covers_the_truth_where_the_guide_is_overconfi
     pyro.clear_param_store()
     model = SkillModel(8, num_periods=league.num_periods, home=True, draws=True)
     posterior = fit_posterior(model, league, epochs=500)
+    beta, margin = float(model.outcome.beta.detach()), float(model.outcome.margin.detach())
     grid = drift_posterior(
         model, league, float(posterior.drift.mean), num_points=11, step_epochs=150
     )
+    # beta and the margin held at the fit's values, and left so
+    assert float(model.outcome.beta.detach()) == beta
+    assert float(model.outcome.margin.detach()) == margin
+    assert all(p.requires_grad for p in model.outcome.parameters())
     assert abs(grid.probs.sum() - 1) < 1e-9 and grid.probs[0] < 0.05 and grid.probs[-1] < 0.05
     unit = BETA / posterior.beta
     assert abs(grid.mean * unit - 2.0) < 2 * grid.stddev * unit, (grid.mean, grid.stddev, unit)
