@@ -182,9 +182,17 @@ class Outcome(nn.Module):
 
 
 def home_boost(home: Tensor, advantage: Tensor | float) -> tuple[Tensor, Tensor]:
-    """What each side's skill gains from playing at home: ``advantage`` for the side at
-    home (``home`` +1: the first side; -1: the second), 0 for the other and on neutral
-    ground. Returns the first side's and the second side's gains."""
+    """What each side's skill gains from playing at home.
+
+    Arguments:
+        home: Each game's home flag: +1 the first side at home, -1 the second, 0 neutral.
+        advantage: The home advantage (a tensor of any shape that broadcasts with
+            ``home``, e.g. with particle dimensions).
+
+    Returns:
+        The first side's and the second side's gains: ``advantage`` for the side at
+        home, 0 for the other and on neutral ground.
+    """
     return (home == 1) * advantage, (home == -1) * advantage
 
 
@@ -192,7 +200,7 @@ def game_results(games: Tensor) -> Tensor:
     """Each game's result from its first player's side: WIN, or DRAW for a drawn game.
 
     Arguments:
-        games: ``[G, 3]`` (winner, loser, draw).
+        games: ``[G, 5]`` (winner, loser, draw, home, period; only draw is read).
 
     Returns:
         ``[G]`` categories.

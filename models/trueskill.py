@@ -458,8 +458,16 @@ class SkillModel(PyroModule):
 
 
 def skills_in_games(skill: Tensor, games: Tensor, num_periods: int) -> tuple[Tensor, Tensor]:
-    """The two sides' skills in each game: ``skill[..., player]`` (``[..., P]``, one
-    period) or ``skill[..., player, period]`` (``[..., P, T]``)."""
+    """The two sides' skills in each game.
+
+    Arguments:
+        skill: ``[..., P]`` (one period) or ``[..., P, T]``.
+        games: ``[G, 5]``.
+        num_periods: ``T`` (1: ``skill`` has no period dimension).
+
+    Returns:
+        The first sides' and the second sides' skills, each ``[..., G]``.
+    """
     if num_periods == 1:
         return skill[..., games[:, 0]], skill[..., games[:, 1]]
     return skill[..., games[:, 0], games[:, 4]], skill[..., games[:, 1], games[:, 4]]
@@ -747,7 +755,16 @@ class SkillPosterior(NamedTuple):
 
 
 def fit_posterior(model: SkillModel, train: Tournament, **kwargs) -> SkillPosterior:
-    """:func:`fit_skills` (``kwargs`` go to it), then :func:`linear_response` on its fit."""
+    """:func:`fit_skills`, then :func:`linear_response` on its fit.
+
+    Arguments:
+        model: The :class:`SkillModel`.
+        train: The games to fit.
+        **kwargs: For :func:`fit_skills` (``epochs``, ``lr``, ``seed``, ...).
+
+    Returns:
+        The :class:`SkillPosterior`, with its timings.
+    """
     began = time.perf_counter()
     guide = fit_skills(model, train, **kwargs)
     loc, scale = skill_posterior(guide)
@@ -966,13 +983,21 @@ def predict(
     home_advantage: torch.distributions.Normal | None = None,
     drift: torch.distributions.LogNormal | None = None,
 ) -> Tensor:
-    r"""``[G, 3]``: E_q[P(first player loses, draws, wins)] for each game.
+    r"""E_q[P(first player loses, draws, wins)] for each game.
 
-    Skills ``loc``, ``scale`` are ``[P]`` or ``[P, T]`` by period; a game in a period
-    after the last one fitted takes the last period's posterior, widened by the random
-    walk: :math:`k E_q[\tau^2]` more variance ``k`` periods on. The home side's skill
-    gains the home advantage, its posterior variance included (exact for the probit:
-    the sum of independent Normals).
+    A game in a period after the last one fitted takes the last period's posterior,
+    widened by the random walk: :math:`k E_q[\tau^2]` more variance ``k`` periods on.
+    The home side's skill gains the home advantage, its posterior variance included
+    (exact for the probit: the sum of independent Normals).
+
+    Arguments:
+        outcome: The fitted likelihood (``model.outcome``).
+        loc, scale: The skills' posterior means and sds, ``[P]`` or ``[P, T]`` by period.
+        games: ``[G, 5]``; periods may run past the last one fitted.
+        home_advantage, drift: Their posteriors, where the model has them.
+
+    Returns:
+        ``[G, 3]`` probabilities.
     """
     check_games(games, loc.shape[0], None, "predict")
     first, second = games[:, 0], games[:, 1]
