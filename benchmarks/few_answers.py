@@ -111,7 +111,7 @@ def one_seed(q, seed: int, steps: int, samples: int, count: int) -> dict:
     record: dict = {"seed": seed, "fit_time": {}, "score_time": {}, "congruence": {}, "repeat": {}}
 
     began = time.perf_counter()
-    analysis = fit_factor_analyzer(train.double()).aligned(q.traits)
+    analysis = fit_factor_analyzer(train.double(), categories=q.categories).aligned(q.traits)
     record["fit_time"][REFERENCE] = time.perf_counter() - began
     began = time.perf_counter()
     scores[REFERENCE] = {
@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)  # small tensors: a second thread only adds contention
 
     q = load_bfi()
-    fit_factor_analyzer(q.answers[:100].double())  # imports scikit-learn before any timing
+    # imports scikit-learn before any timing
+    fit_factor_analyzer(q.answers[:100].double(), categories=q.categories)
     records = []
     for seed in args.seeds:
         record = one_seed(q, seed, args.steps, args.samples, args.answers)

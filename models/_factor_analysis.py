@@ -11,6 +11,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from models.personality import FactorModel, coded_answers
+from models.questionnaires import check_answers
 from pyro_amortized import AutoAmortizedNormal
 from pyro_amortized.refinement import refine
 
@@ -22,6 +23,7 @@ __all__ = [
     "factor_correlation",
     "factor_scores",
     "importance_factor_scores",
+    "importance_samples",
     "impute",
     "items_on_trait",
     "oblimin",
@@ -184,9 +186,16 @@ def oblimin_to_traits(
     With ``traits`` (one per item, as many traits as factors), the factors are also
     ordered and signed by :func:`align_to_traits`, so factor t is trait t's.
 
+    Arguments:
+        model: The fitted model.
+        traits: Each item's trait, an index in ``0..Q-1`` (``D`` of them), e.g. a
+            :class:`~models.questionnaires.Questionnaire`'s ``traits``; ``None`` leaves
+            the factors in :func:`oblimin`'s order and signs.
+
     Returns:
-        ``(rotated, rotation)`` with ``rotated = standardized_loadings(model) @ rotation``;
-        :func:`factor_scores` ``(guide, answers, rotation)`` scores people in that basis.
+        ``(rotated, rotation)``, ``[D, Q]`` and ``[Q, Q]``, with ``rotated =
+        standardized_loadings(model) @ rotation``; :func:`factor_scores` ``(guide,
+        answers, rotation)`` scores people in that basis.
     """
     rotated, rotation = oblimin(standardized_loadings(model))
     if traits is not None:
@@ -208,7 +217,22 @@ def factor_scores(
     Encoded by the guide in one pass (new people included); with ``rotation`` in the
     rotated factors' basis (:func:`rotate_scores`), where the sds come from the rotated
     posterior covariance.
+
+    Arguments:
+        guide: The fitted guide; its ``model`` is the :class:`FactorModel`, whose
+            ``categories`` the answers are checked against.
+        answers: ``[N, D]``, NaN where missing (checked as below).
+        rotation: ``[Q, Q]``, e.g. :func:`oblimin_to_traits`'s, or ``None``.
+
+    Returns:
+        ``(mean, sd)``, ``[N, Q]`` each.
+
+    Raises:
+        ValueError: An answer is not a whole number on the model's scale 1..C
+            (:func:`~models.questionnaires.check_answers`, naming the row and item; an
+            item none of these people answered is fine).
     """
+    check_answers(answers, guide.model.categories, empty_items=True)
     with torch.no_grad():
         posterior = guide.site_posteriors(answers)["z"]
     return _in_basis(posterior.mean, posterior.stddev, rotation)
@@ -245,7 +269,11 @@ def refined_factor_scores(
 
     Returns:
         ``(mean, sd)``, ``[N, Q]`` each.
+
+    Raises:
+        ValueError: As :func:`factor_scores`, for the model's scale.
     """
+    check_answers(answers, model.categories, empty_items=True)
     refined = refine(
         model,
         guide,
@@ -287,14 +315,15 @@ def importance_factor_scores(
 
     Returns:
         ``(mean, sd)``, ``[N, Q]`` each.
+
+    Raises:
+        ValueError: As :func:`factor_scores`, for the model's scale; or ``num_samples``
+            is not a whole number >= 1.
     """
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(
-            f"importance_factor_scores: num_samples must be a whole number >= 1, got "
-            f"{num_samples!r}"
-        )
+    check_answers(answers, model.categories, empty_items=True)
+    _check_num_samples("importance_factor_scores", num_samples)
     with torch.no_grad():
-        z, log_w = _importance_samples(model, guide, answers, num_samples)
+        z, log_w = importance_samples(model, guide, answers, num_samples)
         if rotation is not None:
             z = rotate_scores(z, rotation)
         weights = log_w.softmax(0)[..., None]
@@ -341,24 +370,50 @@ def posterior_predictive(
     which correct the guide towards the exact posterior as ``num_samples`` grows. Missing
     answers (NaN) are predicted; the observed ones are predicted too (then they are part
     of the conditioning set).
+
+    Raises:
+        ValueError: As :func:`importance_samples`.
     """
     with torch.no_grad():
-        z, log_w = _importance_samples(model, guide, answers, num_samples)
+        z, log_w = importance_samples(model, guide, answers, num_samples)
         return torch.einsum("sn,sndc->ndc", log_w.softmax(0), category_probs(model, z))
 
 
-def _importance_samples(
+def importance_samples(
     model: FactorModel,
     guide: AutoAmortizedNormal,
     answers: Tensor,
     num_samples: int,
+    *,
     chunk: int = 256,
 ) -> tuple[Tensor, Tensor]:
-    """``z ~ q(z | x_obs)``, ``[S, N, Q]``, and ``log p(z, x_obs) - log q(z)``, ``[S, N]``.
+    r"""Draws from the guide and their log importance weights, person by person.
 
-    Drawn ``chunk`` samples at a time, so the likelihood's ``[chunk, N, D, C]`` tensors stay
-    small however many are asked for.
+    :math:`z_s \sim q(z \mid x_{i,\mathrm{obs}})` and :math:`\log w_s = \log p(z_s) +
+    \log p(x_{i,\mathrm{obs}} \mid z_s) - \log q(z_s)`, which :func:`posterior_predictive`
+    and :func:`importance_factor_scores` weigh with. For diagnostics,
+    ``log_w.logsumexp(0) - math.log(S)`` estimates each person's
+    :math:`\log p(x_{i,\mathrm{obs}})`, and ``1 / (log_w.softmax(0) ** 2).sum(0)`` is each
+    person's effective sample size. Drawn ``chunk`` samples at a time, so the likelihood's
+    ``[chunk, N, D, C]`` tensors stay small however many are asked for; draws from Pyro's
+    RNG.
+
+    Arguments:
+        model: The fitted model.
+        guide: Its guide, the proposal.
+        answers: ``[N, D]``, NaN where missing.
+        num_samples: S, draws per person.
+        chunk: Draws at a time.
+
+    Returns:
+        ``(z, log_w)``: ``[S, N, Q]`` and ``[S, N]``.
+
+    Raises:
+        ValueError: As :func:`factor_scores`, for the model's scale; or ``num_samples``
+            is not a whole number >= 1.
     """
+    check_answers(answers, model.categories, empty_items=True)
+    _check_num_samples("importance_samples", num_samples)
     posterior = guide.site_posteriors(answers)["z"]
     observed, coded = ~torch.isnan(answers), coded_answers(model, answers)
     draws, log_weights = [], []
@@ -369,6 +424,12 @@ def _importance_samples(
         draws.append(z)
         log_weights.append(prior.log_prob(z) + log_lik - posterior.log_prob(z))
     return torch.cat(draws), torch.cat(log_weights)
+
+
+def _check_num_samples(owner: str, num_samples: int) -> None:
+    """Raise a ``ValueError`` naming ``owner`` unless ``num_samples`` is a whole number >= 1."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"{owner}: num_samples must be a whole number >= 1, got {num_samples!r}")
 
 
 def impute(

@@ -90,6 +90,8 @@ class FactorAnalysis:
         correlation: ``[D, D]`` the items' pairwise-complete correlation matrix it fitted.
         mean, sd: ``[D]`` the items' means and sds (observed answers; sd with ddof 0, as
             ``FactorAnalyzer.transform`` standardizes).
+        categories: C, the answer scale 1..C that it was fitted on and that
+            :func:`linear_factor_scores` checks new answers against.
     """
 
     loadings: Tensor
@@ -97,15 +99,20 @@ class FactorAnalysis:
     correlation: Tensor = field(repr=False)
     mean: Tensor = field(repr=False)
     sd: Tensor = field(repr=False)
+    categories: int
 
     def aligned(self, traits: Sequence[int]) -> FactorAnalysis:
         """The same fit with its factors ordered and signed so factor t is trait t's."""
         loadings, order, signs = align_to_traits(self.loadings, traits, self.loadings.shape[1])
         structure = self.structure[:, order] * signs
-        return FactorAnalysis(loadings, structure, self.correlation, self.mean, self.sd)
+        return FactorAnalysis(
+            loadings, structure, self.correlation, self.mean, self.sd, self.categories
+        )
 
 
-def fit_factor_analyzer(answers: Tensor, num_factors: int = 5) -> FactorAnalysis:
+def fit_factor_analyzer(
+    answers: Tensor, num_factors: int = 5, *, categories: int = 6
+) -> FactorAnalysis:
     """The reference: ``factor_analyzer``'s minres factor analysis with oblimin rotation.
 
     Fitted to the items' pairwise-complete correlation matrix, so missing answers drop out
@@ -116,16 +123,22 @@ def fit_factor_analyzer(answers: Tensor, num_factors: int = 5) -> FactorAnalysis
     ``structure_`` is, and is what this returns.
 
     Arguments:
-        answers: ``[N, D]``, NaN where missing.
+        answers: ``[N, D]`` answers in 1..``categories``, NaN where missing; checked by
+            :func:`~models.questionnaires.check_answers` (an item with no answers is
+            refused, as :func:`~models.personality.fit_factor_model` refuses it).
         num_factors: Q.
+        categories: C, the answer scale 1..C (as for
+            :func:`~models.personality.fit_factor_model`).
 
     Returns:
         The :class:`FactorAnalysis`, in ``answers``' dtype.
 
     Raises:
+        ValueError: An answer is not a whole number in 1..C, or an item has no answers.
         ImportError: ``factor_analyzer`` is not installed (``pip install factor_analyzer
             "scikit-learn<1.8"``, or this project's ``bench`` extra).
     """
+    check_answers(answers, categories)
     try:
         from factor_analyzer import FactorAnalyzer
     except ImportError as error:
@@ -152,12 +165,15 @@ def fit_factor_analyzer(answers: Tensor, num_factors: int = 5) -> FactorAnalysis
         torch.tensor(correlation, dtype=answers.dtype),
         mean,
         sd,
+        categories,
     )
 
 
-def factor_analyzer_loadings(answers: Tensor, num_factors: int = 5) -> Tensor:
+def factor_analyzer_loadings(
+    answers: Tensor, num_factors: int = 5, *, categories: int = 6
+) -> Tensor:
     """:func:`fit_factor_analyzer`'s ``[D, Q]`` loadings (pattern matrix)."""
-    return fit_factor_analyzer(answers, num_factors).loadings
+    return fit_factor_analyzer(answers, num_factors, categories=categories).loadings
 
 
 def linear_factor_scores(analysis: FactorAnalysis, answers: Tensor) -> Tensor:
@@ -171,9 +187,25 @@ def linear_factor_scores(analysis: FactorAnalysis, answers: Tensor) -> Tensor:
     given it is ``FactorAnalyzer.transform``; a person with none scores 0.
 
     Arguments:
-        analysis: The :class:`FactorAnalysis`.
-        answers: ``[N, D]``, NaN where missing.
+        analysis: The :class:`FactorAnalysis` (:func:`fit_factor_analyzer`), aligned or
+            not.
+        answers: ``[N, D]`` answers of the people to score, new ones included, in
+            1..``analysis.categories``, NaN where missing.
+
+    Returns:
+        ``[N, Q]``: the scores, in the basis of ``analysis.loadings``.
+
+    Raises:
+        ValueError: An answer is not a whole number in 1..C
+            (:func:`~models.questionnaires.check_answers`, naming the row and item; an
+            item none of these people answered is fine).
+
+    References:
+        The Vectors of Mind (Thurstone, 1935), the regression factor-score predictor, here
+        with the structure matrix of oblique factors (``psych::factor.scores``'s
+        ``"Thurstone"`` weights ``R^{-1} S``), restricted to the items each person answered.
     """
+    check_answers(answers, analysis.categories, empty_items=True)
     x = (answers - analysis.mean) / analysis.sd
     observed = ~torch.isnan(x)
     both = observed[:, :, None] & observed[:, None, :]
@@ -185,8 +217,16 @@ def linear_factor_scores(analysis: FactorAnalysis, answers: Tensor) -> Tensor:
 
 
 def score_correlation(scores: Tensor, reference: Tensor) -> Tensor:
-    """``[Q]``: the Pearson correlation across people of each factor's scores with its
-    reference scores (``[N, Q]`` each)."""
+    """Pearson's correlation across people of each factor's scores with its reference's.
+
+    Arguments:
+        scores: ``[N, Q]``, e.g. scores from a few answers a person.
+        reference: ``[N, Q]``, the same people's reference scores (e.g. from all their
+            answers), factor q against factor q.
+
+    Returns:
+        ``[Q]``: one correlation per factor (NaN for a factor constant over people).
+    """
     a = scores - scores.mean(0)
     b = reference - reference.mean(0)
     return (a * b).sum(0) / (a.norm(dim=0) * b.norm(dim=0))
@@ -300,7 +340,9 @@ def compare(
     }
     result, analysis = None, None
     if reference and importlib.util.find_spec("factor_analyzer") is not None:
-        fa_time, analysis = _median_time(lambda: fit_factor_analyzer(shown, num_factors))
+        fa_time, analysis = _median_time(
+            lambda: fit_factor_analyzer(shown, num_factors, categories=q.categories)
+        )
         if by_trait:
             analysis = analysis.aligned(q.traits)
         theirs = analysis.loadings

@@ -12,10 +12,10 @@ global parameters. Two likelihoods:
 
 Missing answers (NaN) are masked out of the likelihood (``poutine.mask`` through
 ``Distribution.mask``), never imputed; every other answer must be a whole number in 1..C
-(``models.questionnaires.check_answers``, which the model and the fit call, names the
-first cell that is not). :func:`fit_factor_model` fits it with
-:class:`~pyro_amortized.AutoAmortizedNormal` and its default context, the answers, which
-for rows with NaNs the encoder sees as (answers with NaNs zeroed, observed mask), trained
+(``models.questionnaires.check_answers``, which the model, the fit, the fitted guide and
+every scoring function call, names the first cell that is not). :func:`fit_factor_model`
+fits it with :class:`~pyro_amortized.AutoAmortizedNormal` with the answers as its context,
+which for rows with NaNs the encoder sees as (answers with NaNs zeroed, observed mask), trained
 by :class:`~pyro_amortized.Trace_IWELBO` with answers hidden at random each epoch
 (:func:`drop_answers`) so that a person with no answers gets the prior, and with
 ``keep_answers=k`` half the rows keep only k answers each epoch, for people who will be
@@ -245,6 +245,21 @@ def drop_answers(
     return resample
 
 
+class _CheckedAnswers:
+    """The guide's context: the answers, the rows it encodes checked as the model checks
+    them, so that scoring new people (``guide.site_posteriors(new_answers)``) refuses
+    what the fit would."""
+
+    def __init__(self, categories: int, items: Sequence[str] | None):
+        self.categories = categories
+        self.items = None if items is None else tuple(items)
+
+    def __call__(self, answers: Tensor, idx: Tensor | None = None) -> Tensor:
+        rows = answers if idx is None or not isinstance(answers, Tensor) else answers[idx]
+        check_answers(rows, self.categories, items=self.items, rows=idx, empty_items=True)
+        return answers
+
+
 def _check_keep_answers(owner: str, keep_answers: int) -> None:
     """Raise a ``ValueError`` naming ``owner`` unless ``keep_answers`` is a whole number >= 1."""
     if isinstance(keep_answers, bool) or not isinstance(keep_answers, int) or keep_answers < 1:
@@ -296,7 +311,9 @@ def fit_factor_model(
     """Fit :class:`FactorModel` to ``answers`` by amortized importance-weighted VI.
 
     The guide is :class:`~pyro_amortized.AutoAmortizedNormal` over the ``"people"`` plate
-    with its default context, the answers (NaNs zeroed, plus the observed mask); the
+    with the answers as its context (NaNs zeroed, plus the observed mask), which it checks
+    as the model does, so ``guide.site_posteriors(new_answers)`` refuses an answer off the
+    scale, naming its row and item (an item none of the new people answered is fine); the
     objective :class:`~pyro_amortized.Trace_IWELBO` with the DReG estimator; the
     optimizer Adam with the learning rate decaying geometrically from ``lr`` to
     ``final_lr``. ``drop = (rate, empty_rows)`` hides answers at random each epoch
@@ -353,7 +370,12 @@ def fit_factor_model(
         categories=categories,
         item_means=answers.nanmean(0),
     )
-    guide = AutoAmortizedNormal(model, local_plate="people", hidden_dims=hidden_dims)
+    guide = AutoAmortizedNormal(
+        model,
+        local_plate="people",
+        hidden_dims=hidden_dims,
+        context=_CheckedAnswers(categories, items),
+    )
     began = time.perf_counter()
     history = fit(
         model,
