@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import TYPE_CHECKING
 
 import pyro
 import pyro.distributions as dist
@@ -23,12 +22,10 @@ from models._skill_likelihood import (
     outcome_observation,
 )
 from models.tournaments import MU, SIGMA, Tournament
+from models.trueskill import SkillModel, skill_at
 from pyro_amortized import AutoAmortizedNormal, Trace_IWELBO, fit
 from pyro_amortized.optim import decaying_adam
 from pyro_amortized.refinement import refine
-
-if TYPE_CHECKING:
-    from models.trueskill import SkillModel
 
 __all__ = [
     "GameSetEncoder",
@@ -62,7 +59,7 @@ def game_records(
 
     ``loc`` and ``scale`` are ``[P]``, or ``[P, T']`` by period: a game takes its period's
     column, or after the last period the last one's, widened by ``drift`` (the drift's
-    posterior) as :func:`~models.trueskill.predict` does.
+    posterior): :func:`~models.trueskill.skill_at`.
     """
     G = len(tournament)
     winner, loser, drawn = tournament.winner, tournament.loser, tournament.draw
@@ -71,7 +68,8 @@ def game_records(
     result = torch.cat([torch.where(drawn, DRAW, WIN), torch.where(drawn, DRAW, LOSS)])
     home = torch.cat([tournament.home, -tournament.home])
     order = torch.cat([torch.arange(G), torch.arange(G)])
-    opp_loc, opp_scale = _opponents(loc, scale, opponent, tournament.period.repeat(2), drift)
+    opp_loc, opp_var = skill_at(loc, scale, opponent, tournament.period.repeat(2), drift=drift)
+    opp_scale = opp_var.sqrt()
     slot = torch.full((tournament.num_players,), -1)
     slot[players] = torch.arange(len(players))
     keep = slot[player] >= 0
@@ -93,23 +91,6 @@ def game_records(
         [o_loc, o_scale, o_result, torch.ones_like(o_loc), o_home], dim=-1
     )
     return records
-
-
-def _opponents(
-    loc: Tensor,
-    scale: Tensor,
-    opponent: Tensor,
-    period: Tensor,
-    drift: torch.distributions.Distribution | None,
-) -> tuple[Tensor, Tensor]:
-    if loc.dim() == 1:
-        return loc[opponent], scale[opponent]
-    last = loc.shape[1] - 1
-    ahead = (period - last).clamp(min=0).to(loc.dtype)
-    spread = 0.0 if drift is None else drift.mean**2 + drift.variance
-    column = period.clamp(max=last)
-    variance = scale[opponent, column] ** 2 + ahead * spread
-    return loc[opponent, column], variance.sqrt()
 
 
 class GameSetEncoder(nn.Module):

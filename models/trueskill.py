@@ -93,6 +93,7 @@ __all__ = [
     "parse_args",
     "player_features",
     "predict",
+    "skill_at",
     "skill_posterior",
     "skills_in_games",
 ]
@@ -974,6 +975,37 @@ def linear_response(
     return torch.cholesky_inverse(factor).to(loc.dtype)
 
 
+def skill_at(
+    loc: Tensor,
+    scale: Tensor,
+    players: Tensor,
+    periods: Tensor,
+    *,
+    drift: torch.distributions.Distribution | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""The posterior mean and variance of ``players``' skills in ``periods``.
+
+    A period after the last one fitted takes the last period's posterior, widened by the
+    random walk: :math:`k E_q[\tau^2]` more variance ``k`` periods on.
+
+    Arguments:
+        loc, scale: The skills' posterior means and sds, ``[P]`` (constant skills: the
+            periods are ignored) or ``[P, T]``.
+        players, periods: ``LongTensor[N]`` each.
+        drift: The drift's posterior, for periods after the last.
+
+    Returns:
+        Means and variances, ``[N]`` each.
+    """
+    if loc.dim() == 1:
+        return loc[players], scale[players] ** 2
+    last = loc.shape[1] - 1
+    ahead = (periods - last).clamp(min=0).to(loc.dtype)
+    spread = 0.0 if drift is None else drift.mean**2 + drift.variance
+    column = periods.clamp(max=last)
+    return loc[players, column], scale[players, column] ** 2 + ahead * spread
+
+
 def predict(
     outcome: Outcome,
     loc: Tensor,
@@ -985,9 +1017,8 @@ def predict(
 ) -> Tensor:
     r"""E_q[P(first player loses, draws, wins)] for each game.
 
-    A game in a period after the last one fitted takes the last period's posterior,
-    widened by the random walk: :math:`k E_q[\tau^2]` more variance ``k`` periods on.
-    The home side's skill gains the home advantage, its posterior variance included
+    Each side's skill is :func:`skill_at` the game's period (periods after the last one
+    fitted widened by the drift). The home side's skill gains the home advantage, its posterior variance included
     (exact for the probit: the sum of independent Normals).
 
     Arguments:
@@ -1000,17 +1031,8 @@ def predict(
         ``[G, 3]`` probabilities.
     """
     check_games(games, loc.shape[0], None, "predict")
-    first, second = games[:, 0], games[:, 1]
-    if loc.dim() == 1:
-        loc_i, loc_j, var_i, var_j = loc[first], loc[second], scale[first] ** 2, scale[second] ** 2
-    else:
-        last = loc.shape[1] - 1
-        period = games[:, 4].clamp(max=last)
-        ahead = (games[:, 4] - last).clamp(min=0).to(loc.dtype)
-        spread = 0.0 if drift is None else drift.mean**2 + drift.variance
-        loc_i, loc_j = loc[first, period], loc[second, period]
-        var_i = scale[first, period] ** 2 + ahead * spread
-        var_j = scale[second, period] ** 2 + ahead * spread
+    loc_i, var_i = skill_at(loc, scale, games[:, 0], games[:, 4], drift=drift)
+    loc_j, var_j = skill_at(loc, scale, games[:, 1], games[:, 4], drift=drift)
     if home_advantage is not None:
         at_first, at_second = games[:, 3] == 1, games[:, 3] == -1
         loc_i = loc_i + at_first * home_advantage.mean
