@@ -75,12 +75,12 @@ from pyro_amortized import fit
 from pyro_amortized.optim import decaying_adam
 
 __all__ = [
+    "DriftPosterior",
+    "MarkovNormal",
+    "RandomWalk",
     "SkillModel",
     "SkillPosterior",
-    "RandomWalk",
     "TrajectoryGuide",
-    "MarkovNormal",
-    "DriftPosterior",
     "check_games",
     "drift_posterior",
     "expected_precision",
