@@ -95,11 +95,10 @@ class Tournament:
         for name in ("home", "period"):
             if getattr(self, name) is None:
                 object.__setattr__(self, name, torch.zeros(len(self.winner), dtype=torch.long))
-        sizes = {len(getattr(self, n)) for n in ("winner", "loser", "draw", "time", "home")}
-        if len(sizes | {len(self.period)}) != 1:
-            raise ValueError(
-                f"Tournament: winner, loser, draw, time, home and period differ in length {sizes}"
-            )
+        names = ("winner", "loser", "draw", "time", "home", "period")
+        sizes = {n: len(getattr(self, n)) for n in names}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"Tournament: the columns differ in length: {sizes}")
         if len(self.winner) and (self.winner == self.loser).any():
             game = int((self.winner == self.loser).nonzero()[0])
             raise ValueError(f"Tournament: game {game} has the same player on both sides")
