@@ -772,18 +772,25 @@ def fit_posterior(model: SkillModel, train: Tournament, **kwargs) -> SkillPoster
     home, drift = global_posteriors(guide)
     fit_time = time.perf_counter() - began
     square_steps = guide.square_steps() if isinstance(guide, TrajectoryGuide) else None
-    kwargs = {"home_advantage": home, "drift": drift}
-    try:
-        covariance = linear_response(
-            model, loc, scale, train.games, square_steps=square_steps, **kwargs
-        )
-    except ValueError:
-        if square_steps is None:
-            raise
+    precision = expected_precision(
+        model,
+        loc,
+        scale,
+        train.games,
+        home_advantage=home,
+        drift=drift,
+        square_steps=square_steps,
+    )
+    covariance = _inverse(precision)
+    if covariance is None and square_steps is not None:
         # the random walk's density is not concave in (skills, log drift) (a funnel); where
-        # the games do not outweigh that, leave the drift out and keep the guide's sd
+        # the games do not outweigh that, leave the drift out (its row and column are the
+        # last) and keep the guide's sd
         square_steps = None
-        covariance = linear_response(model, loc, scale, train.games, **kwargs)
+        covariance = _inverse(precision[:-1, :-1])
+    if covariance is None:
+        raise ValueError(_NOT_DEFINITE)
+    covariance = covariance.to(loc.dtype)
     sd = covariance.diagonal().sqrt()
     corrected = sd[: loc.numel()].reshape(loc.shape)
     corrected_globals = {}
@@ -964,15 +971,24 @@ def linear_response(
         Variational Bayes (Giordano, Broderick and Jordan, 2015).
     """
     precision = expected_precision(model, loc, scale, games, **kwargs)
+    covariance = _inverse(precision)
+    if covariance is None:
+        raise ValueError(_NOT_DEFINITE)
+    return covariance.to(loc.dtype)
+
+
+_NOT_DEFINITE = (
+    "linear_response: the expected Hessian of the log joint is not negative definite at "
+    "this posterior (a learned likelihood that is not log-concave there, or, with "
+    "square_steps=, the drift's funnel where the games do not outweigh it), so it gives no "
+    "covariance; use the guide's scales (or leave square_steps out)"
+)
+
+
+def _inverse(precision: Tensor) -> Tensor | None:
+    """The inverse of a positive-definite ``precision`` by Cholesky, else ``None``."""
     factor, info = torch.linalg.cholesky_ex(precision)
-    if info:
-        raise ValueError(
-            "linear_response: the expected Hessian of the log joint is not negative definite "
-            "at this posterior (a learned likelihood that is not log-concave there, or, with "
-            "square_steps=, the drift's funnel where the games do not outweigh it), so it "
-            "gives no covariance; use the guide's scales (or leave square_steps out)"
-        )
-    return torch.cholesky_inverse(factor).to(loc.dtype)
+    return None if info else torch.cholesky_inverse(factor)
 
 
 def skill_at(

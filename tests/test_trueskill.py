@@ -561,6 +561,18 @@ def test_expected_precision_with_home_and_drift_is_the_hessian_at_a_point_mass()
         theta = torch.cat([loc.reshape(-1), torch.tensor([eta, u])])
         hessian = torch.autograd.functional.hessian(log_joint, theta)
         assert torch.allclose(precision, -hessian, rtol=1e-6, atol=1e-8)
+        # without square_steps the log drift's row and column (the last) are left out,
+        # the rest the same: fit_posterior's fallback slices them off
+        without = expected_precision(
+            model,
+            loc,
+            torch.full_like(loc, tiny),
+            games,
+            home_advantage=home,
+            drift=drift,
+            num_samples=2,
+        )
+        assert torch.equal(precision[:-1, :-1], without)
     finally:
         torch.set_default_dtype(torch.float32)
 
