@@ -535,16 +535,9 @@ def test_expected_precision_with_home_and_drift_is_the_hessian_at_a_point_mass()
         home = torch.distributions.Normal(torch.tensor(eta), torch.tensor(tiny))
         drift = torch.distributions.LogNormal(torch.tensor(u), torch.tensor(tiny))
         square_steps = float(((loc[:, 1:] - loc[:, :-1]) ** 2).sum())
-        precision = expected_precision(
-            model,
-            loc,
-            torch.full_like(loc, tiny),
-            games,
-            home_advantage=home,
-            drift=drift,
-            square_steps=square_steps,
-            num_samples=2,
-        )
+        point = (model, loc, torch.full_like(loc, tiny), games)
+        options = {"home_advantage": home, "drift": drift, "num_samples": 2}
+        precision = expected_precision(*point, square_steps=square_steps, **options)
 
         def log_joint(theta):
             z, h, v = theta[: P * T].reshape(P, T), theta[-2], theta[-1]
@@ -563,16 +556,7 @@ def test_expected_precision_with_home_and_drift_is_the_hessian_at_a_point_mass()
         assert torch.allclose(precision, -hessian, rtol=1e-6, atol=1e-8)
         # without square_steps the log drift's row and column (the last) are left out,
         # the rest the same: fit_posterior's fallback slices them off
-        without = expected_precision(
-            model,
-            loc,
-            torch.full_like(loc, tiny),
-            games,
-            home_advantage=home,
-            drift=drift,
-            num_samples=2,
-        )
-        assert torch.equal(precision[:-1, :-1], without)
+        assert torch.equal(precision[:-1, :-1], expected_precision(*point, **options))
     finally:
         torch.set_default_dtype(torch.float32)
 
