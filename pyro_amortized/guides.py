@@ -330,8 +330,11 @@ class AutoAmortizedGuide(AutoGuide):
         raise NotImplementedError
 
     def forward(self, *args, **kwargs) -> dict[str, Tensor]:
-        call = self.prepare(*args, **kwargs)
-        return self.sample_local(call, self.encode_rows(call.rows))
+        # prepare, encode_rows and sample_local in one entry of the module's Pyro context
+        # (each enters it for callers outside a call): the same statements, once per call
+        with self._pyro_context:
+            call = self.prepare(*args, **kwargs)
+            return self._sample_sites(call, EncoderOutput(*self._encode(call.rows)))
 
     # -------------------------------------------------------------- pickling
     def __getstate__(self) -> dict:
@@ -348,6 +351,7 @@ class AutoAmortizedGuide(AutoGuide):
         state = super().__getstate__()
         self._model, self.master = model, master
         state["_model"] = model
+        state.pop("_first_parameters", None)  # a cache of look-ups, rebuilt on a call
         if isinstance(model[0], nn.Module):
             # pyro.param marks a network's parameters with a weakref, as PyroModule's own
             # __getstate__ knows for its parameters; pyro.module(name, net) in the model so
@@ -762,13 +766,16 @@ class AutoAmortizedGuide(AutoGuide):
         """The call's plates, on the context's device (their indices are drawn there)."""
         rows = context.shape[0]
         if self.create_plates is not None:
-            plates = self.create_plates(*args, **kwargs)
-            plates = [plates] if isinstance(plates, pyro.plate) else list(plates)
-            self.plates = {p.name: p for p in plates}
+            given = self.create_plates(*args, **kwargs)
+            given = [given] if isinstance(given, pyro.plate) else list(given)
+            plates = {p.name: p for p in given}
         else:
-            self.plates = {}
+            plates = {}
+        # a plain dict attribute: nn.Module's and PyroModule's __setattr__ (which look for
+        # parameters, modules and Pyro attributes) would run on every call for nothing
+        object.__setattr__(self, "plates", plates)
         for name, frame in sorted(self._prototype_frames.items()):
-            if name in self.plates:
+            if name in plates:
                 continue
             if _is_sizeless(frame):
                 # as the model's: the size comes from the sites (the encoder's rows)
@@ -777,8 +784,8 @@ class AutoAmortizedGuide(AutoGuide):
                 plate_args = self._local_plate_args(rows, args, kwargs)
             else:
                 plate_args = {"size": frame.full_size or frame.size, "subsample_size": frame.size}
-            self.plates[name] = pyro.plate(name, dim=frame.dim, device=context.device, **plate_args)
-        return self.plates
+            plates[name] = pyro.plate(name, dim=frame.dim, device=context.device, **plate_args)
+        return plates
 
     def _select_rows(self, context: Tensor, plate: pyro.plate | None, args, kwargs) -> Tensor:
         """The context rows of the datapoints in ``plate`` (of the call's indices if None)."""
@@ -814,14 +821,34 @@ class AutoAmortizedGuide(AutoGuide):
         for child, network in self._modules.items():
             if network is None or isinstance(network, PyroModule):
                 continue  # a PyroModule (the global AutoNormal) restores itself
-            first = next(network.named_parameters(), None)
+            first = self._first_parameter(child, network)
             if first is None:
                 continue
-            prefix = self._pyro_get_fullname(child)
-            key = param_with_module_name(prefix, first[0])
+            prefix, key, owner, attr = first
             # One look-up a network and call: a load replaces every tensor of the store.
-            if key in store and store[key] is not first[1]:
+            if key in store and store[key] is not owner._parameters.get(attr):
                 self._load_network(store, prefix, child, network)
+
+    def _first_parameter(self, child: str, network: nn.Module) -> tuple | None:
+        """Where a network's first parameter lives: (the network's name in the store, the
+        parameter's, the module holding it, its attribute), or None without parameters.
+
+        Kept between calls, for this network under this guide's name: walking the
+        network's modules for it on every call costs more than the look-up it serves.
+        """
+        cache = self.__dict__.setdefault("_first_parameters", {})
+        cached = cache.get(child)
+        if cached is not None and cached[0] is network and cached[1] == self._pyro_name:
+            return cached[2]
+        first = next(network.named_parameters(), None)
+        found = None
+        if first is not None:
+            prefix = self._pyro_get_fullname(child)
+            owner_path, _, attr = first[0].rpartition(".")
+            owner = network.get_submodule(owner_path) if owner_path else network
+            found = (prefix, param_with_module_name(prefix, first[0]), owner, attr)
+        cache[child] = (network, self._pyro_name, found)
+        return found
 
     def _load_network(self, store, prefix: str, child: str, network: nn.Module) -> None:
         for path, param in list(network.named_parameters()):
@@ -988,6 +1015,13 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
     def _sample_sites(self, call: GuideCall, output: EncoderOutput) -> dict[str, Tensor]:
         result = dict(call.values)
         for site in self._local_sites:
+            if len(site.frames) == 1 and site.scale == 1.0:
+                # the common site, directly in the local plate: no ExitStack to build
+                with call.plates[site.frames[0].name]:
+                    result[site.name] = pyro.sample(
+                        site.name, self._site_distribution(site, output.loc, output.scale)
+                    )
+                continue
             with ExitStack() as stack:
                 for frame in site.frames:
                     stack.enter_context(call.plates[frame.name])
