@@ -2,10 +2,7 @@ r"""Importance-weighted bounds with per-datapoint log-sum-exp and low-variance e
 
 from __future__ import annotations
 
-import functools
-import itertools
 import math
-import types
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -24,12 +21,12 @@ from pyro.poutine.subsample_messenger import _Subsample
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 from torch import Tensor, nn
-from torch.distributions import Bernoulli, Distribution, Independent, Normal
-from torch.distributions.transforms import Transform, _InverseTransform
+from torch.distributions import Bernoulli, Independent, Normal
 from torch.distributions.utils import _sum_rightmost, broadcast_all
 from torch.nn import functional as F
 
 from .devices import data_device
+from .pathgrad import stop_distribution
 
 __all__ = [
     "ESTIMATORS",
@@ -70,98 +67,6 @@ class LocalParticlePlate(Messenger):
         if any(f.name == self.local_plate for f in stack):
             msg["cond_indep_stack"] = (self.frame,) + stack
             BroadcastMessenger._pyro_sample(msg)
-
-
-def _stop_transform(transform: Transform, site: str) -> Transform:
-    """A copy of ``transform`` whose parameters are detached and whose cache is off.
-
-    The cache must go: a cached inverse hands back the pre-image tensor itself, and the
-    gradient would then skip the sampled value on its way to the guide's parameters.
-    """
-    if isinstance(transform, _InverseTransform):
-        return _stop_transform(transform._inv, site).inv
-    if isinstance(transform, nn.Module) and next(transform.parameters(), None) is not None:
-        _refuse_module(transform, site)  # a TransformModule with parameters of its own
-    new = object.__new__(type(transform))
-    state = new.__dict__
-    for key, value in vars(transform).items():
-        if isinstance(value, types.MethodType) and value.__self__ is transform:
-            # a method chosen in __init__ (Pyro's stable IAF sets _call and _inverse so)
-            # must run on the copy, or it would use the original's unstopped network
-            state[key] = types.MethodType(value.__func__, new)
-        elif key not in ("_inv", "_cached_x_y"):
-            state[key] = _stop_value(value, site)
-    if "_cache_size" in state:
-        state["_cache_size"] = 0
-        state["_cached_x_y"] = (None, None)
-    state["_inv"] = None
-    return new
-
-
-def _stop_value(value, site: str):
-    if isinstance(value, Tensor):
-        return value.detach()
-    if isinstance(value, Distribution):
-        return stop_distribution(value, site)
-    if isinstance(value, Transform):
-        return _stop_transform(value, site)
-    if isinstance(value, (list, tuple)) and any(isinstance(v, Transform) for v in value):
-        return type(value)(_stop_value(v, site) for v in value)
-    if isinstance(value, nn.Module):
-        _refuse_module(value, site)
-    if isinstance(value, functools.partial) and (
-        isinstance(value.func, nn.Module)
-        or any(isinstance(v, nn.Module) for v in (*value.args, *value.keywords.values()))
-    ):
-        # A conditioned Pyro flow holds its network as partial(module, context=h).
-        stopped = functools.partial(
-            _StoppedCall(value.func, site),
-            *(_stop_value(v, site) for v in value.args),
-            **{k: _stop_value(v, site) for k, v in value.keywords.items()},
-        )
-        stopped.__dict__.update(value.__dict__)  # e.g. the permutation Pyro attaches
-        return stopped
-    return value
-
-
-class _StoppedCall:
-    """Calls a module with its parameters and buffers detached (``torch.func``)."""
-
-    __slots__ = ("module", "state")
-
-    def __init__(self, module, site: str):
-        if not isinstance(module, nn.Module):
-            _refuse_module(module, site)
-        self.module = module
-        tensors = itertools.chain(module.named_parameters(), module.named_buffers())
-        self.state = {name: t.detach() for name, t in tensors}
-
-    def __call__(self, *args, **kwargs):
-        return torch.func.functional_call(self.module, self.state, args, kwargs)
-
-
-def _refuse_module(module, site: str) -> None:
-    raise ValueError(
-        f"Trace_IWELBO: guide site '{site}' has a distribution holding an nn.Module "
-        f"({type(module).__name__}), whose parameters cannot be stopped; estimator='stl' "
-        "and 'dreg' need distributions built from tensors, or conditioned on a network "
-        "held as functools.partial(module, ...) as Pyro's conditional flows are. Use "
-        "estimator='iwae'."
-    )
-
-
-def stop_distribution(fn: Distribution, site: str) -> Distribution:
-    """``fn`` with every parameter detached: log q(z; stop_gradient(phi)) as a function of z
-    (what the STL and DReG estimators evaluate; ``site`` names the site in errors).
-
-    A ``Delta`` is kept as it is: its log-density (the Jacobian of a reparameterization,
-    as in Pyro's autoguides) depends on parameters only through the sampled values.
-    """
-    if isinstance(fn, Delta):
-        return fn
-    new = object.__new__(type(fn))
-    new.__dict__.update({k: _stop_value(v, site) for k, v in vars(fn).items()})
-    return new
 
 
 def _independent_bernoulli_log_prob(fn: Independent, value: Tensor) -> Tensor:
