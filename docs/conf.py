@@ -89,6 +89,7 @@ PUBLIC_MODULES = [
     "flows",
     "encoders",
     "objectives",
+    "pathgrad",
     "refinement",
     "perdatapoint",
     "diagnostics",

@@ -36,7 +36,6 @@ __all__ = [
     "Trace_IWELBO",
     "log_weights",
     "site_log_prob",
-    "stop_distribution",
 ]
 
 #: Gradient estimators of :class:`Trace_IWELBO`.
