@@ -41,6 +41,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import Delta
 from pyro.distributions.transforms import AffineAutoregressive
+from pyro.nn import ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 from torch.distributions import Distribution, TransformedDistribution
 from torch.distributions.transforms import Transform, _InverseTransform
@@ -182,36 +183,111 @@ def _inverse_pull(t: Transform, y: Tensor, a: Tensor | None):
 
 def _autoregressive_pull(t: AffineAutoregressive, x: Tensor, a: Tensor | None):
     """``J^{-T}(a - grad log|det J|)`` for an affine autoregressive step, by sweeps."""
-    x = x.detach().requires_grad_(a is not None)
-    mean, raw = t.arn(x)
+    made = _made_forward(t.arn, x)
+    if made is None:  # any other network: its vector-Jacobian products by autograd
+        x = x.detach().requires_grad_(a is not None)
+        mean, raw = t.arn(x)
+    else:
+        mean, raw, made_vjp = made
     if t.stable:
         logit = raw + t.sigmoid_bias
         scale, log_scale = torch.sigmoid(logit), F.logsigmoid(logit)
-        off = scale * x.detach() + (1 - scale) * mean
     else:
-        # Pyro's clamp that keeps the gradient where it clips
+        # Pyro's clamp, which keeps the gradient where it clips
         log_scale = raw + (raw.clamp(t.log_scale_min_clip, t.log_scale_max_clip) - raw).detach()
         scale = torch.exp(log_scale)
-        off = scale * x.detach() + mean
     ladj = log_scale.sum(-1)
     if a is None:
         return None, ladj.detach(), 0
-    # y = scale(x) * x + mean(x); `off` holds x fixed where it multiplies the scale, so its
-    # Jacobian is P, the strictly triangular part of dy/dx (the diagonal is `scale`). The
-    # fixed point w = (a - grad log|det J| - P^T w) / scale takes both gradients in one
-    # backward pass per sweep.
+    # y = scale(x) * x + mean(x). Holding x fixed where it multiplies the scale leaves P,
+    # the strictly triangular part of dy/dx (its diagonal is `scale`), and the fixed point
+    # w = (a - grad log|det J| - P^T w) / scale takes both gradients in one pass a sweep.
+    x_fixed = x.detach()
+    if made is None:
+        if t.stable:
+            off = scale * x_fixed + (1 - scale) * mean
+        else:
+            off = scale * x_fixed + mean
+        ones = torch.ones_like(ladj)
+
+        def vjp(w):
+            return torch.autograd.grad((off, ladj), x, (w, ones), retain_graph=True)[0]
+
+    else:
+        # the same products through the network's two heads, written out
+        scale, mean = scale.detach(), mean.detach()
+        if t.stable:
+            d_mean, d_raw, d_ladj = 1 - scale, scale * (1 - scale) * (x_fixed - mean), 1 - scale
+        else:
+            d_mean, d_raw, d_ladj = None, scale * x_fixed, 1.0
+
+        def vjp(w):
+            return made_vjp(w if d_mean is None else d_mean * w, d_raw * w + d_ladj)
+
     scale = scale.detach()
-    ones = torch.ones_like(ladj)
     tol = 4 * torch.finfo(scale.dtype).eps
     w = a / scale
     for sweep in range(1, x.shape[-1] + 1):  # exact after D sweeps, P^T being nilpotent
-        (pulled,) = torch.autograd.grad((off, ladj), x, (w, ones), retain_graph=True)
-        new = (a - pulled) / scale
+        new = (a - vjp(w)) / scale
         # converged to rounding: no entry moves by more than 4 ulps of its row's largest
         if ((new - w).abs() <= tol * new.abs().amax(-1, keepdim=True)).all():
             return new, ladj.detach(), sweep
         w = new
     return new, ladj.detach(), sweep
+
+
+def _made_forward(arn, x: Tensor):
+    """``(mean, raw scale, vjp)`` of Pyro's conditional MADE at ``x``, by hand, or None
+    when ``arn`` is not one (a stopped ``ConditionalAutoRegressiveNN`` with ReLU, no skip
+    layer and the two heads of an affine step).
+
+    ``vjp(g_mean, g_raw)`` is the gradient w.r.t. ``x`` of ``g_mean . mean + g_raw . raw``:
+    three products with the masked weights, against autograd's four (its first layer
+    also differentiates the context) and its graph.
+    """
+    if not (
+        isinstance(arn, functools.partial)
+        and isinstance(arn.func, _StoppedCall)
+        and not arn.args
+        and set(arn.keywords) == {"context"}
+    ):
+        return None
+    net = arn.func.module
+    if (
+        type(net) is not ConditionalAutoRegressiveNN
+        or type(net.f) is not nn.ReLU
+        or net.skip_layer is not None
+        or net.output_multiplier != 2
+        or not net.all_ones
+        or any(layer.bias is None for layer in net.layers)
+    ):
+        return None
+    state = arn.func.state
+    weights = [
+        state[f"layers.{i}.weight"] * state[f"layers.{i}.mask"] for i in range(len(net.layers))
+    ]
+    biases = [state[f"layers.{i}.bias"] for i in range(len(net.layers))]
+    context = arn.keywords["context"]
+    context = context.expand(x.shape[:-1] + context.shape[-1:])
+    width = context.shape[-1]
+    with torch.no_grad():
+        h = torch.cat([context, x], dim=-1)
+        active = []
+        for weight, bias in zip(weights[:-1], biases[:-1], strict=True):
+            pre = F.linear(h, weight, bias)
+            active.append(pre > 0)
+            h = pre.clamp_min(0)
+        out = F.linear(h, weights[-1], biases[-1])
+    mean, raw = out.reshape(x.shape[:-1] + (2, x.shape[-1])).unbind(-2)
+    first = weights[0][:, width:]  # the columns of x; the context's need no gradient
+
+    def vjp(g_mean: Tensor, g_raw: Tensor) -> Tensor:
+        g = torch.cat([g_mean, g_raw], dim=-1) @ weights[-1]
+        for weight, mask in zip(weights[-2:0:-1], active[:0:-1], strict=True):
+            g = (g * mask) @ weight
+        return (g * active[0]) @ first
+
+    return mean, raw, vjp
 
 
 def _stop_transform(transform: Transform, site: str, cache: bool = False) -> Transform:
