@@ -8,19 +8,22 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import pyro
 import torch
 from pyro import poutine
-from torch import Tensor
-from torch.distributions import TransformedDistribution
+from pyro.poutine.messenger import Messenger
+from torch import Tensor, nn
+from torch.distributions import Distribution, TransformedDistribution
 from torch.distributions.transforms import ComposeTransform, IndependentTransform, Transform
 from tqdm import tqdm
 
 from .checks import check_count, check_counts, options_from, renamed
-from .devices import fork_rng
+from .devices import data_device, fork_rng
 from .encoders import EncoderOutput
 from .guides import AutoAmortizedGuide
 from .objectives import ParticleVectorizationError, Trace_IWELBO
@@ -28,6 +31,8 @@ from .perdatapoint import FAMILIES, LocalOptions, fit_local, fix_globals
 from .refinement import RefineOptions, refine_with
 
 __all__ = [
+    "ACCELERATOR_MEMORY_BUDGET",
+    "CPU_MEMORY_BUDGET",
     "ActiveUnits",
     "ElboSurgery",
     "Estimate",
@@ -41,13 +46,25 @@ __all__ = [
 ]
 
 
+#: Bytes of per-particle tensors that one chunk's sample sites may hold on the CPU, when
+#: neither ``chunk_size`` nor ``memory_budget`` is given. Small on purpose: a chunk whose
+#: largest tensors fit the CPU's last-level cache runs faster per particle (on the
+#: project's 2-core machine, with 32 MiB of L3, 2 to 5 particles of 2,000 MNIST images
+#: took 26 ms a particle where 40 took 43 ms; docs/log-marginal.md).
+CPU_MEMORY_BUDGET = 16 * 2**20
+#: The same on any other device (a GPU), where larger chunks amortize each pass's
+#: kernel launches and Python overhead. Not measured here: no GPU on the project machine.
+ACCELERATOR_MEMORY_BUDGET = 2**30
+
+
 @torch.no_grad()
 def log_marginal_likelihood(
     model: Callable,
     guide: Callable,
     *args,
     num_samples: int = 5000,
-    chunk_size: int = 500,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
     batch_size: int | None = None,
     progress: bool = True,
     local_plate: str | None = None,
@@ -57,10 +74,28 @@ def log_marginal_likelihood(
 
     The IWAE bound with ``num_samples`` particles and the guide as proposal,
     :math:`\log \frac{1}{S} \sum_s p(x_i, z_s) / q(z_s \mid x_i)`, which tends to
-    :math:`\log p(x_i)` from below as :math:`S` grows. Particles are drawn ``chunk_size``
-    at a time and the chunks' log-sum-exps combined as they come, so memory is bounded by
-    ``chunk_size`` whatever ``num_samples``; the same draws give the same estimate, up to
-    float rounding, whatever the chunking.
+    :math:`\log p(x_i)` from below as :math:`S` grows. Particles are drawn a chunk at a
+    time and the chunks' log-sum-exps combined as they come, so memory is bounded by the
+    chunk whatever ``num_samples``; the same draws give the same estimate, up to float
+    rounding, whatever the chunking.
+
+    **Chunks.** ``chunk_size`` particles a chunk when given. Otherwise the chunk size
+    follows ``memory_budget``: the first two chunks (1 and 2 particles, which count
+    towards the estimate) measure the bytes of the tensors that the model's and guide's
+    sample sites hold per particle (values and distribution parameters: for a VAE the
+    latents and the decoder's logits), and the rest take ``memory_budget`` over that,
+    at least 1. The networks' intermediate tensors and the log-densities' temporaries
+    come on top: for the MNIST VAE the process's peak grew by about 3 times the budget
+    (docs/log-marginal.md).
+
+    **Speed.** An amortized guide's encoder runs once per batch of datapoints, and every
+    chunk samples from its output (the guide's
+    :meth:`~pyro_amortized.guides.AutoAmortizedGuide.prepare` and
+    :meth:`~pyro_amortized.guides.AutoAmortizedGuide.sample_local`, the encoding reused
+    while the call's context rows stay the same). Under Pyro's validation the first chunk
+    of every batch runs Pyro's and torch's checks and the others run without them: they
+    see the same data through the same sites, and the checks of every site's parameters
+    cost as much as a tenth of the networks' time.
 
     **Global latents.** With global latent sites (outside the local plate) the estimate
     is of :math:`\log p(x_i \mid \hat\beta)`, the globals fixed at the guide's
@@ -74,12 +109,16 @@ def log_marginal_likelihood(
             every :class:`~pyro_amortized.guides.AutoAmortizedGuide` has.
         *args: The model's arguments.
         num_samples: Importance samples :math:`S` per datapoint.
-        chunk_size: Particles drawn per pass.
+        chunk_size: Particles drawn per pass; ``None`` sizes the chunks from
+            ``memory_budget``.
+        memory_budget: Bytes of per-particle site tensors a chunk may hold when
+            ``chunk_size`` is None; ``None`` is :data:`CPU_MEMORY_BUDGET` for data on
+            the CPU and :data:`ACCELERATOR_MEMORY_BUDGET` elsewhere.
         batch_size: When given, datapoints are taken this many at a time, following
             :func:`~pyro_amortized.fit`'s convention: the model is called as
             ``model(*args, idx, **kwargs)`` with ``idx`` the batch's rows of ``args[0]``
             (the plate takes ``subsample=idx``). ``None`` runs all datapoints at once.
-        progress: Show a ``tqdm`` progress bar over the chunks (on stderr).
+        progress: Show a ``tqdm`` progress bar over the draws (on stderr).
         local_plate: The plate over datapoints, found as
             :class:`~pyro_amortized.objectives.Trace_IWELBO` finds it when None (the
             guide's ``local_plate`` first). A model without one gets a single estimate of
@@ -101,6 +140,7 @@ def log_marginal_likelihood(
         kwargs,
         num_samples=num_samples,
         chunk_size=chunk_size,
+        memory_budget=memory_budget,
         batch_size=batch_size,
         local_plate=local_plate,
         reduce="logmeanexp",
@@ -115,7 +155,8 @@ def per_datapoint_elbo(
     guide: Callable,
     *args,
     num_samples: int = 1000,
-    chunk_size: int = 500,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
     batch_size: int | None = None,
     progress: bool = False,
     local_plate: str | None = None,
@@ -140,6 +181,7 @@ def per_datapoint_elbo(
         kwargs,
         num_samples=num_samples,
         chunk_size=chunk_size,
+        memory_budget=memory_budget,
         batch_size=batch_size,
         local_plate=local_plate,
         reduce="mean",
@@ -150,16 +192,29 @@ def per_datapoint_elbo(
 
 def _estimate(owner: str, model, guide, args, kwargs, *, batch_size, local_plate, **options):
     """Either estimate, with its arguments checked and the globals fixed."""
-    check_counts(owner, num_samples=options["num_samples"], chunk_size=options["chunk_size"])
+    check_counts(owner, num_samples=options["num_samples"])
+    _check_chunking(owner, options["chunk_size"], options["memory_budget"])
     _check_batch_size(owner, batch_size, args)
     if local_plate is not None and (not isinstance(local_plate, str) or not local_plate):
         raise ValueError(f"{owner}: local_plate must be a plate name, got {local_plate!r}")
     model, guide, local_plate, _ = fix_globals(
-        model, guide, args, kwargs, owner=owner, local_plate=local_plate
+        model, _encoding_once(guide), args, kwargs, owner=owner, local_plate=local_plate
     )
     return _chunked_estimate(
         model, guide, args, kwargs, batch_size=batch_size, local_plate=local_plate, **options
     )
+
+
+def _check_chunking(owner: str, chunk_size, memory_budget) -> None:
+    """``chunk_size`` and ``memory_budget`` each None or a count, not both given."""
+    check_count(owner, "chunk_size", chunk_size, optional=True)
+    check_count(owner, "memory_budget", memory_budget, optional=True)
+    if chunk_size is not None and memory_budget is not None:
+        raise ValueError(
+            f"{owner}: chunk_size={chunk_size} and memory_budget={memory_budget} both given; "
+            "pass chunk_size for a fixed number of particles a chunk, or memory_budget "
+            "(bytes) to size the chunks from it"
+        )
 
 
 def _check_batch_size(owner: str, batch_size, args, minimum: int = 1) -> None:
@@ -174,6 +229,132 @@ def _check_batch_size(owner: str, batch_size, args, minimum: int = 1) -> None:
         )
 
 
+class _EncodingOnce:
+    """An amortized guide whose encoder runs once for the datapoints of many calls.
+
+    A call is the guide's own two steps,
+    :meth:`~pyro_amortized.guides.AutoAmortizedGuide.prepare` then
+    :meth:`~pyro_amortized.guides.AutoAmortizedGuide.sample_local`, with the encoder's
+    output for the call's context rows kept in between: the next call whose rows are the
+    same (the same tensor, or equal, NaNs matching) samples from it without running the
+    encoder again. So the chunks of particles of one batch of datapoints, each a call,
+    share one encoding. Made under ``torch.no_grad()``, as the estimates here are; an
+    encoder that draws at random (dropout in training mode) keeps its first draw.
+
+    Arguments:
+        guide: An amortized guide that leaves ``forward`` as the base class has it.
+    """
+
+    def __init__(self, guide: AutoAmortizedGuide):
+        self.guide = guide
+        self._rows: Tensor | None = None
+        self._output: EncoderOutput | None = None
+
+    @property
+    def local_plate(self) -> str:
+        """The guide's plate over datapoints."""
+        return self.guide.local_plate
+
+    def median(self, *args, **kwargs) -> dict[str, Tensor]:
+        """The guide's :meth:`~pyro_amortized.guides.AutoAmortizedGuide.median`."""
+        return self.guide.median(*args, **kwargs)
+
+    def __call__(self, *args, **kwargs) -> dict[str, Tensor]:
+        call = self.guide.prepare(*args, **kwargs)
+        if self._rows is None or not _same_rows(call.rows, self._rows):
+            self._output = self.guide.encode_rows(call.rows)
+            self._rows = call.rows
+        return self.guide.sample_local(call, self._output)
+
+
+def _encoding_once(guide: Callable) -> Callable:
+    """``guide`` as an :class:`_EncodingOnce` where that is the same guide: an amortized
+    guide that does not override ``forward``; any other guide as it is."""
+    if isinstance(guide, AutoAmortizedGuide) and type(guide).forward is AutoAmortizedGuide.forward:
+        return _EncodingOnce(guide)
+    return guide
+
+
+def _same_rows(a: Tensor, b: Tensor) -> bool:
+    if a is b:
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return False
+    return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+class _SiteBytes(Messenger):
+    """Counts the bytes of the storages behind the sample sites' values and distributions
+    (their parameters, a base distribution's, a transform's cached values), each storage
+    once, over the sites of the calls run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self._storages: dict[tuple, int] = {}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self._storages.values())
+
+    def _pyro_post_sample(self, msg) -> None:
+        for tensor in _tensors((msg["value"], msg["fn"]), depth=4, seen=set()):
+            storage = tensor.untyped_storage()
+            self._storages[(tensor.device, storage.data_ptr())] = storage.nbytes()
+
+
+def _tensors(obj, *, depth: int, seen: set):
+    """The tensors in ``obj``: itself, or those a distribution, a transform or a container
+    holds, ``depth`` levels down (networks' parameters are not per particle: skipped)."""
+    if isinstance(obj, Tensor):
+        yield obj
+        return
+    if depth == 0 or id(obj) in seen or isinstance(obj, nn.Module):
+        return
+    seen.add(id(obj))
+    if isinstance(obj, (list, tuple)):
+        children = obj
+    elif isinstance(obj, dict):
+        children = obj.values()
+    elif isinstance(obj, (Distribution, Transform)):
+        children = vars(obj).values()
+    else:
+        return
+    for child in children:
+        yield from _tensors(child, depth=depth - 1, seen=seen)
+
+
+def _memory_budget_for(device: torch.device | None) -> int:
+    """The default ``memory_budget`` for data on ``device`` (the CPU when None)."""
+    if device is None or device.type == "cpu":
+        return CPU_MEMORY_BUDGET
+    return ACCELERATOR_MEMORY_BUDGET
+
+
+class _ChunkPlan:
+    """How many particles each chunk draws: ``chunk_size``, or sized from a budget after
+    two probe chunks of 1 and 2 particles (see :func:`log_marginal_likelihood`)."""
+
+    def __init__(self, chunk_size: int | None, memory_budget: int):
+        self.size = chunk_size
+        self.budget = memory_budget
+        self.probes: list[int] = []  # the probe chunks' site bytes, of 1 and 2 particles
+
+    @property
+    def probing(self) -> bool:
+        return self.size is None
+
+    def next(self, left: int) -> int:
+        return min(len(self.probes) + 1 if self.size is None else self.size, left)
+
+    def measured(self, nbytes: int) -> None:
+        self.probes.append(nbytes)
+        if len(self.probes) == 2:
+            one, two = self.probes
+            # what a particle adds; the data and the encoder's output do not grow
+            per_particle = two - one if two > one else max(two // 2, 1)
+            self.size = max(1, self.budget // per_particle)
+
+
 def _chunked_estimate(
     model: Callable,
     guide: Callable,
@@ -181,7 +362,8 @@ def _chunked_estimate(
     kwargs,
     *,
     num_samples: int,
-    chunk_size: int,
+    chunk_size: int | None,
+    memory_budget: int | None,
     batch_size: int | None,
     local_plate: str | None,
     reduce: str,
@@ -194,44 +376,61 @@ def _chunked_estimate(
     else:
         rows = torch.arange(len(args[0]), device=args[0].device)
         batches = list(rows.split(batch_size))
-    chunks = [min(chunk_size, num_samples - start) for start in range(0, num_samples, chunk_size)]
+    if memory_budget is None:
+        memory_budget = _memory_budget_for(data_device(args, kwargs))
+    plan = _ChunkPlan(chunk_size, memory_budget)
     # One objective per chunk size; their one-off setup runs draw from a forked RNG, so
     # the estimate's draws are the same whatever the chunking.
     objectives: dict[int, Trace_IWELBO] = {}
     results = []
     with tqdm(
-        total=len(batches) * len(chunks), desc=desc, unit="chunk", disable=not progress
+        total=len(batches) * num_samples, desc=desc, unit="draw", disable=not progress
     ) as bar:
         for idx in batches:
             call_args = args if idx is None else (*args, idx)
             total = None
-            for k in chunks:
-                elbo = objectives.get(k)
-                if elbo is None:
-                    elbo = objectives[k] = Trace_IWELBO(k, local_plate=local_plate)
-                state = _rng_state()
-                try:
-                    log_w = elbo.log_weights(model, guide, *call_args, **kwargs).log_w
-                except ParticleVectorizationError:
-                    # a network that cannot take a particle dimension: loop instead, on
-                    # the draws the vectorized pass would have had
-                    _set_rng_state(state)
-                    elbo = objectives[k] = Trace_IWELBO(
-                        k, local_plate=local_plate, vectorize_particles=False
+            drawn = 0
+            while drawn < num_samples:
+                k = plan.next(num_samples - drawn)
+                with ExitStack() as stack:
+                    counter = stack.enter_context(_SiteBytes()) if plan.probing else None
+                    if drawn:
+                        # the batch's first chunk ran the checks on these sites and data
+                        stack.enter_context(pyro.validation_enabled(False))
+                    log_w = _log_weights(
+                        objectives, k, local_plate, model, guide, call_args, kwargs
                     )
-                    log_w = elbo.log_weights(model, guide, *call_args, **kwargs).log_w
+                if counter is not None:
+                    plan.measured(counter.nbytes)
                 if reduce == "logmeanexp":
                     chunk = torch.logsumexp(log_w, 0)
                     total = chunk if total is None else torch.logaddexp(total, chunk)
                 else:
                     chunk = log_w.sum(0)
                     total = chunk if total is None else total + chunk
-                bar.update()
+                drawn += k
+                bar.update(k)
             estimate = (
                 total - math.log(num_samples) if reduce == "logmeanexp" else total / num_samples
             )
             results.append(estimate.reshape(-1))
     return torch.cat(results)
+
+
+def _log_weights(objectives: dict, k: int, local_plate, model, guide, args, kwargs) -> Tensor:
+    """One chunk's ``[k, B]`` log-weights, by the chunk size's objective (made on first use)."""
+    elbo = objectives.get(k)
+    if elbo is None:
+        elbo = objectives[k] = Trace_IWELBO(k, local_plate=local_plate)
+    state = _rng_state()
+    try:
+        return elbo.log_weights(model, guide, *args, **kwargs).log_w
+    except ParticleVectorizationError:
+        # a network that cannot take a particle dimension: loop instead, on the draws
+        # the vectorized pass would have had
+        _set_rng_state(state)
+        elbo = objectives[k] = Trace_IWELBO(k, local_plate=local_plate, vectorize_particles=False)
+        return elbo.log_weights(model, guide, *args, **kwargs).log_w
 
 
 def _rng_state() -> tuple:
@@ -750,7 +949,8 @@ def inference_gaps(
     families: Sequence[str] = ("normal", "flow"),
     num_samples: int = 5000,
     elbo_samples: int = 1000,
-    chunk_size: int = 500,
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
     local_options: LocalOptions | Mapping | None = None,
     refine_steps: Sequence[int] = (),
     refine_options: RefineOptions | Mapping | None = None,
@@ -786,7 +986,9 @@ def inference_gaps(
             ``"normal"``, ``"flow"`` and ``"iaf"``.
         num_samples: Samples of every IWAE estimate of :math:`\log p(x)`.
         elbo_samples: Samples of every ELBO estimate.
-        chunk_size: Samples drawn per pass.
+        chunk_size: Samples drawn per pass; ``None`` sizes the chunks from
+            ``memory_budget``, as :func:`log_marginal_likelihood` does.
+        memory_budget: As for :func:`log_marginal_likelihood`.
         local_options: The per-datapoint fits' options, a
             :class:`~pyro_amortized.perdatapoint.LocalOptions` or a dict of its fields
             (``init``, ``num_particles``, ``lr``, ``max_steps``, ``patience``,
@@ -825,7 +1027,8 @@ def inference_gaps(
         )
     own = guide.family
     families = tuple(dict.fromkeys((own, *families)))  # the guide's own first, no repeats
-    check_counts(owner, num_samples=num_samples, elbo_samples=elbo_samples, chunk_size=chunk_size)
+    check_counts(owner, num_samples=num_samples, elbo_samples=elbo_samples)
+    _check_chunking(owner, chunk_size, memory_budget)
     # checked here, so that a bad option fails before the IWAE estimates, not after
     local = _options_with_old_keywords(LocalOptions, owner, local_options, kwargs, _OLD_LOCAL)
     local = dataclasses.replace(local, family=own)
@@ -846,7 +1049,9 @@ def inference_gaps(
         for k in refine_steps
     }
     fixed = fix_globals(model, guide, args, kwargs, owner=owner)
-    fixed_model, fixed_guide, local_plate, globals_ = fixed
+    fixed_model, _, local_plate, globals_ = fixed
+    # the same globals, with the encoder run once for all chunks
+    fixed_guide = fix_globals(model, _encoding_once(guide), args, kwargs, owner=owner).guide
 
     def estimate(m, g, samples, reduce, desc):
         return _chunked_estimate(
@@ -856,6 +1061,7 @@ def inference_gaps(
             kwargs,
             num_samples=samples,
             chunk_size=chunk_size,
+            memory_budget=memory_budget,
             batch_size=None,
             local_plate=local_plate,
             reduce=reduce,

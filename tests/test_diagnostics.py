@@ -57,17 +57,108 @@ def test_log_marginal_likelihood_does_not_depend_on_the_chunking(float64):
     guide = AutoAmortizedNormal(model, encoder=exact_encoder(model, perturb=0.5))
     guide(x)
     estimates = []
-    for chunk_size in (1, 5, 12):
+    chunkings = [{"chunk_size": c} for c in (1, 5, 12)]
+    # sized from the budget: 1 and 2 particles, then 3 (of 16 floats each) or 1 a chunk
+    chunkings += [{}, {"memory_budget": 3 * 16 * 8}, {"memory_budget": 1}]
+    for chunking in chunkings:
         pyro.set_rng_seed(11)
-        estimates.append(
-            log_marginal_likelihood(model, guide, x, num_samples=12, chunk_size=chunk_size)
-        )
+        estimates.append(log_marginal_likelihood(model, guide, x, num_samples=12, **chunking))
     for other in estimates[1:]:
         torch.testing.assert_close(other, estimates[0], rtol=0, atol=1e-12)
     pyro.set_rng_seed(12)  # while other draws do change it
     assert not torch.allclose(
         log_marginal_likelihood(model, guide, x, num_samples=12), estimates[0]
     )
+
+
+class _Recorder(torch.nn.Module):
+    """A network that records the leading dimension of each 3-d input: the particles of
+    one vectorized chunk (an unbatched pass, a chunk of 1 or a set-up run, is 2-d)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.chunks = []
+
+    def forward(self, z):
+        if z.dim() == 3:
+            self.chunks.append(z.shape[0])
+        return self.net(z)
+
+
+def _vae(decoder, pixels=3, latent=2):
+    def model(x, idx=None):
+        with pyro.plate("data", x.shape[0], subsample=idx) as ind:
+            z = pyro.sample("z", dist.Normal(x.new_zeros(latent), 1.0).to_event(1))
+            pyro.sample("x", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x[ind])
+
+    return model
+
+
+def test_log_marginal_likelihood_sizes_its_chunks_from_the_memory_budget(float64):
+    decoder = _Recorder(torch.nn.Linear(2, 3))
+    model = _vae(decoder)
+    x = torch.bernoulli(torch.full((8, 3), 0.4))
+    guide = AutoAmortizedNormal(model, hidden_dims=(4,))
+    guide(x)
+    # a particle's tensors at the sites: the latent (8 x 2 floats, the guide's sample and
+    # the model's value) and the decoder's logits (8 x 3); the data and the encoder's
+    # output do not grow with the particles
+    particle = 8 * (2 + 3) * 8
+    # the first two chunks, of 1 (unbatched, so not recorded) and 2 particles, measure
+    # it; the other 17 particles come budget // particle at a time
+    for budget, chunks in (
+        (5 * particle, [2, 5, 5, 5, 2]),
+        (6 * particle - 1, [2, 5, 5, 5, 2]),
+        (9 * particle, [2, 9, 8]),
+        (particle - 1, [2]),  # less than a particle: one at a time, unbatched
+    ):
+        decoder.chunks.clear()
+        log_marginal_likelihood(model, guide, x, num_samples=20, memory_budget=budget)
+        assert decoder.chunks == chunks, budget
+    decoder.chunks.clear()
+    log_marginal_likelihood(model, guide, x, num_samples=20, chunk_size=6)
+    assert decoder.chunks == [6, 6, 6, 2]  # a given chunk_size is kept
+
+
+def test_log_marginal_likelihood_runs_the_encoder_once_per_batch(float64):
+    model = _vae(torch.nn.Linear(2, 3))
+    x = torch.bernoulli(torch.full((7, 3), 0.4))
+    guide = AutoAmortizedNormal(model, hidden_dims=(4,))
+    guide(x)
+    rows = []
+    guide.encoder.register_forward_hook(lambda net, inputs, out: rows.append(len(inputs[0])))
+    log_marginal_likelihood(model, guide, x, num_samples=12, chunk_size=2)
+    assert rows == [7]  # six chunks, one encoding
+    rows.clear()
+    log_marginal_likelihood(model, guide, x, num_samples=12, chunk_size=2, batch_size=3)
+    # one encoding of all 7 rows as the globals are looked for, then one per batch
+    assert rows == [7, 3, 3, 1]
+    rows.clear()
+    per_datapoint_elbo(model, guide, x, num_samples=12, batch_size=4)
+    assert rows == [7, 4, 3]
+
+
+def test_log_marginal_likelihood_is_a_hand_written_loop_on_the_same_draws(float64):
+    decoder = torch.nn.Linear(2, 3)
+    model = _vae(decoder)
+    x = torch.bernoulli(torch.full((8, 3), 0.4))
+    guide = AutoAmortizedNormal(model, hidden_dims=(4,))
+    guide(x)
+    pyro.set_rng_seed(3)
+    ours = log_marginal_likelihood(model, guide, x, num_samples=30, memory_budget=700)
+    pyro.set_rng_seed(3)
+    with torch.no_grad():  # 8 x 2 normals a particle: torch's stream splits anywhere
+        loc, scale = guide.encoder(x)
+        eps = torch.randn(30, 8, 2)
+        z = loc + eps * scale
+        log_w = (
+            dist.Bernoulli(logits=decoder(z)).log_prob(x).sum(-1)
+            + dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
+            - dist.Normal(loc, scale).log_prob(z).sum(-1)
+        )
+    hand = torch.logsumexp(log_w, 0) - math.log(30)
+    torch.testing.assert_close(ours, hand, rtol=0, atol=1e-12)
 
 
 def test_log_marginal_likelihood_matches_the_analytic_evidence(float64):
@@ -134,9 +225,13 @@ def test_log_marginal_likelihood_bad_arguments():
 
     with pytest.raises(ValueError, match=r"global latent sites \(mu\).*no median\(\)"):
         log_marginal_likelihood(model, guide, x, num_samples=2, progress=False)
-    for name in ("num_samples", "chunk_size"):
-        with pytest.raises(ValueError, match=f"{name} must be an int >= 1"):
+    with pytest.raises(ValueError, match="num_samples must be an int >= 1"):
+        log_marginal_likelihood(model, guide, x, num_samples=0)
+    for name in ("chunk_size", "memory_budget"):
+        with pytest.raises(ValueError, match=f"{name} must be None or an int >= 1"):
             log_marginal_likelihood(model, guide, x, **{name: 0})
+    with pytest.raises(ValueError, match="chunk_size=5 and memory_budget=100 both given"):
+        log_marginal_likelihood(model, guide, x, chunk_size=5, memory_budget=100)
     with pytest.raises(ValueError, match="batch_size must be None or an int >= 1"):
         log_marginal_likelihood(model, guide, x, batch_size=0)
 
