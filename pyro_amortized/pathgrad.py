@@ -27,8 +27,9 @@ triangular in the autoregressive order, so :math:`J^\top w = c` is solved by
 :math:`w \leftarrow S^{-1}(c - P^\top w)`, each sweep one vector-Jacobian product of the
 network. The masks make :math:`P^\top` nilpotent, so the sweeps reach the
 back-substitution's answer after at most D of them, and in practice after far
-fewer (:func:`flow_path_sweeps` counts them): they stop when a sweep moves no entry by
-more than 4 ulps of its row's largest, that is, at float precision.
+fewer (:func:`flow_path_sweeps` counts them): they stop when what is left to move, as
+the rate of the last two sweeps predicts it, is below 4 ulps of each row's largest
+entry, that is, at float precision.
 """
 
 from __future__ import annotations
@@ -227,12 +228,20 @@ def _autoregressive_pull(t: AffineAutoregressive, x: Tensor, a: Tensor | None):
     scale = scale.detach()
     tol = 4 * torch.finfo(scale.dtype).eps
     w = a / scale
+    previous = None
     for sweep in range(1, x.shape[-1] + 1):  # exact after D sweeps, P^T being nilpotent
         new = (a - vjp(w)) / scale
-        # converged to rounding: no entry moves by more than 4 ulps of its row's largest
-        if ((new - w).abs() <= tol * new.abs().amax(-1, keepdim=True)).all():
+        # each row's move, relative to its largest entry
+        moved = (new - w).abs().amax(-1) / new.abs().amax(-1).clamp_min(torch.finfo(w.dtype).tiny)
+        if previous is not None:
+            # The sweeps contract the error by about r = moved / previous, so what is left
+            # after this one is about moved * r / (1 - r): stop when that is below 4 ulps.
+            left = torch.where(moved < previous, moved * moved / (previous - moved), moved)
+            if (left <= tol).all():
+                return new, ladj.detach(), sweep
+        elif (moved <= tol).all():
             return new, ladj.detach(), sweep
-        w = new
+        w, previous = new, moved
     return new, ladj.detach(), sweep
 
 
