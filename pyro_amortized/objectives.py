@@ -142,6 +142,14 @@ def site_log_prob(site) -> Tensor:
     return torch.where(mask, log_p, log_p.new_zeros(()))
 
 
+def _site_log_density(site, name: str, stop: bool) -> Tensor:
+    """A site's log-density for the bound: the one place where a guide site's log q is
+    evaluated with its parameters stopped (``stop``, as STL and DReG do)."""
+    if stop:
+        site = dict(site, fn=stop_distribution(site["fn"], name))
+    return site_log_prob(site)
+
+
 def _reads_particles(site, log_p: Tensor, K: int) -> bool:
     """Whether a site outside the local plate has a batch dimension of size K that none of
     its plates accounts for: it got the particle dimension from a local latent it reads."""
@@ -490,6 +498,7 @@ class Trace_IWELBO(ELBO):
         self._joint_dims: tuple[int, ...] = ()
         self._enumerate = False
         self._setup_for: tuple | None = None
+        self._plan: _SitePlan | None = None  # see _terms
 
     # ----------------------------------------------------------------- setup
     def _setup(self, model: Callable, guide: Callable, args, kwargs) -> None:
@@ -570,6 +579,7 @@ class Trace_IWELBO(ELBO):
             )
         self._enumerate = bool(enumerated)
         self._local_name = name
+        self._plan = None
         self._joint_dims = () if name is not None else _common_dims(model_trace, guide_trace)
         self._setup_for = (model, guide)
 
@@ -693,7 +703,45 @@ class Trace_IWELBO(ELBO):
     def _terms(
         self, model_trace, guide_trace, stopped: bool, split_prior: bool = False
     ) -> LogWeights:
-        """Log-densities split into per-(particle, datapoint) local parts and global sums."""
+        """Log-densities split into per-(particle, datapoint) local parts and global sums.
+
+        The traces of a training loop have the same structure step after step, so the
+        decisions of one walk over their sites are kept as a :class:`_SitePlan`; a later
+        pair of traces with the same structure runs the plan (the same tensor operations in
+        the same order, so the same numbers), and any other is walked afresh and planned.
+        """
+        flags = (
+            stopped,
+            split_prior or self.kl_weight != 1.0,
+            self.num_particles,
+            self.vectorize_particles,
+            self._plate_nesting,
+            self._local_name,
+        )
+        plan = self._plan
+        if plan is not None and plan.flags == flags:
+            terms = plan.run(model_trace, guide_trace)
+            if terms is not None:
+                return terms
+        record: list[_PlannedSite] | None = [] if self._plannable() else None
+        terms, record = self._walk_terms(model_trace, guide_trace, stopped, split_prior, record)
+        self._plan = None if record is None else _SitePlan(flags, tuple(record), terms)
+        return terms
+
+    def _plannable(self) -> bool:
+        """Whether :meth:`_terms` may plan: per-datapoint weights without enumeration,
+        from one pair of traces (vectorized particles, or one)."""
+        return (
+            self._local_name is not None
+            and not self._enumerate
+            and (self.vectorize_particles or self.num_particles == 1)
+        )
+
+    def _walk_terms(
+        self, model_trace, guide_trace, stopped: bool, split_prior: bool, record: list | None
+    ) -> tuple[LogWeights, list | None]:
+        """:meth:`_terms` by a walk over every site, and the record of its decisions: each
+        site's appended to ``record``, which becomes None at a site no plan covers."""
         local = self._local_name
         joint = local is None
         particle_dim = self._particle_dim()
@@ -728,9 +776,15 @@ class Trace_IWELBO(ELBO):
                 score = guide_latent and not site["fn"].has_rsample
                 # DReG reweights the gradient through a reparameterized local sample
                 sample = guide_latent and not score and not isinstance(site["fn"], Delta)
-                if stopped and guide_latent and not score:
-                    site = dict(site, fn=stop_distribution(site["fn"], name))
-                log_p = site_log_prob(site)
+                stop = stopped and guide_latent and not score
+                log_p = _site_log_density(site, name, stop)
+                if record is not None and (
+                    score
+                    or site["scale"].__class__ not in (int, float)
+                    or not (site["mask"] is None or site["mask"] is True)
+                    or not isinstance(site["value"], Tensor)
+                ):
+                    record = None  # the walk goes on without planning
                 if score:
                     unscaled = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
                     stack = tuple(f for f in site["cond_indep_stack"] if f.vectorized)
@@ -757,13 +811,15 @@ class Trace_IWELBO(ELBO):
                     scale = site["scale"]
                     total = log_p.sum() if _is_one(scale) else (log_p * scale).sum()
                     if is_model:
-                        model_global = model_global + total
+                        model_global = _accumulate(model_global, total)
                         if is_prior:
-                            prior_global = prior_global + total
+                            prior_global = _accumulate(prior_global, total)
                     else:
-                        guide_global = guide_global + total
+                        guide_global = _accumulate(guide_global, total)
                     if score:
                         scores.append((unscaled, stack, unscaled.sum(), False))
+                    if record is not None:
+                        record.append(_PlannedSite.of(name, is_model, site, log_p, stop, is_prior))
                     continue
                 if joint:
                     if not _is_one(site["scale"]):
@@ -784,6 +840,12 @@ class Trace_IWELBO(ELBO):
                     scores.append((unscaled, stack, reduced, True))
                 elif sample:
                     samples.append((site["value"], (frame.dim,), site["fn"].event_dim, None))
+                if record is not None:
+                    record.append(
+                        _PlannedSite.of(
+                            name, is_model, site, log_p, stop, is_prior, frame.dim, sample
+                        )
+                    )
         if joint:
             data_dim = data_dims
             outer = 1.0
@@ -812,6 +874,12 @@ class Trace_IWELBO(ELBO):
                 outer = subsample
                 inner = [s / subsample for s in local_scales]
 
+        if record is not None:
+            scales = iter(inner)
+            record[:] = [
+                r if r.data_dim is None else r._reduced(next(scales), particle_dim, data_dim)
+                for r in record
+            ]
         model_local = guide_local = prior_local = 0.0
         for (log_p, is_model, is_prior), inner_scale in zip(local_sites, inner, strict=True):
             if inner_scale is not None:
@@ -850,7 +918,7 @@ class Trace_IWELBO(ELBO):
             data_shape = tuple(shape[1:])
         else:
             data_shape = (model_local.shape[-1] if model_local.dim() else 1,)
-        return LogWeights(
+        terms = LogWeights(
             model_local,
             guide_local,
             model_global,
@@ -864,6 +932,7 @@ class Trace_IWELBO(ELBO):
             log_r,
             data_shape,
         )
+        return terms, record
 
     def _collect(
         self, model, guide, args, kwargs, stopped: bool, split_prior: bool = False
@@ -1113,6 +1182,173 @@ def _rows_coupled(
         if ((before - after).abs() > tolerance)[finite].any():
             return site_name
     return None
+
+
+class _PlannedSite(NamedTuple):
+    """One sample site as :meth:`Trace_IWELBO._terms` treated it, and what identifies it."""
+
+    name: str
+    is_model: bool
+    fn_type: type
+    is_observed: bool
+    has_rsample: bool
+    stack: tuple  # the site's cond_indep_stack (plates, their sizes and dims)
+    value_shape: torch.Size
+    batch_shape: torch.Size
+    log_shape: torch.Size
+    scale: float
+    stop: bool
+    is_prior: bool
+    data_dim: int | None = None  # the local plate's dim; None for a global site
+    sample: bool = False  # a reparameterized local guide sample (DReG reweights it)
+    inner: float | None = None  # the site's scale inside the log-sum-exp, if any
+    pad: tuple[int, ...] | None = None  # [K, B] reshape of a log-density without dim K
+    other: list[int] | None = None  # the dims summed out to [K, B]
+
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        is_model: bool,
+        site: dict,
+        log_p: Tensor,
+        stop: bool,
+        is_prior: bool,
+        data_dim: int | None = None,
+        sample: bool = False,
+    ) -> _PlannedSite:
+        fn = site["fn"]
+        return cls(
+            name,
+            is_model,
+            type(fn),
+            site["is_observed"],
+            fn.has_rsample,
+            site["cond_indep_stack"],
+            site["value"].shape,
+            fn.batch_shape,
+            log_p.shape,
+            site["scale"],
+            stop,
+            is_prior,
+            data_dim,
+            sample,
+        )
+
+    def _reduced(self, inner: float | None, particle_dim: int, keep: int) -> _PlannedSite:
+        """With the reductions ``_per_datapoint`` makes of this site's log-density, keeping
+        the particle dim and the datapoint dim ``keep``."""
+        shape = self.log_shape
+        pad = None
+        if len(shape) < -particle_dim:
+            shape = (1,) * (-particle_dim - len(shape)) + tuple(shape)
+            pad = shape
+        dims = range(-len(shape), 0)
+        other = [d for d in dims if d != particle_dim and d != keep]
+        return self._replace(inner=inner, pad=pad, other=other or None)
+
+    def matches(self, name: str, is_model: bool, site: dict) -> bool:
+        """Whether ``site`` has the structure this one was planned for."""
+        fn = site["fn"]
+        scale = site["scale"]
+        mask = site["mask"]
+        value = site["value"]
+        return (
+            name == self.name
+            and is_model == self.is_model
+            and type(fn) is self.fn_type
+            and site["is_observed"] == self.is_observed
+            and scale.__class__ in (int, float)
+            and scale == self.scale
+            and (mask is None or mask is True)
+            and site["cond_indep_stack"] == self.stack
+            and isinstance(value, Tensor)
+            and value.shape == self.value_shape
+            and fn.batch_shape == self.batch_shape
+            and fn.has_rsample == self.has_rsample
+        )
+
+
+class _SitePlan:
+    """The decisions of one walk of :meth:`Trace_IWELBO._terms`, for traces of its structure.
+
+    Which sites are local or global, their scales inside and outside the log-sum-exp, the
+    reductions of their log-densities and the checks that passed (coupled sites, plate
+    sizes) depend only on the structure of the traces: site names and order, distribution
+    types, shapes, scales, masks and plates. :meth:`run` checks each site against that
+    structure as it goes and returns None at the first difference, for the walk to run.
+    """
+
+    __slots__ = ("flags", "sites", "outer", "local")
+
+    def __init__(self, flags: tuple, sites: tuple[_PlannedSite, ...], terms: LogWeights):
+        self.flags = flags
+        self.sites = sites
+        self.outer = terms.scale
+        self.local = terms.local_plate
+
+    def run(self, model_trace, guide_trace) -> LogWeights | None:
+        """The walk's :class:`LogWeights` for these traces, or None if their structure
+        differs from the planned one."""
+        planned = iter(self.sites)
+        model_local = guide_local = prior_local = 0.0
+        model_global = guide_global = prior_global = 0.0
+        like = None
+        samples = []
+        for is_model, trace in ((True, model_trace), (False, guide_trace)):
+            for name, site in trace.nodes.items():
+                if site["type"] != "sample" or isinstance(site["fn"], _Subsample):
+                    continue
+                p = next(planned, None)
+                if p is None or not p.matches(name, is_model, site):
+                    return None
+                log_p = _site_log_density(site, name, p.stop)
+                if log_p.shape != p.log_shape:
+                    return None
+                if p.data_dim is None:
+                    scale = p.scale
+                    total = log_p.sum() if _is_one(scale) else (log_p * scale).sum()
+                    if is_model:
+                        model_global = _accumulate(model_global, total)
+                        if p.is_prior:
+                            prior_global = _accumulate(prior_global, total)
+                    else:
+                        guide_global = _accumulate(guide_global, total)
+                    continue
+                if like is None:
+                    like = log_p
+                if p.sample:
+                    samples.append((site["value"], (p.data_dim,), site["fn"].event_dim, None))
+                if p.inner is not None:
+                    log_p = log_p * p.inner
+                if p.pad is not None:
+                    log_p = log_p.reshape(p.pad)
+                if p.other is not None:
+                    log_p = log_p.sum(p.other)
+                if is_model:
+                    model_local = _accumulate(model_local, log_p)
+                    if p.is_prior:
+                        prior_local = _accumulate(prior_local, log_p)
+                else:
+                    guide_local = _accumulate(guide_local, log_p)
+        if next(planned, None) is not None:
+            return None
+        model_local, guide_local = _as_tensor(model_local, like), _as_tensor(guide_local, like)
+        data_shape = (model_local.shape[-1] if model_local.dim() else 1,)
+        return LogWeights(
+            model_local,
+            guide_local,
+            model_global,
+            guide_global,
+            prior_local,
+            prior_global,
+            self.outer,
+            self.local,
+            samples,
+            [],
+            None,
+            data_shape,
+        )
 
 
 def _stack_particles(parts: list[LogWeights]) -> LogWeights:

@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from linear_gaussian import LinearGaussian, encoder_grad, exact_encoder
+from pyro import poutine
 from pyro.infer import SVI, RenyiELBO, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from pyro.nn import PyroModule
@@ -882,3 +883,112 @@ def test_a_found_plate_whose_rows_are_coupled_gives_the_joint_bound(float64):
         Trace_IWELBO(3, vectorize_particles=False).find_local_plate(model, guide, torch.randn(6))
         is None
     )
+
+
+# ------------------------------------------------------------------ the site plan
+def _plan_case(global_latent, subsample_size, extra=False):
+    """A small VAE (a global offset if asked, minibatches if asked), its guide and data."""
+    decoder = nn.Linear(3, 4)
+
+    def model(x, with_extra=False):
+        pyro.module("decoder", decoder)
+        offset = pyro.sample("offset", dist.Normal(0.0, 1.0)) if global_latent else 0.0
+        with pyro.plate("data", x.shape[0], subsample_size=subsample_size) as idx:
+            z = pyro.sample("z", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+            mean = decoder(z) + offset
+            pyro.sample("x", dist.Normal(mean, 1.0).to_event(1), obs=x[idx])
+            if with_extra:
+                pyro.sample("x_sum", dist.Normal(mean.sum(-1), 2.0), obs=x[idx].sum(-1))
+
+    guide = AutoAmortizedNormal(model, hidden_dims=(8,))
+    x = torch.randn(10, 4)
+    guide(x)
+    return model, guide, x
+
+
+def _loss_and_grads(elbo, model, guide, x, seed, **kwargs):
+    pyro.set_rng_seed(seed)
+    loss = elbo.differentiable_loss(model, guide, x, **kwargs)
+    params = [p for _, p in sorted(pyro.get_param_store().named_parameters())]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return loss, [
+        torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
+    ]
+
+
+def _assert_bitwise(a, b):
+    assert torch.equal(a[0], b[0])
+    assert len(a[1]) == len(b[1]) and all(
+        torch.equal(g, h) for g, h in zip(a[1], b[1], strict=True)
+    )
+
+
+@pytest.mark.parametrize("global_latent", [False, True])
+@pytest.mark.parametrize("subsample_size", [None, 4])
+@pytest.mark.parametrize("K", [1, 5])
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_site_plan_gives_the_walks_losses_and_gradients_bitwise(
+    estimator, K, subsample_size, global_latent
+):
+    model, guide, x = _plan_case(global_latent, subsample_size)
+    elbo = Trace_IWELBO(K, estimator=estimator)
+    elbo.differentiable_loss(model, guide, x)  # walks the sites and plans
+    plan = elbo._plan
+    assert plan is not None
+    for seed in (1, 2):
+        planned = _loss_and_grads(elbo, model, guide, x, seed)
+        assert elbo._plan is plan  # the plan ran: a walk would have made a new one
+        # a fresh objective walks the sites on its first call
+        walked = _loss_and_grads(Trace_IWELBO(K, estimator=estimator), model, guide, x, seed)
+        _assert_bitwise(planned, walked)
+
+
+@pytest.mark.parametrize("K", [1, 5])
+def test_site_plan_replans_when_the_structure_changes(K):
+    model, guide, x = _plan_case(True, None)
+    elbo = Trace_IWELBO(K, estimator="dreg")
+    elbo.differentiable_loss(model, guide, x)
+    first = elbo._plan
+    calls = [((x[:7],), {}), ((x,), {"with_extra": True}), ((x,), {})]  # batch, site set, back
+    for seed, (args, kwargs) in enumerate(calls):
+        before = elbo._plan
+        got = _loss_and_grads(elbo, model, guide, *args, seed, **kwargs)
+        assert elbo._plan is not before  # a new structure: walked and planned afresh
+        fresh = Trace_IWELBO(K, estimator="dreg")
+        _assert_bitwise(got, _loss_and_grads(fresh, model, guide, *args, seed, **kwargs))
+    assert elbo._plan is not first
+    again = elbo._plan
+    _loss_and_grads(elbo, model, guide, x, 5)
+    assert elbo._plan is again
+
+
+def test_site_plan_is_not_used_for_what_it_does_not_cover(float64):
+    # a tensor mask (missing values, say) takes the walk every call
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with poutine.mask(mask=x > -1.0):
+                pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    guide = AutoAmortizedNormal(model, hidden_dims=(4,))
+    elbo = Trace_IWELBO(2)
+    x = torch.randn(5)
+    elbo.differentiable_loss(model, guide, x)
+    assert elbo._plan is None
+
+
+@pytest.mark.parametrize("event_dims", [0, 1, 2])
+def test_normal_log_density_shortcut_is_bitwise_exact(event_dims, float64):
+    from pyro_amortized.objectives import site_log_prob
+
+    loc = torch.randn(5, 4, 3, requires_grad=True)
+    scale = torch.rand(5, 4, 3).add(0.1).requires_grad_()
+    value = torch.randn(4, 3, requires_grad=True)  # broadcast against the batch
+    fn = dist.Normal(loc, scale).to_event(event_dims) if event_dims else dist.Normal(loc, scale)
+    site = {"fn": fn, "value": value, "args": (), "kwargs": {}, "mask": None}
+    ours, torchs = site_log_prob(site), fn.log_prob(value)
+    assert torch.equal(ours, torchs)
+    weights = torch.randn(ours.shape)
+    grads_ours = torch.autograd.grad((ours * weights).sum(), (loc, scale, value))
+    grads_torch = torch.autograd.grad((torchs * weights).sum(), (loc, scale, value))
+    assert all(torch.equal(a, b) for a, b in zip(grads_ours, grads_torch, strict=True))
