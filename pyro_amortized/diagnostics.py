@@ -49,8 +49,9 @@ __all__ = [
 #: Bytes of per-particle tensors that one chunk's sample sites may hold on the CPU, when
 #: neither ``chunk_size`` nor ``memory_budget`` is given. Small on purpose: a chunk whose
 #: largest tensors fit the CPU's last-level cache runs faster per particle (on the
-#: project's 2-core machine, with 32 MiB of L3, 2 to 5 particles of 2,000 MNIST images
-#: took 26 ms a particle where 40 took 43 ms; docs/log-marginal.md).
+#: project's 2-core machine, with 32 MiB of L3, the hand-written loop of
+#: ``benchmarks/log_marginal.py`` took 20 ms a particle of 2,000 MNIST images in chunks
+#: of 2 particles, 12.5 MB of logits, 26 ms in chunks of 5 and 43 ms in chunks of 40).
 CPU_MEMORY_BUDGET = 16 * 2**20
 #: The same on any other device (a GPU), where larger chunks amortize each pass's
 #: kernel launches and Python overhead. Not measured here: no GPU on the project machine.
