@@ -8,7 +8,9 @@ plain torch: the encoder once, then chunks of particles, ``z = loc + eps * scale
 :math:`\\log p(x \\mid z)` from the decoder's Bernoulli logits, plus
 :math:`\\log \\mathcal{N}(z; 0, I) - \\log q(z \\mid x)`, and a streaming log-sum-exp. It
 takes as many particles a chunk as ``log_marginal_likelihood`` chooses from its default
-memory budget (the same rule, by hand), so both run the same tensor shapes.
+memory budget (the same rule, by hand), after a first two chunks of 1 and 2 particles as
+``log_marginal_likelihood`` takes them, so both run the same tensor shapes on the same
+draws.
 
 The images are cut into slices (``--slice``); on every slice both run, in alternating
 order, on one thread, in this one process, from the same seed: they see the same draws,
@@ -84,17 +86,32 @@ def chunk_for(x: Tensor, latent_dim: int) -> int:
     return max(1, CPU_MEMORY_BUDGET // per_particle)
 
 
+def chunks(num_samples: int, chunk: int) -> list[int]:
+    """Particles a chunk: 1 and 2 first, as ``log_marginal_likelihood`` measures its
+    chunk on them, so that both draw the same normals in the same pieces (torch's stream
+    splits anywhere only where every piece is a multiple of 16 normals)."""
+    sizes, left = [], num_samples
+    for k in (1, 2):
+        if left:
+            sizes.append(min(k, left))
+            left -= sizes[-1]
+    while left:
+        sizes.append(min(chunk, left))
+        left -= sizes[-1]
+    return sizes
+
+
 @torch.no_grad()
 def hand_written(
     encoder: nn.Module, decoder: nn.Module, x: Tensor, num_samples: int, chunk: int
 ) -> Tensor:
-    """IWAE-``num_samples`` per image in plain torch: one encoding, chunks of particles."""
+    """IWAE-``num_samples`` per image in plain torch: one encoding, then chunks of
+    particles (of ``chunk``, after a first two of 1 and 2)."""
     loc, scale = encoder(x)
     log_norm = 0.5 * math.log(2 * math.pi) * loc.shape[-1]
     log_q_const = -scale.log().sum(-1) - log_norm
     total = None
-    for start in range(0, num_samples, chunk):
-        k = min(chunk, num_samples - start)
+    for k in chunks(num_samples, chunk):
         eps = torch.randn((k, *loc.shape), dtype=loc.dtype, device=loc.device)
         z = loc + eps * scale
         logits = decoder(z)
