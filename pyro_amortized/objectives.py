@@ -17,7 +17,10 @@ from pyro.infer.util import MultiFrameTensor, is_validation_enabled, torch_item
 from pyro.poutine.broadcast_messenger import BroadcastMessenger
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.replay_messenger import ReplayMessenger
 from pyro.poutine.subsample_messenger import _Subsample
+from pyro.poutine.trace_messenger import TraceMessenger
+from pyro.poutine.trace_struct import Trace
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 from torch import Tensor, nn
@@ -66,6 +69,36 @@ class LocalParticlePlate(Messenger):
         if any(f.name == self.local_plate for f in stack):
             msg["cond_indep_stack"] = (self.frame,) + stack
             BroadcastMessenger._pyro_sample(msg)
+
+
+class _SiteRecorder(TraceMessenger):
+    """``poutine.trace(poutine.replay(fn, trace=replay))`` as one handler, recording sample
+    sites only: the trace of the bound's own runs of the model and guide.
+
+    Pyro's pair puts two handlers on the stack and records every param site too, which
+    every message of a run (a network's parameters are one param site each) then passes
+    through; the bound reads sample sites alone. The replay is ``ReplayMessenger``'s own,
+    and an outer handler (SVI's param trace) still sees every param site.
+    """
+
+    def __init__(self, replay: Trace | None = None):
+        super().__init__()
+        self._replay = None if replay is None else ReplayMessenger(trace=replay)
+
+    def _pyro_sample(self, msg) -> None:
+        if self._replay is not None:
+            self._replay._pyro_sample(msg)
+
+    def _pyro_post_param(self, msg) -> None:
+        return None
+
+
+def _record(fn: Callable, args, kwargs, replay: Trace | None = None) -> Trace:
+    """The sample sites of one run of ``fn``, its latents replayed from ``replay``."""
+    recorder = _SiteRecorder(replay)
+    with recorder:
+        fn(*args, **kwargs)
+    return recorder.trace
 
 
 def _independent_bernoulli_log_prob(fn: Independent, value: Tensor) -> Tensor:
@@ -655,8 +688,11 @@ class Trace_IWELBO(ELBO):
     def _particle_dim(self) -> int:
         return -int(self._plate_nesting) - 1
 
-    def _traces(self, model, guide, args, kwargs, shared=None):
-        """Guide then model traces; ``shared`` sites (globals, minibatch) are replayed."""
+    def _traces(self, model, guide, args, kwargs, shared=None, full: bool = False):
+        """Guide then model traces; ``shared`` sites (globals, minibatch) are replayed.
+
+        The bound's own runs record sample sites only (:class:`_SiteRecorder`); ``full``
+        traces, or enumeration, take Pyro's ``trace`` and ``replay``."""
         K = self.num_particles
         vectorized = K > 1 and self.vectorize_particles
         if vectorized:
@@ -670,11 +706,16 @@ class Trace_IWELBO(ELBO):
         if shared is not None:
             guide = poutine.replay(guide, trace=shared)
         try:
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            replayed = poutine.replay(model, trace=guide_trace)
-            if self._enumerate:  # enumeration dims go left of the particle dim
-                replayed = poutine.enum(replayed, first_available_dim=self._particle_dim() - 1)
-            model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+            if full or self._enumerate:
+                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+                replayed = poutine.replay(model, trace=guide_trace)
+                if self._enumerate:  # enumeration dims go left of the particle dim
+                    dim = self._particle_dim() - 1
+                    replayed = poutine.enum(replayed, first_available_dim=dim)
+                model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
+            else:
+                guide_trace = _record(guide, args, kwargs)
+                model_trace = _record(model, args, kwargs, replay=guide_trace)
         except RuntimeError as error:
             if not vectorized:
                 raise
@@ -694,7 +735,7 @@ class Trace_IWELBO(ELBO):
         """One ``(model_trace, guide_trace)`` pair as the bound draws it: with the
         particle dimension (vectorized particles) and the globals shared by all particles."""
         self._ensure_setup(model, guide, args, kwargs)
-        return self._traces(model, guide, args, kwargs)
+        return self._traces(model, guide, args, kwargs, full=True)
 
     def _get_trace(self, model, guide, args, kwargs):
         """Pyro's ELBO interface: :meth:`get_traces`."""
