@@ -351,7 +351,8 @@ class AutoAmortizedGuide(AutoGuide):
         state = super().__getstate__()
         self._model, self.master = model, master
         state["_model"] = model
-        state.pop("_first_parameters", None)  # a cache of look-ups, rebuilt on a call
+        for cache in ("_first_parameters", "_parameter_names"):
+            state.pop(cache, None)  # look-ups kept between calls, made again on the next
         if isinstance(model[0], nn.Module):
             # pyro.param marks a network's parameters with a weakref, as PyroModule's own
             # __getstate__ knows for its parameters; pyro.module(name, net) in the model so
@@ -829,6 +830,40 @@ class AutoAmortizedGuide(AutoGuide):
             if key in store and store[key] is not owner._parameters.get(attr):
                 self._load_network(store, prefix, child, network)
 
+    def _network(self, child: str) -> nn.Module:
+        """``getattr(self, child)`` for a network: the same ``pyro.param`` statements.
+
+        A PyroModule registers a plain ``nn.Module`` attribute on every access with
+        ``pyro.module``, which walks the network's modules for its parameters' names; here
+        the names are kept between calls, and each parameter is registered as
+        ``pyro.module`` registers it. Anything else (no active context, module-local
+        parameters, a frozen parameter, which ``pyro.module`` skips) takes the attribute.
+        """
+        network = self._modules.get(child)
+        if (
+            network is None
+            or isinstance(network, PyroModule)
+            or not self._pyro_context.active
+            or pyro.settings.get("module_local_params")
+        ):
+            return getattr(self, child)
+        cache = self.__dict__.setdefault("_parameter_names", {})
+        cached = cache.get(child)
+        if cached is None or cached[0] is not network or cached[1] != self._pyro_name:
+            prefix = self._pyro_get_fullname(child)
+            names = []
+            for path, _ in network.named_parameters():
+                owner_path, _, attr = path.rpartition(".")
+                owner = network.get_submodule(owner_path) if owner_path else network
+                names.append((param_with_module_name(prefix, path), owner, attr))
+            cached = cache[child] = (network, self._pyro_name, tuple(names))
+        params = [(name, owner._parameters[attr]) for name, owner, attr in cached[2]]
+        if not all(param.requires_grad for _, param in params):
+            return getattr(self, child)
+        for name, param in params:
+            pyro.param(name, param)
+        return network
+
     def _first_parameter(self, child: str, network: nn.Module) -> tuple | None:
         """Where a network's first parameter lives: (the network's name in the store, the
         parameter's, the module holding it, its attribute), or None without parameters.
@@ -989,7 +1024,7 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
 
     def _encode(self, context: Tensor) -> tuple[Tensor, Tensor]:
         context = self._encoder_input(context)
-        encoder = self.encoder
+        encoder = self._network("encoder")
         if (
             is_validation_enabled()
             and context.is_floating_point()

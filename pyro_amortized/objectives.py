@@ -85,12 +85,14 @@ class _SiteRecorder(TraceMessenger):
         super().__init__()
         self._replay = None if replay is None else ReplayMessenger(trace=replay)
 
-    def _pyro_sample(self, msg) -> None:
-        if self._replay is not None:
+    def _process_message(self, msg) -> None:
+        # sample sites only; Messenger's dispatch by name would run on every param site
+        if self._replay is not None and msg["type"] == "sample":
             self._replay._pyro_sample(msg)
 
-    def _pyro_post_param(self, msg) -> None:
-        return None
+    def _postprocess_message(self, msg) -> None:
+        if msg["type"] == "sample":
+            self._pyro_post_sample(msg)
 
 
 def _record(fn: Callable, args, kwargs, replay: Trace | None = None) -> Trace:
