@@ -13,6 +13,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.distributions.distribution import COERCIONS
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide import AutoGuide, AutoNormal
 from pyro.nn import PyroModule
@@ -20,6 +21,7 @@ from pyro.params.param_store import param_with_module_name
 from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.util import is_validation_enabled
 from torch import Tensor, nn
+from torch.distributions import Distribution as TorchDistribution
 from torch.distributions.transforms import ComposeTransform, IndependentTransform, Transform
 
 from .devices import data_device
@@ -63,6 +65,24 @@ class _LocalSite(NamedTuple):
 def _is_sizeless(frame: CondIndepStackFrame) -> bool:
     """Whether a plate was made without a size, ``pyro.plate(name)`` (Pyro's size -1)."""
     return frame.size is None or frame.size < 0
+
+
+def _normal(loc: Tensor, scale: Tensor) -> dist.Normal:
+    """``dist.Normal(loc, scale)``; for two tensors of one shape, built as its constructor
+    builds it but on the tensors themselves.
+
+    The constructor's ``broadcast_all`` hands back a view of each tensor even when the
+    shapes agree, an autograd node apiece in every forward and backward pass of a step;
+    the distribution is the same either way (same values, dtype, device and batch shape,
+    arguments validated as Pyro's setting says). A coercion registered with Pyro's
+    distributions (``pyro.contrib.funsor``) gets the constructor.
+    """
+    if COERCIONS or loc.shape != scale.shape:
+        return dist.Normal(loc, scale)
+    fn = dist.Normal.__new__(dist.Normal)
+    fn.loc, fn.scale = loc, scale
+    TorchDistribution.__init__(fn, loc.shape)  # what Normal.__init__ ends with
+    return fn
 
 
 def _is_identity(transform: Transform) -> bool:
@@ -1040,7 +1060,7 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
         return encoder(context)
 
     def _site_distribution(self, site: _LocalSite, loc: Tensor, scale: Tensor):
-        base = dist.Normal(self._split(loc, site), self._split(scale, site))
+        base = _normal(self._split(loc, site), self._split(scale, site))
         if site.event_dim:
             base = base.to_event(site.event_dim)
         if site.transform is None:

@@ -830,3 +830,74 @@ def test_a_guide_of_a_local_function_cannot_be_pickled(tmp_path):
         torch.save(guide, tmp_path / "guide.pt")
     assert guide.model is model
     torch.save(guide.state_dict(), tmp_path / "state.pt")  # the way for such a model
+
+
+# ------------------------------------------------------------------ per-call shortcuts
+def _vae_model(decoder):
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(decoder(z), 1.0).to_event(1), obs=x)
+
+    return model
+
+
+def test_normal_shortcut_is_the_constructors_distribution():
+    from pyro_amortized.guides import _normal
+
+    loc = torch.randn(5, 3, requires_grad=True)
+    scale = torch.rand(5, 3).add(0.1).requires_grad_()
+    ours, theirs = _normal(loc, scale), dist.Normal(loc, scale)
+    assert type(ours) is type(theirs)
+    assert (ours.batch_shape, ours.event_shape) == (theirs.batch_shape, theirs.event_shape)
+    assert ours._validate_args == theirs._validate_args
+    draws = []
+    for fn in (ours, theirs):
+        pyro.set_rng_seed(3)
+        value = fn.to_event(1).rsample()
+        draws.append((value, torch.autograd.grad(value.square().sum(), (loc, scale))))
+    assert torch.equal(draws[0][0], draws[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(draws[0][1], draws[1][1], strict=True))
+    with pyro.validation_enabled(True), pytest.raises(ValueError, match="scale"):
+        _normal(loc, -scale)  # validated as the constructor validates
+    assert _normal(loc, scale[0]).batch_shape == (5, 3)  # other shapes: the constructor
+
+
+def test_encoder_registration_makes_pyro_modules_param_sites():
+    decoder = nn.Linear(2, 3)
+    model = _vae_model(decoder)
+    guide = AutoAmortizedNormal(model, hidden_dims=(4,))
+    x = torch.randn(6, 3)
+    guide(x)
+    trace = poutine.trace(guide).get_trace(x)
+    params = {name: site["value"] for name, site in trace.nodes.items() if site["type"] == "param"}
+    with poutine.trace() as expected:
+        pyro.module("AutoAmortizedNormal.encoder", guide.encoder)
+    wanted = {name: site["value"] for name, site in expected.trace.nodes.items()}
+    assert params.keys() == wanted.keys() and len(params) == 4
+    assert all(params[name] is wanted[name] for name in params)
+    # a frozen parameter is left out, as pyro.module leaves it
+    first = next(guide.encoder.parameters())
+    first.requires_grad_(False)
+    with pytest.warns(UserWarning, match="requires_grad=False"):
+        trace = poutine.trace(guide).get_trace(x)
+    assert sum(site["type"] == "param" for site in trace.nodes.values()) == 3
+
+
+def test_guide_calls_after_a_param_store_load_take_the_loaded_tensors():
+    decoder = nn.Linear(2, 3)
+    guide = AutoAmortizedNormal(_vae_model(decoder), hidden_dims=(4,))
+    x = torch.randn(6, 3)
+    guide(x)  # the names are kept from here on
+    state = pyro.get_param_store().get_state()
+    for name, value in state["params"].items():
+        state["params"][name] = value.detach() + 1.0
+    pyro.get_param_store().set_state(state)
+    trace = poutine.trace(guide).get_trace(x)
+    store = dict(pyro.get_param_store().named_parameters())
+    for name, site in trace.nodes.items():
+        if site["type"] == "param":
+            assert site["value"] is store[name]
+    for path, param in guide.encoder.named_parameters():
+        assert param is store[f"AutoAmortizedNormal.encoder$$${path}"]
