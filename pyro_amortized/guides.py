@@ -168,6 +168,9 @@ class AutoAmortizedGuide(AutoGuide):
 
     #: The family of per-datapoint posterior: ``"normal"``, ``"flow"`` or ``"iaf"``.
     family: str = ""
+    #: Networks that every call reaches through :meth:`_network`, which checks them
+    #: against the param store there, so that ``prepare`` need not.
+    _checked_networks: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -249,7 +252,10 @@ class AutoAmortizedGuide(AutoGuide):
         # as in a call: under the module's Pyro context, so that the networks it reaches
         # are registered in the trace (SVI trains what the trace shows)
         with self._pyro_context:
-            self._setup(*args, **kwargs)
+            if self.prototype_trace is None:
+                self._setup(*args, **kwargs)
+            else:  # _setup's remainder, less the networks the call checks as it reaches them
+                self._load_networks_from_param_store(skip=self._checked_networks)
             context = self._raw_context(args, kwargs)
             plates = self._make_plates(context, args, kwargs)
             values = self._global_sample(*args, **kwargs)
@@ -825,8 +831,9 @@ class AutoAmortizedGuide(AutoGuide):
             self._check_rows(rows, plate.size, plate.subsample_size)
         return context
 
-    def _load_networks_from_param_store(self) -> None:
-        """Point this guide's networks at the param store's tensors of the same names.
+    def _load_networks_from_param_store(self, skip: tuple[str, ...] = ()) -> None:
+        """Point this guide's networks (but those named in ``skip``) at the param store's
+        tensors of the same names.
 
         A PyroModule registers a plain ``nn.Module`` attribute (the encoder, a flow) with
         ``pyro.module(name, net)``, which neither restores it from a store loaded with
@@ -840,18 +847,25 @@ class AutoAmortizedGuide(AutoGuide):
             return  # no name in the store yet, or no global store at all
         store = pyro.get_param_store()
         for child, network in self._modules.items():
-            if network is None or isinstance(network, PyroModule):
-                continue  # a PyroModule (the global AutoNormal) restores itself
-            first = self._first_parameter(child, network)
-            if first is None:
-                continue
-            prefix, key, owner, attr = first
-            # One look-up a network and call: a load replaces every tensor of the store.
-            if key in store and store[key] is not owner._parameters.get(attr):
-                self._load_network(store, prefix, child, network)
+            if child not in skip:
+                self._check_network(store, child, network)
+
+    def _check_network(self, store, child: str, network: nn.Module | None) -> None:
+        """One network of :meth:`_load_networks_from_param_store`."""
+        if network is None or isinstance(network, PyroModule):
+            return  # a PyroModule (the global AutoNormal) restores itself
+        first = self._first_parameter(child, network)
+        if first is None:
+            return
+        prefix, key, owner, attr = first
+        # One look-up a network and call: a load replaces every tensor of the store.
+        if key in store and store[key] is not owner._parameters.get(attr):
+            self._load_network(store, prefix, child, network)
 
     def _network(self, child: str) -> nn.Module:
-        """``getattr(self, child)`` for a network: the same ``pyro.param`` statements.
+        """``getattr(self, child)`` for a network: the same ``pyro.param`` statements, after
+        the param-store check of :meth:`_load_networks_from_param_store` for a network of
+        :attr:`_checked_networks` (which a call's ``prepare`` leaves to this).
 
         A PyroModule registers a plain ``nn.Module`` attribute on every access with
         ``pyro.module``, which walks the network's modules for its parameters' names; here
@@ -860,11 +874,14 @@ class AutoAmortizedGuide(AutoGuide):
         parameters, a frozen parameter, which ``pyro.module`` skips) takes the attribute.
         """
         network = self._modules.get(child)
+        local_params = pyro.settings.get("module_local_params")
+        if child in self._checked_networks and self._pyro_context.used and not local_params:
+            self._check_network(pyro.get_param_store(), child, network)
         if (
             network is None
             or isinstance(network, PyroModule)
             or not self._pyro_context.active
-            or pyro.settings.get("module_local_params")
+            or local_params
         ):
             return getattr(self, child)
         cache = self.__dict__.setdefault("_parameter_names", {})
@@ -995,6 +1012,7 @@ class AutoAmortizedNormal(AutoAmortizedGuide):
     """
 
     family = "normal"
+    _checked_networks = ("encoder",)
 
     def __init__(
         self,
