@@ -80,14 +80,17 @@ def log_marginal_likelihood(
     chunk whatever ``num_samples``; the same draws give the same estimate, up to float
     rounding, whatever the chunking.
 
-    **Chunks.** ``chunk_size`` particles a chunk when given. Otherwise the chunk size
-    follows ``memory_budget``: the first two chunks (1 and 2 particles, which count
+    **Chunks.** ``chunk_size`` particles a chunk when given. Otherwise, for an amortized
+    guide (whose encoding is reused, below) or when ``memory_budget`` is given, the chunk
+    size follows ``memory_budget``: the first two chunks (1 and 2 particles, which count
     towards the estimate) measure the bytes of the tensors that the model's and guide's
     sample sites hold per particle (values and distribution parameters: for a VAE the
     latents and the decoder's logits), and the rest take ``memory_budget`` over that,
     at least 1. The networks' intermediate tensors and the log-densities' temporaries
     come on top: for the MNIST VAE on 500 images the process's peak grew by 73 to 98 MiB
-    with the default 16 MiB (docs/log-marginal.md).
+    with the default 16 MiB (docs/log-marginal.md). Any other guide keeps 500 particles
+    a chunk by default (a :class:`~pyro_amortized.SemiAmortizedGuide` refines afresh in
+    every call, so fewer, larger chunks are cheaper for it).
 
     **Speed.** An amortized guide's encoder runs once per batch of datapoints, and every
     chunk samples from its output (the guide's
@@ -111,7 +114,8 @@ def log_marginal_likelihood(
         *args: The model's arguments.
         num_samples: Importance samples :math:`S` per datapoint.
         chunk_size: Particles drawn per pass; ``None`` sizes the chunks from
-            ``memory_budget``.
+            ``memory_budget`` (500 a chunk for a guide other than an amortized one, unless
+            ``memory_budget`` is given).
         memory_budget: Bytes of per-particle site tensors a chunk may hold when
             ``chunk_size`` is None; ``None`` is :data:`CPU_MEMORY_BUDGET` for data on
             the CPU and :data:`ACCELERATOR_MEMORY_BUDGET` elsewhere.
@@ -198,8 +202,12 @@ def _estimate(owner: str, model, guide, args, kwargs, *, batch_size, local_plate
     _check_batch_size(owner, batch_size, args)
     if local_plate is not None and (not isinstance(local_plate, str) or not local_plate):
         raise ValueError(f"{owner}: local_plate must be a plate name, got {local_plate!r}")
+    proposal = _encoding_once(guide)
+    options["chunk_size"] = _chunk_size(
+        options["chunk_size"], options["memory_budget"], proposal is not guide
+    )
     model, guide, local_plate, _ = fix_globals(
-        model, _encoding_once(guide), args, kwargs, owner=owner, local_plate=local_plate
+        model, proposal, args, kwargs, owner=owner, local_plate=local_plate
     )
     return _chunked_estimate(
         model, guide, args, kwargs, batch_size=batch_size, local_plate=local_plate, **options
@@ -216,6 +224,19 @@ def _check_chunking(owner: str, chunk_size, memory_budget) -> None:
             "pass chunk_size for a fixed number of particles a chunk, or memory_budget "
             "(bytes) to size the chunks from it"
         )
+
+
+#: Particles a chunk, by default, for a guide whose encoder cannot be run once (a
+#: SemiAmortizedGuide refines afresh in every call, so fewer, larger chunks are cheaper).
+_FIXED_CHUNK_SIZE = 500
+
+
+def _chunk_size(chunk_size: int | None, memory_budget: int | None, encoded_once: bool):
+    """The chunk size to draw with: ``chunk_size`` when given; None (sized from the
+    budget) when ``memory_budget`` is given or the guide's encoding is reused; else 500."""
+    if chunk_size is not None or memory_budget is not None or encoded_once:
+        return chunk_size
+    return _FIXED_CHUNK_SIZE
 
 
 def _check_batch_size(owner: str, batch_size, args, minimum: int = 1) -> None:
@@ -1052,16 +1073,18 @@ def inference_gaps(
     fixed = fix_globals(model, guide, args, kwargs, owner=owner)
     fixed_model, _, local_plate, globals_ = fixed
     # the same globals, with the encoder run once for all chunks
-    fixed_guide = fix_globals(model, _encoding_once(guide), args, kwargs, owner=owner).guide
+    proposal = _encoding_once(guide)
+    encoded_once = proposal is not guide
+    fixed_guide = fix_globals(model, proposal, args, kwargs, owner=owner).guide
 
-    def estimate(m, g, samples, reduce, desc):
+    def estimate(m, g, samples, reduce, desc, encoded_once=False):
         return _chunked_estimate(
             m,
             g,
             args,
             kwargs,
             num_samples=samples,
-            chunk_size=chunk_size,
+            chunk_size=_chunk_size(chunk_size, memory_budget, encoded_once),
             memory_budget=memory_budget,
             batch_size=None,
             local_plate=local_plate,
@@ -1071,9 +1094,11 @@ def inference_gaps(
         )
 
     with torch.no_grad():
-        elbo = estimate(fixed_model, fixed_guide, elbo_samples, "mean", "L[q]")
+        elbo = estimate(fixed_model, fixed_guide, elbo_samples, "mean", "L[q]", encoded_once)
         iwae = {
-            "amortized": estimate(fixed_model, fixed_guide, num_samples, "logmeanexp", "IWAE q")
+            "amortized": estimate(
+                fixed_model, fixed_guide, num_samples, "logmeanexp", "IWAE q", encoded_once
+            )
         }
     optimal, steps = {}, {}
     for family in families:

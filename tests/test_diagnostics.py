@@ -120,6 +120,19 @@ def test_log_marginal_likelihood_sizes_its_chunks_from_the_memory_budget(float64
     log_marginal_likelihood(model, guide, x, num_samples=20, chunk_size=6)
     assert decoder.chunks == [6, 6, 6, 2]  # a given chunk_size is kept
 
+    def prior_guide(x, idx=None):  # not an amortized guide: 500 a chunk, unless budgeted
+        with pyro.plate("data", x.shape[0], subsample=idx):
+            pyro.sample("z", dist.Normal(x.new_zeros(2), 1.0).to_event(1))
+
+    # (the plate named, so that no probe run looks for it)
+    options = {"num_samples": 20, "local_plate": "data"}
+    decoder.chunks.clear()
+    log_marginal_likelihood(model, prior_guide, x, **options)
+    assert decoder.chunks == [20]
+    decoder.chunks.clear()
+    log_marginal_likelihood(model, prior_guide, x, memory_budget=5 * particle, **options)
+    assert decoder.chunks == [2, 5, 5, 5, 2]
+
 
 def test_log_marginal_likelihood_runs_the_encoder_once_per_batch(float64):
     model = _vae(torch.nn.Linear(2, 3))
