@@ -771,6 +771,14 @@ class Trace_IWELBO(ELBO):
         self._plan = None if record is None else _SitePlan(flags, tuple(record), terms)
         return terms
 
+    @property
+    def site_plan(self) -> _SitePlan | None:
+        """The plan of the last structure of traces this objective walked, which its next
+        calls run while their traces keep that structure (a new plan when it changes);
+        None before a call, or for what no plan covers: no local plate, enumeration,
+        looped particles, score-function sites, tensor scales or masks. For inspection."""
+        return self._plan
+
     def _plannable(self) -> bool:
         """Whether :meth:`_terms` may plan: per-datapoint weights without enumeration,
         from one pair of traces (vectorized particles, or one)."""
@@ -920,7 +928,7 @@ class Trace_IWELBO(ELBO):
         if record is not None:
             scales = iter(inner)
             record[:] = [
-                r if r.data_dim is None else r._reduced(next(scales), particle_dim, data_dim)
+                r if r.data_dim is None else _reduced(r, next(scales), particle_dim, data_dim)
                 for r in record
             ]
         model_local = guide_local = prior_local = 0.0
@@ -1278,18 +1286,6 @@ class _PlannedSite(NamedTuple):
             sample,
         )
 
-    def _reduced(self, inner: float | None, particle_dim: int, keep: int) -> _PlannedSite:
-        """With the reductions ``_per_datapoint`` makes of this site's log-density, keeping
-        the particle dim and the datapoint dim ``keep``."""
-        shape = self.log_shape
-        pad = None
-        if len(shape) < -particle_dim:
-            shape = (1,) * (-particle_dim - len(shape)) + tuple(shape)
-            pad = shape
-        dims = range(-len(shape), 0)
-        other = [d for d in dims if d != particle_dim and d != keep]
-        return self._replace(inner=inner, pad=pad, other=other or None)
-
     def matches(self, name: str, is_model: bool, site: dict) -> bool:
         """Whether ``site`` has the structure this one was planned for."""
         fn = site["fn"]
@@ -1310,6 +1306,19 @@ class _PlannedSite(NamedTuple):
             and fn.batch_shape == self.batch_shape
             and fn.has_rsample == self.has_rsample
         )
+
+
+def _reduced(site: _PlannedSite, inner: float | None, particle_dim: int, keep: int) -> _PlannedSite:
+    """``site`` with the reductions ``_per_datapoint`` makes of its log-density, keeping
+    the particle dim and the datapoint dim ``keep``, and its scale ``inner`` inside."""
+    shape = site.log_shape
+    pad = None
+    if len(shape) < -particle_dim:
+        shape = (1,) * (-particle_dim - len(shape)) + tuple(shape)
+        pad = shape
+    dims = range(-len(shape), 0)
+    other = [d for d in dims if d != particle_dim and d != keep]
+    return site._replace(inner=inner, pad=pad, other=other or None)
 
 
 class _SitePlan:

@@ -933,11 +933,11 @@ def test_site_plan_gives_the_walks_losses_and_gradients_bitwise(
     model, guide, x = _plan_case(global_latent, subsample_size)
     elbo = Trace_IWELBO(K, estimator=estimator)
     elbo.differentiable_loss(model, guide, x)  # walks the sites and plans
-    plan = elbo._plan
+    plan = elbo.site_plan
     assert plan is not None
     for seed in (1, 2):
         planned = _loss_and_grads(elbo, model, guide, x, seed)
-        assert elbo._plan is plan  # the plan ran: a walk would have made a new one
+        assert elbo.site_plan is plan  # the plan ran: a walk would have made a new one
         # a fresh objective walks the sites on its first call
         walked = _loss_and_grads(Trace_IWELBO(K, estimator=estimator), model, guide, x, seed)
         _assert_bitwise(planned, walked)
@@ -948,18 +948,18 @@ def test_site_plan_replans_when_the_structure_changes(K):
     model, guide, x = _plan_case(True, None)
     elbo = Trace_IWELBO(K, estimator="dreg")
     elbo.differentiable_loss(model, guide, x)
-    first = elbo._plan
+    first = elbo.site_plan
     calls = [((x[:7],), {}), ((x,), {"with_extra": True}), ((x,), {})]  # batch, site set, back
     for seed, (args, kwargs) in enumerate(calls):
-        before = elbo._plan
+        before = elbo.site_plan
         got = _loss_and_grads(elbo, model, guide, *args, seed, **kwargs)
-        assert elbo._plan is not before  # a new structure: walked and planned afresh
+        assert elbo.site_plan is not before  # a new structure: walked and planned afresh
         fresh = Trace_IWELBO(K, estimator="dreg")
         _assert_bitwise(got, _loss_and_grads(fresh, model, guide, *args, seed, **kwargs))
-    assert elbo._plan is not first
-    again = elbo._plan
+    assert elbo.site_plan is not first
+    again = elbo.site_plan
     _loss_and_grads(elbo, model, guide, x, 5)
-    assert elbo._plan is again
+    assert elbo.site_plan is again
 
 
 def test_site_plan_is_not_used_for_what_it_does_not_cover(float64):
@@ -974,7 +974,7 @@ def test_site_plan_is_not_used_for_what_it_does_not_cover(float64):
     elbo = Trace_IWELBO(2)
     x = torch.randn(5)
     elbo.differentiable_loss(model, guide, x)
-    assert elbo._plan is None
+    assert elbo.site_plan is None
 
 
 @pytest.mark.parametrize("event_dims", [0, 1, 2])
