@@ -338,7 +338,7 @@ class AutoAmortizedIAF(_AmortizedFlowGuide):
     latent. Evaluating it directly would invert every step, one MADE pass per latent
     dimension in sequence; :mod:`pyro_amortized.pathgrad` instead carries the path
     gradient forward along the sample's pre-images (Vaitl et al., 2024), solving each
-    step's triangular system by a few sweeps of MADE vector-Jacobian products (7 to 9 on
+    step's triangular system by a few sweeps of MADE vector-Jacobian products (6 or 7 on
     the trained MNIST IAF, at float precision). ``docs/flows.md`` gives the step times.
 
     Arguments:
