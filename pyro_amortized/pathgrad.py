@@ -129,6 +129,7 @@ def _cached_chain(flow: TransformedDistribution, value: Tensor) -> list[Tensor] 
     y = value
     chain = [value.detach()]
     for i, t in enumerate(reversed(flow.transforms)):
+        # torch keeps a cached step's last (input, output) there; Pyro's flows cache one
         x_old, y_old = getattr(t, "_cached_x_y", (None, None))
         if y_old is y:
             x = x_old
