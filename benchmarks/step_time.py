@@ -11,7 +11,9 @@ binarized MNIST images and K importance samples, for
 - ``ours-svi``: ``AutoAmortizedNormal`` + ``Trace_IWELBO`` through ``SVI`` with
   ``pyro.optim.Adam`` (one torch optimizer per parameter tensor);
 - ``ours-svi-joint``: the same with ``pyro_amortized.optim.Adam`` (one torch optimizer);
-- ``ours-module``: the same through ``ELBOModule`` and ``torch.optim.Adam``.
+- ``ours-module``: the same through ``ELBOModule`` and ``torch.optim.Adam``;
+- ``ours-svi-joint-jit``, ``ours-module-jit``: those two with ``Trace_IWELBO(jit=True)``
+  (not for DReG with K > 1, which it refuses).
 
 Every contestant owns its own copy of the networks, initialised identically from one seed,
 and its own Pyro parameter store (entered outside the timed region), so that contestants
@@ -80,13 +82,17 @@ CONTESTANTS = (
     "ours-svi",
     "ours-svi-joint",
     "ours-module",
+    "ours-svi-joint-jit",
+    "ours-module-jit",
     "pyro-trace-elbo",
     "pyro-renyi",
 )
 PLAIN_PYRO = ("pyro-trace-elbo", "pyro-renyi")
+# Trace_IWELBO(jit=True) compiles the step; it cannot take DReG with more than 1 particle
+JIT = ("ours-svi-joint-jit", "ours-module-jit")
 # issue 23's targets, per K (any estimator at K=1, DReG at K=50), for these contestants
 TARGETS = {1: 1.10, 50: 1.03}
-TARGETED = ("ours-svi-joint", "ours-module")
+TARGETED = ("ours-svi-joint", "ours-module", "ours-svi-joint-jit", "ours-module-jit")
 
 
 # ------------------------------------------------------------------------------ data
@@ -254,10 +260,10 @@ def build(name: str, estimator: str, k: int, seed: int, x: Tensor) -> Contestant
             step = svi_step(model, Guide(encoder), pyro_loss(name, k))
         else:
             guide = AutoAmortizedNormal(model, encoder=encoder)
-            objective = Trace_IWELBO(k, estimator=estimator)
+            objective = Trace_IWELBO(k, estimator=estimator, jit=name in JIT)
             if name == "ours-svi":
                 step = svi_step(model, guide, objective)
-            elif name == "ours-svi-joint":
+            elif name in ("ours-svi-joint", "ours-svi-joint-jit"):
                 step = svi_step(model, guide, objective, pyro_amortized.optim.Adam)
             else:
                 step = module_step(model, guide, objective, x)
@@ -270,6 +276,7 @@ def build_all(k: int, estimators: list[str], seed: int, x: Tensor) -> list[Conte
         for name in CONTESTANTS
         if name not in PLAIN_PYRO
         for estimator in estimators
+        if not (name in JIT and estimator == "dreg" and k > 1)
     ]
     if "iwae" in estimators:
         contestants += [build(name, "iwae", k, seed, x) for name in PLAIN_PYRO]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 from typing import NamedTuple
 
 import pyro
+import pyro.ops.jit
 import torch
 from pyro import poutine
 from pyro.distributions import Delta
@@ -468,6 +470,13 @@ class Trace_IWELBO(ELBO):
             schedules (0 to 1); 1 is the bound.
         local_plate: Name of the plate over datapoints; see "What is per datapoint".
         retain_graph: As in :class:`~pyro.infer.ELBO`.
+        jit: Compile the loss with :func:`pyro.ops.jit.trace`, as Pyro's ``JitTrace_*``
+            losses do: the first call of each argument shape (and weights) traces the
+            model, the guide and the bound into one graph, and later calls run the graph
+            without Python. It needs a model and guide of fixed structure for given
+            shapes; ``entropy_weight`` and ``kl_weight`` are part of the graph, so a
+            schedule that changes them compiles again. Not with ``"dreg"`` and more than
+            one particle. It rests on ``torch.jit.trace``, which torch now deprecates.
 
     Example:
         >>> elbo = Trace_IWELBO(num_particles=5, estimator="dreg")
@@ -492,6 +501,7 @@ class Trace_IWELBO(ELBO):
         kl_weight: float = 1.0,
         local_plate: str | None = None,
         retain_graph: bool | None = None,
+        jit: bool = False,
     ):
         if (
             isinstance(num_particles, bool)
@@ -518,12 +528,22 @@ class Trace_IWELBO(ELBO):
             raise ValueError(
                 f"Trace_IWELBO: local_plate must be a plate name or None, got {local_plate!r}"
             )
+        if not isinstance(jit, bool):
+            raise ValueError(f"Trace_IWELBO: jit must be a bool, got {jit!r}")
+        if jit and estimator == "dreg" and num_particles > 1:
+            raise ValueError(
+                "Trace_IWELBO: jit=True cannot take estimator='dreg' with num_particles > 1: "
+                "DReG reweights the samples' gradients with hooks, which a compiled graph "
+                "does not keep. Use jit=False, or estimator='stl'."
+            )
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
             vectorize_particles=vectorize_particles,
             retain_graph=retain_graph,
         )
+        self.jit = jit
+        self._compiled: dict = {}  # (model id, guide id) -> pyro.ops.jit.trace of the loss
         self.estimator = estimator
         self.entropy_weight = float(entropy_weight)
         self.kl_weight = float(kl_weight)
@@ -1126,6 +1146,10 @@ class Trace_IWELBO(ELBO):
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> Tensor:
         """The negative bound, differentiable; its gradient is the chosen estimator's."""
+        if self.jit and torch.is_grad_enabled():
+            loss = self._compiled_loss(model, guide, args, kwargs)
+            _warn_if_nan(loss)
+            return loss
         stopped = self.estimator != "iwae"
         terms = self._collect(model, guide, args, kwargs, stopped)
         bound, log_w = self._bound(terms)
@@ -1134,6 +1158,42 @@ class Trace_IWELBO(ELBO):
         loss = -bound
         _warn_if_nan(loss)
         return loss
+
+    @property
+    def compilations(self) -> int:
+        """How many graphs ``jit=True`` has compiled so far (one per model and guide,
+        argument shapes and weights)."""
+        return sum(len(f.compiled) for f in self._compiled.values())
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_compiled"] = {}  # compiled graphs do not pickle; the next call compiles
+        return state
+
+    def _compiled_loss(self, model, guide, args, kwargs) -> Tensor:
+        """The negative bound through the graph compiled for these arguments' shapes."""
+        self._ensure_setup(model, guide, args, kwargs)  # eagerly: validation, local plate
+        key = (id(model), id(guide))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            weakself = weakref.ref(self)
+
+            def negative_bound(*args, **kwargs):
+                kwargs.pop(_JIT_KEY)
+                self = weakself()
+                terms = self._collect(model, guide, args, kwargs, self.estimator != "iwae")
+                return -self._bound(terms)[0]
+
+            compiled = self._compiled[key] = pyro.ops.jit.trace(
+                negative_bound, ignore_warnings=True
+            )
+        # what the graph depends on besides the tensors' values: Pyro keys a compiled
+        # function by its keyword arguments
+        shapes = tuple(
+            (tuple(a.shape), a.dtype, a.device) if isinstance(a, Tensor) else None for a in args
+        )
+        signature = (shapes, self.entropy_weight, self.kl_weight)
+        return compiled(*args, **kwargs, **{_JIT_KEY: signature})
 
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
         """The negative bound, as a float."""
@@ -1150,6 +1210,10 @@ class Trace_IWELBO(ELBO):
         if loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)
         return torch_item(loss)
+
+
+#: The keyword argument that carries what a compiled loss depends on besides tensors.
+_JIT_KEY = "_pyro_amortized_jit_signature"
 
 
 def _warn_if_nan(loss: Tensor) -> None:

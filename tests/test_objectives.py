@@ -992,3 +992,80 @@ def test_normal_log_density_shortcut_is_bitwise_exact(event_dims, float64):
     grads_ours = torch.autograd.grad((ours * weights).sum(), (loc, scale, value))
     grads_torch = torch.autograd.grad((torchs * weights).sum(), (loc, scale, value))
     assert all(torch.equal(a, b) for a, b in zip(grads_ours, grads_torch, strict=True))
+
+
+# ------------------------------------------------------------------------- jit=True
+def _train(jit, estimator, K, subsample_size, steps=4, **loss_options):
+    """Losses and parameters after ``steps`` SVI steps, reseeded before each, from one
+    start; the first call (the compilation, which runs the functions more than once) is
+    made before the seeded steps."""
+    import pyro_amortized.optim
+
+    store = {"params": {}, "constraints": {}}
+    with pyro.get_param_store().scope(store):
+        torch.manual_seed(0)
+        model, guide, x = _plan_case(True, subsample_size)
+        elbo = Trace_IWELBO(K, estimator=estimator, jit=jit, **loss_options)
+        elbo.differentiable_loss(model, guide, x)
+        svi = SVI(model, guide, pyro_amortized.optim.Adam({"lr": 0.05}), elbo)
+        losses = []
+        for step in range(steps):
+            pyro.set_rng_seed(step)
+            losses.append(svi.step(x))
+        params = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    return losses, params, elbo
+
+
+@pytest.mark.parametrize(
+    "estimator, K", [("iwae", 1), ("stl", 1), ("dreg", 1), ("iwae", 5), ("stl", 5)]
+)
+@pytest.mark.parametrize("subsample_size", [None, 4])
+def test_jit_trains_as_the_eager_bound(float64, estimator, K, subsample_size):
+    eager_losses, eager_params, _ = _train(False, estimator, K, subsample_size)
+    jit_losses, jit_params, elbo = _train(True, estimator, K, subsample_size)
+    assert elbo.compilations == 1
+    assert eager_params.keys() == jit_params.keys() and len(eager_params) >= 4
+    assert jit_losses == pytest.approx(eager_losses, rel=1e-10)
+    for name, value in eager_params.items():
+        assert torch.allclose(jit_params[name], value, rtol=1e-10, atol=1e-12), name
+    # the parameters moved: the steps trained
+    assert any(
+        not torch.equal(v, _train(False, estimator, K, subsample_size, 0)[1][k])
+        for k, v in eager_params.items()
+    )
+
+
+def test_jit_compiles_again_for_new_shapes_and_weights(float64):
+    model, guide, x = _plan_case(True, None)
+    elbo = Trace_IWELBO(2, jit=True)
+    for data, weight in ((x, 1.0), (x[:6], 1.0), (x[:6], 0.5), (x, 1.0)):
+        elbo.entropy_weight = weight
+        eager = Trace_IWELBO(2, entropy_weight=weight)
+        elbo.differentiable_loss(model, guide, data)  # compiles, or warms up
+        pyro.set_rng_seed(3)
+        ours = elbo.differentiable_loss(model, guide, data)
+        pyro.set_rng_seed(3)
+        assert torch.allclose(ours, eager.differentiable_loss(model, guide, data), rtol=1e-12)
+    assert elbo.compilations == 3  # (10 rows, 1.0), (6 rows, 1.0), (6 rows, 0.5)
+
+
+def _pickled_model(x):
+    with pyro.plate("data", x.shape[0]):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def test_jit_options_are_checked_and_the_objective_pickles():
+    with pytest.raises(ValueError, match="jit must be a bool"):
+        Trace_IWELBO(jit=1)
+    with pytest.raises(ValueError, match="jit=True cannot take estimator='dreg'"):
+        Trace_IWELBO(5, estimator="dreg", jit=True)
+    import pickle
+
+    guide = AutoAmortizedNormal(_pickled_model, hidden_dims=(4,))
+    x = torch.randn(6)
+    elbo = Trace_IWELBO(1, jit=True)
+    elbo.differentiable_loss(_pickled_model, guide, x)
+    assert elbo.compilations == 1
+    copy = pickle.loads(pickle.dumps(elbo))  # without the graph, compiled again when used
+    assert copy.jit and copy.compilations == 0
