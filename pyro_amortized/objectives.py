@@ -476,7 +476,9 @@ class Trace_IWELBO(ELBO):
             without Python. It needs a model and guide of fixed structure for given
             shapes; ``entropy_weight`` and ``kl_weight`` are part of the graph, so a
             schedule that changes them compiles again. Not with ``"dreg"`` and more than
-            one particle. It rests on ``torch.jit.trace``, which torch now deprecates.
+            one particle, nor with ``"stl"`` or ``"dreg"`` through a flow guide (both
+            raise ``ValueError``). It rests on ``torch.jit.trace``, which torch now
+            deprecates.
 
     Example:
         >>> elbo = Trace_IWELBO(num_particles=5, estimator="dreg")

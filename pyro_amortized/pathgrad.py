@@ -102,6 +102,14 @@ class StoppedFlow(dist.TransformedDistribution):
         )
 
     def log_prob(self, value: Tensor) -> Tensor:
+        if torch.jit.is_tracing():
+            # a graph would record neither the gradients taken here with autograd, nor
+            # the sweeps' number, nor the stopped networks' torch.func calls
+            raise ValueError(
+                f"Trace_IWELBO: jit=True cannot take estimator='stl' or 'dreg' with the flow "
+                f"of guide site '{self.site}': its stopped log-density is not a fixed graph. "
+                "Use jit=False, or estimator='iwae'."
+            )
         chain = _cached_chain(self.source, value)
         if chain is None:
             return super().log_prob(value)

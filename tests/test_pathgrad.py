@@ -220,3 +220,20 @@ def test_stl_and_dreg_vanish_at_an_exact_posterior_that_is_a_random_flow(
     loss = Trace_IWELBO(K).differentiable_loss(model, guide, x)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     assert max(g.abs().max().item() for g in grads if g is not None) > 1e-3
+
+
+def test_a_compiled_bound_refuses_a_stopped_flow():
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+            pyro.sample("x", dist.Normal(z, 0.5).to_event(1), obs=x)
+
+    x = torch.randn(6, 3)
+    guide = AutoAmortizedIAF(model, hidden_dims=(8,), num_transforms=2)
+    guide(x)
+    with pytest.raises(ValueError, match="jit=True cannot take estimator='stl' or 'dreg'"):
+        Trace_IWELBO(2, estimator="stl", jit=True).differentiable_loss(model, guide, x)
+    # IWAE needs no stopped density, and compiles
+    elbo = Trace_IWELBO(2, jit=True)
+    elbo.differentiable_loss(model, guide, x)
+    assert elbo.compilations == 1
