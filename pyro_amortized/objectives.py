@@ -1174,6 +1174,12 @@ class Trace_IWELBO(ELBO):
 
     def _compiled_loss(self, model, guide, args, kwargs) -> Tensor:
         """The negative bound through the graph compiled for these arguments' shapes."""
+        if self.estimator == "dreg" and self.num_particles > 1:  # the estimator was changed
+            raise ValueError(
+                "Trace_IWELBO: jit=True cannot take estimator='dreg' with num_particles > 1: "
+                "DReG reweights the samples' gradients with hooks, which a compiled graph "
+                "does not keep. Use jit=False, or estimator='stl'."
+            )
         self._ensure_setup(model, guide, args, kwargs)  # eagerly: validation, local plate
         key = (id(model), id(guide))
         compiled = self._compiled.get(key)
@@ -1194,7 +1200,7 @@ class Trace_IWELBO(ELBO):
         shapes = tuple(
             (tuple(a.shape), a.dtype, a.device) if isinstance(a, Tensor) else None for a in args
         )
-        signature = (shapes, self.entropy_weight, self.kl_weight)
+        signature = (shapes, self.estimator, self.entropy_weight, self.kl_weight)
         return compiled(*args, **kwargs, **{_JIT_KEY: signature})
 
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:

@@ -1060,6 +1060,10 @@ def test_jit_options_are_checked_and_the_objective_pickles():
         Trace_IWELBO(jit=1)
     with pytest.raises(ValueError, match="jit=True cannot take estimator='dreg'"):
         Trace_IWELBO(5, estimator="dreg", jit=True)
+    changed = Trace_IWELBO(5, estimator="stl", jit=True)
+    changed.estimator = "dreg"
+    with pytest.raises(ValueError, match="jit=True cannot take estimator='dreg'"):
+        changed.differentiable_loss(_pickled_model, None, torch.randn(6))
     import pickle
 
     guide = AutoAmortizedNormal(_pickled_model, hidden_dims=(4,))
