@@ -532,12 +532,8 @@ class Trace_IWELBO(ELBO):
             )
         if not isinstance(jit, bool):
             raise ValueError(f"Trace_IWELBO: jit must be a bool, got {jit!r}")
-        if jit and estimator == "dreg" and num_particles > 1:
-            raise ValueError(
-                "Trace_IWELBO: jit=True cannot take estimator='dreg' with num_particles > 1: "
-                "DReG reweights the samples' gradients with hooks, which a compiled graph "
-                "does not keep. Use jit=False, or estimator='stl'."
-            )
+        if jit:
+            _check_jit(estimator, num_particles)
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -1174,12 +1170,7 @@ class Trace_IWELBO(ELBO):
 
     def _compiled_loss(self, model, guide, args, kwargs) -> Tensor:
         """The negative bound through the graph compiled for these arguments' shapes."""
-        if self.estimator == "dreg" and self.num_particles > 1:  # the estimator was changed
-            raise ValueError(
-                "Trace_IWELBO: jit=True cannot take estimator='dreg' with num_particles > 1: "
-                "DReG reweights the samples' gradients with hooks, which a compiled graph "
-                "does not keep. Use jit=False, or estimator='stl'."
-            )
+        _check_jit(self.estimator, self.num_particles)  # the estimator may have changed
         self._ensure_setup(model, guide, args, kwargs)  # eagerly: validation, local plate
         key = (id(model), id(guide))
         compiled = self._compiled.get(key)
@@ -1218,6 +1209,16 @@ class Trace_IWELBO(ELBO):
         if loss.requires_grad:
             loss.backward(retain_graph=self.retain_graph)
         return torch_item(loss)
+
+
+def _check_jit(estimator: str, num_particles: int) -> None:
+    """What ``jit=True`` cannot compile: DReG with more than one particle."""
+    if estimator == "dreg" and num_particles > 1:
+        raise ValueError(
+            "Trace_IWELBO: jit=True cannot take estimator='dreg' with num_particles > 1: "
+            "DReG reweights the samples' gradients with hooks, which a compiled graph "
+            "does not keep. Use jit=False, or estimator='stl'."
+        )
 
 
 #: The keyword argument that carries what a compiled loss depends on besides tensors.
